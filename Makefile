@@ -1,0 +1,52 @@
+# ttkernels: `make demo` (install + the demo), `make test`, `make lint`, `make bench`, `make cmake-build`.
+# Everything runs in the virtual environment $(VENV), created and filled on first use.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is installed first, then the package without build isolation so the CUDA extension is built against
+# this torch (a second torch is never unpacked into an isolated build environment).
+TORCH_SPEC ?= torch==2.14.1
+CUDA_HOME ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda)
+STAMP := $(VENV)/.ttkernels-installed
+CMAKE_BUILD ?= build/cmake
+
+.PHONY: install demo test lint format bench cmake-build clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH_SPEC)" "setuptools>=64" wheel ninja
+	CUDA_HOME=$(CUDA_HOME) $(PY) -m pip install -q --no-build-isolation -e ".[test,dev]"
+	@$(PY) -c "import ttkernels._ext as e; p = e.cuda_extension_path(); \
+	print('ttkernels installed; CUDA extension:', p or 'not built (see setup.py: needs nvcc and a CUDA build of torch)')"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m ttkernels.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+bench: $(STAMP)
+	$(PY) -m bench.overhead
+
+# The same extension from CMakeLists.txt, into $(CMAKE_BUILD)/_C.so (a build check; setup.py's build is the
+# one the package loads).
+cmake-build: $(STAMP)
+	PATH=$(abspath $(VENV))/bin:$$PATH cmake -S . -B $(CMAKE_BUILD) -G Ninja \
+	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+	  -DPython_EXECUTABLE=$(abspath $(PY)) -DCMAKE_CUDA_COMPILER=$(CUDA_HOME)/bin/nvcc
+	PATH=$(abspath $(VENV))/bin:$$PATH cmake --build $(CMAKE_BUILD)
+
+clean:
+	rm -rf build dist *.egg-info ttkernels/_C*.so $(STAMP)

@@ -1,0 +1,1 @@
+"""ttkernels benchmarks (run from the repository root: ``python -m bench.<name>``)."""

@@ -1,0 +1,1 @@
+"""Triton kernels of ttkernels (installed as ttkernels._triton_kernels)."""

@@ -1,0 +1,32 @@
+"""ttkernels: tensor-train adapters of frozen linear layers, computed without building delta-W.
+
+Public API:
+
+* :class:`TTLinear` — a drop-in ``nn.Linear`` with a frozen base and a trainable TT adapter;
+* :class:`TTSpec`, :class:`Mode`, :func:`factorize` — the definition of an adapter;
+* :func:`tt_linear`, :func:`tt_adapter` — the functional forms, backed by the ``torch.ops.ttkernels`` ops;
+* :mod:`ttkernels.reference` — the pure-torch ground truth (the ``torch`` backend).
+
+Importing ttkernels needs no GPU and no compiled extension; the CUDA extension loads lazily.
+"""
+
+from . import ops, reference
+from .modules import TTLinear
+from .ops import BACKENDS, BackendUnavailableError, tt_adapter, tt_linear
+from .spec import Mode, TTSpec, factorize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "Mode",
+    "TTLinear",
+    "TTSpec",
+    "__version__",
+    "factorize",
+    "ops",
+    "reference",
+    "tt_adapter",
+    "tt_linear",
+]

@@ -1,0 +1,460 @@
+"""The op registry: every op of DESIGN.md section 2 defined once, with backend dispatch.
+
+Layers, from the outside in:
+
+* :func:`tt_linear` / :func:`tt_adapter` — the functional API. They check every argument (shape, dtype,
+  device, ranges) with errors that name it, flatten leading dimensions, apply autocast's casting rule,
+  and call the fused op.
+* ``torch.ops.ttkernels.tt_adapter_fwd`` / ``tt_adapter_bwd`` — the fused forward (steps 2-3) and backward
+  (steps 4-7), defined with :class:`torch.library.Library` and fake implementations for tracing; autograd
+  is a Python :class:`torch.autograd.Function` around them, which ``torch.compile`` traces (fullgraph).
+  One dispatcher call forward, one backward.
+* ``torch.ops.ttkernels.{shrink, expand, grad_dy, grad_mid, grad_x, grad_a}`` — each step alone, for
+  benchmarks and for testing a backend step by step.
+* :class:`Backend` — a table of the six step functions. The fused ops call a backend's functions directly
+  (no nested dispatch). :mod:`ttkernels.reference` is the ``torch`` backend.
+
+``backend`` is one of ``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"``. In this version only ``torch`` is
+implemented; ``auto`` resolves to it on every device, and ``triton`` / ``cuda`` raise
+:class:`BackendUnavailableError`.
+
+Saved for backward: ``x``, ``S`` (``M x r_a``), the token-independent factors, the frozen weight (a
+parameter) and the dropout seed — never a mask, never ``U``, never delta-W.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .spec import TTSpec
+
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "BackendUnavailableError",
+    "register_backend",
+    "resolve_backend",
+    "tt_adapter",
+    "tt_linear",
+]
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run here (not built, not implemented, or no suitable device)."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """The step functions of one backend, with the signatures of :mod:`ttkernels.reference`."""
+
+    name: str
+    shrink: Callable[..., tuple[Tensor, Tensor]]
+    expand: Callable[..., Tensor]
+    grad_dy: Callable[..., tuple[Tensor, Tensor]]
+    grad_mid: Callable[..., tuple[Tensor, Optional[Tensor]]]
+    grad_x: Callable[..., Tensor]
+    grad_a: Callable[..., Tensor]
+
+
+TORCH_BACKEND = Backend(
+    "torch",
+    shrink=reference.shrink,
+    expand=reference.expand,
+    grad_dy=reference.grad_dy,
+    grad_mid=reference.grad_mid,
+    grad_x=reference.grad_x,
+    grad_a=reference.grad_a,
+)
+
+_IMPLEMENTED: dict[str, Backend] = {"torch": TORCH_BACKEND}
+
+
+def register_backend(backend: Backend) -> None:
+    """Make ``backend.name`` (one of :data:`BACKENDS` other than ``auto``) dispatchable."""
+    if backend.name not in BACKENDS or backend.name == "auto":
+        raise ValueError(f"backend name must be one of {BACKENDS[1:]}, got {backend.name!r}")
+    _IMPLEMENTED[backend.name] = backend
+
+
+def check_backend_name(backend: object) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend  # type: ignore[return-value]
+
+
+def resolve_backend(backend: str, device: torch.device) -> Backend:
+    """The backend that runs on ``device``. ``auto``: torch everywhere in this version."""
+    check_backend_name(backend)
+    if backend == "auto":
+        return TORCH_BACKEND
+    if backend == "cuda" and device.type != "cuda":
+        gpu = "" if torch.cuda.is_available() else "; this machine has no CUDA GPU"
+        raise BackendUnavailableError(
+            f"backend='cuda' runs on CUDA tensors, but x is on {device}{gpu}. Use backend='auto' or backend='torch'."
+        )
+    if backend not in _IMPLEMENTED:
+        raise BackendUnavailableError(
+            f"backend={backend!r} is not implemented in this version of ttkernels; "
+            "use backend='auto' or backend='torch'"
+        )
+    return _IMPLEMENTED[backend]
+
+
+def _seed(seed: Optional[Tensor]) -> int:
+    return 0 if seed is None else int(seed.item())
+
+
+def _check_task_ids_range(task_ids: Optional[Tensor], C: Optional[Tensor]) -> None:
+    # Runs inside the ops (not the Python wrapper) so that compiled graphs check values too.
+    if task_ids is None or task_ids.numel() == 0:
+        return
+    assert C is not None
+    lo, hi = int(task_ids.min()), int(task_ids.max())
+    if lo < 0 or hi >= C.shape[0]:
+        raise IndexError(f"task_ids must lie in [0, {C.shape[0]}), got values from {lo} to {hi}")
+
+
+# ---------------------------------------------------------------------------------- op definitions
+# torch.library definitions: one kernel for every backend dispatch key (it dispatches on ``backend``
+# itself), a fake for tracing, and a Python kernel at the Autograd key. The fused forward's Autograd kernel
+# is an autograd.Function; every other op is not differentiable and says so when asked for gradients.
+# bench/overhead.py measures what this costs per call (see README: "Per-call overhead").
+_lib = torch.library.Library("ttkernels", "DEF")
+
+
+def _define(
+    schema: str, fake: Callable[..., object], autograd: Callable[..., object] | None = None
+) -> Callable[[Callable[..., object]], Callable[..., object]]:
+    name = schema.split("(", 1)[0]
+
+    def refuse_grad(*args):
+        if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+            raise RuntimeError(
+                f"torch.ops.ttkernels.{name} is not differentiable; use ttkernels.tt_adapter or "
+                "ttkernels.tt_linear (or TTLinear) for autograd"
+            )
+        with torch._C._AutoDispatchBelowAutograd():
+            return getattr(torch.ops.ttkernels, name)(*args)
+
+    def register(impl: Callable[..., object]) -> Callable[..., object]:
+        _lib.define(schema)
+        _lib.impl(name, impl, "CompositeExplicitAutograd")
+        _lib.impl(name, autograd or refuse_grad, "Autograd")
+        torch.library.register_fake(f"ttkernels::{name}", fake, lib=_lib)
+        return impl
+
+    return register
+
+
+def _fwd_fake(x, weight, bias, A, C, B, task_ids, scaling, dropout_p, seed, backend):
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], A.shape[1]))
+
+
+def _fwd_autograd(*args):
+    return _TTAdapterFunction.apply(*args)
+
+
+@_define(
+    "tt_adapter_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor? C, Tensor B, Tensor? task_ids, "
+    "float scaling, float dropout_p, Tensor? seed, str backend) -> (Tensor, Tensor)",
+    _fwd_fake,
+    _fwd_autograd,
+)
+def _fwd_op(x, weight, bias, A, C, B, task_ids, scaling, dropout_p, seed, backend):
+    """Steps 2-3: returns ``(y, S)``."""
+    be = resolve_backend(backend, x.device)
+    _check_task_ids_range(task_ids, C)
+    S, U = be.shrink(x, A, C, task_ids, dropout_p, _seed(seed))
+    return be.expand(x, weight, bias, U, B, scaling), S
+
+
+def _bwd_fake(dy, x, weight, A, C, B, S, task_ids, scaling, dropout_p, seed, backend, need_dx):
+    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
+    dC = torch.empty_like(C) if C is not None else A.new_empty(0)
+    return dx, torch.empty_like(A), dC, torch.empty_like(B)
+
+
+@_define(
+    "tt_adapter_bwd(Tensor dy, Tensor x, Tensor weight, Tensor A, Tensor? C, Tensor B, Tensor S, "
+    "Tensor? task_ids, float scaling, float dropout_p, Tensor? seed, str backend, bool need_dx) "
+    "-> (Tensor, Tensor, Tensor, Tensor)",
+    _bwd_fake,
+)
+def _bwd_op(dy, x, weight, A, C, B, S, task_ids, scaling, dropout_p, seed, backend, need_dx):
+    """Steps 4-7: returns ``(dx, dA, dC, dB)``; dx is empty when not needed, dC when C is None."""
+    be = resolve_backend(backend, x.device)
+    s = _seed(seed)
+    U = reference.mid(S, C, task_ids)
+    dU, dB = be.grad_dy(dy, U, B, scaling)
+    dS, dC = be.grad_mid(S, dU, C, task_ids)
+    dx = be.grad_x(dy, weight, dS, A, dropout_p, s) if need_dx else x.new_empty(0)
+    dA = be.grad_a(x, dS, dropout_p, s)
+    return dx, dA, (dC if dC is not None else A.new_empty(0)), dB
+
+
+class _TTAdapterFunction(torch.autograd.Function):
+    """The Autograd kernel of ``tt_adapter_fwd``: saves x, S, the factors and the seed; no mask, no U."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, C, B, task_ids, scaling, dropout_p, seed, backend):
+        with torch._C._AutoDispatchBelowAutograd():
+            y, S = torch.ops.ttkernels.tt_adapter_fwd(
+                x, weight, bias, A, C, B, task_ids, scaling, dropout_p, seed, backend
+            )
+        ctx.mark_non_differentiable(S)
+        ctx.save_for_backward(x, weight, A, C, B, S, task_ids, seed)
+        ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
+        return y, S
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, _dS):
+        x, weight, A, C, B, S, task_ids, seed = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dy = dy.contiguous()
+        dx, dA, dC, dB = torch.ops.ttkernels.tt_adapter_bwd(
+            dy, x, weight, A, C, B, S, task_ids, ctx.scaling, ctx.dropout_p, seed, ctx.backend, need[0]
+        )
+        # The base is normally frozen; if it is not, its gradients are plain GEMMs on dy.
+        dW = dy.t() @ x if need[1] else None
+        db = dy.sum(0) if need[2] else None
+        return (dx if need[0] else None), dW, db, dA, (dC if need[4] else None), dB, *([None] * 5)
+
+
+# ------------------------------------------------------------------------------------ step ops alone
+def _shrink_fake(x, A, C, task_ids, dropout_p, seed, backend):
+    rb = A.shape[1] if C is None else C.shape[-1]
+    return x.new_empty((x.shape[0], A.shape[1])), x.new_empty((x.shape[0], rb))
+
+
+@_define(
+    "shrink(Tensor x, Tensor A, Tensor? C, Tensor? task_ids, float dropout_p, Tensor? seed, str backend) "
+    "-> (Tensor, Tensor)",
+    _shrink_fake,
+)
+def _shrink_op(x, A, C, task_ids, dropout_p, seed, backend):
+    _check_task_ids_range(task_ids, C)
+    S, U = resolve_backend(backend, x.device).shrink(x, A, C, task_ids, dropout_p, _seed(seed))
+    return S, (U.clone() if U is S else U)  # op outputs may not alias each other
+
+
+@_define(
+    "expand(Tensor x, Tensor weight, Tensor? bias, Tensor U, Tensor B, float scaling, str backend) -> Tensor",
+    lambda x, weight, bias, U, B, scaling, backend: x.new_empty((x.shape[0], weight.shape[0])),
+)
+def _expand_op(x, weight, bias, U, B, scaling, backend):
+    return resolve_backend(backend, x.device).expand(x, weight, bias, U, B, scaling)
+
+
+@_define(
+    "grad_dy(Tensor dy, Tensor U, Tensor B, float scaling, str backend) -> (Tensor, Tensor)",
+    lambda dy, U, B, scaling, backend: (dy.new_empty((dy.shape[0], B.shape[0])), torch.empty_like(B)),
+)
+def _grad_dy_op(dy, U, B, scaling, backend):
+    return resolve_backend(backend, dy.device).grad_dy(dy, U, B, scaling)
+
+
+@_define(
+    "grad_mid(Tensor S, Tensor dU, Tensor? C, Tensor? task_ids, str backend) -> (Tensor, Tensor)",
+    lambda S, dU, C, task_ids, backend: (
+        torch.empty_like(S),
+        torch.empty_like(C) if C is not None else S.new_empty(0),
+    ),
+)
+def _grad_mid_op(S, dU, C, task_ids, backend):
+    """Returns ``(dS, dC)``; dC is empty when C is None."""
+    _check_task_ids_range(task_ids, C)
+    dS, dC = resolve_backend(backend, S.device).grad_mid(S, dU, C, task_ids)
+    return (dS.clone() if dS is dU else dS), (dC if dC is not None else S.new_empty(0))
+
+
+@_define(
+    "grad_x(Tensor dy, Tensor weight, Tensor dS, Tensor A, float dropout_p, Tensor? seed, str backend) -> Tensor",
+    lambda dy, weight, dS, A, dropout_p, seed, backend: dy.new_empty((dy.shape[0], weight.shape[1])),
+)
+def _grad_x_op(dy, weight, dS, A, dropout_p, seed, backend):
+    return resolve_backend(backend, dy.device).grad_x(dy, weight, dS, A, dropout_p, _seed(seed))
+
+
+@_define(
+    "grad_a(Tensor x, Tensor dS, float dropout_p, Tensor? seed, str backend) -> Tensor",
+    lambda x, dS, dropout_p, seed, backend: x.new_empty((x.shape[1], dS.shape[1])),
+)
+def _grad_a_op(x, dS, dropout_p, seed, backend):
+    return resolve_backend(backend, x.device).grad_a(x, dS, dropout_p, _seed(seed))
+
+
+# ------------------------------------------------------------------------------------ functional API
+def _check_tensor(t: object, name: str) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _check_shape(t: Tensor, name: str, shape: tuple[int, ...], meaning: str) -> None:
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)} but must be {shape} ({meaning})")
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the layer computes in: autocast's when it is on for x's device (as nn.Linear does)."""
+    dev = x.device.type
+    if x.dtype != torch.float64 and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def _expand_task_ids(task_ids: object, lead: tuple[int, ...]) -> Tensor:
+    ids = _check_tensor(task_ids, "task_ids")
+    if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"task_ids must be an integer tensor, got {ids.dtype}")
+    if ids.dim() > len(lead) or tuple(ids.shape) != lead[: ids.dim()]:
+        raise ValueError(
+            f"task_ids has shape {tuple(ids.shape)}; it must be x's leading shape {lead} or a prefix of it "
+            "(one id per sample)"
+        )
+    ids = ids.reshape(tuple(ids.shape) + (1,) * (len(lead) - ids.dim())).expand(lead).reshape(-1)
+    return ids.to(torch.int64)
+
+
+def tt_adapter(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    A: Tensor,
+    C: Optional[Tensor],
+    B: Tensor,
+    *,
+    task_ids: Optional[Tensor] = None,
+    scaling: float = 1.0,
+    dropout: float = 0.0,
+    seed: int | Tensor | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """``y = x W^T + b + scaling * drop(x) A C B`` for ``x`` of shape ``(..., d_in)``.
+
+    ``C`` is None, ``(r_a, r_b)``, or ``(T, r_a, r_b)`` with ``task_ids`` (an integer tensor of x's leading
+    shape, or a prefix of it: one id per sample) choosing each row's slice. ``dropout`` applies to the
+    adapter's input only; its mask is a function of ``seed`` (drawn from torch's default generator when
+    None), regenerated in backward. The output has the compute dtype: x's, or autocast's when it is on.
+    """
+    x = _check_tensor(x, "x")
+    weight = _check_tensor(weight, "weight")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError("x must have shape (..., in_features); got a 0-d tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    d_out, d_in = weight.shape
+    if x.shape[-1] != d_in:
+        raise ValueError(f"x has last dimension {x.shape[-1]} but in_features is {d_in}")
+    if bias is not None:
+        _check_shape(_check_tensor(bias, "bias"), "bias", (d_out,), "out_features")
+    A, B = _check_tensor(A, "A"), _check_tensor(B, "B")
+    if A.dim() != 2 or A.shape[0] != d_in:
+        raise ValueError(f"A has shape {tuple(A.shape)} but must be (in_features={d_in}, r_a)")
+    if B.dim() != 2 or B.shape[1] != d_out:
+        raise ValueError(f"B has shape {tuple(B.shape)} but must be (r_b, out_features={d_out})")
+    ra, rb = A.shape[1], B.shape[0]
+    lead = tuple(x.shape[:-1])
+    if C is None:
+        if ra != rb:
+            raise ValueError(f"without C, A's columns ({ra}) must equal B's rows ({rb})")
+        if task_ids is not None:
+            raise ValueError("task_ids was given but C has no per-sample (task) axis")
+    else:
+        C = _check_tensor(C, "C")
+        if C.dim() == 2:
+            _check_shape(C, "C", (ra, rb), "r_a x r_b")
+            if task_ids is not None:
+                raise ValueError("task_ids was given but C has no per-sample (task) axis")
+        elif C.dim() == 3:
+            _check_shape(C, "C", (C.shape[0], ra, rb), "num_tasks x r_a x r_b")
+            if task_ids is None:
+                raise ValueError(f"C has a per-sample axis of {C.shape[0]} tasks: pass task_ids")
+            task_ids = _expand_task_ids(task_ids, lead)
+        else:
+            raise ValueError(f"C must be 2-D or 3-D, got shape {tuple(C.shape)}")
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+    check_backend_name(backend)
+    named = {"weight": weight, "bias": bias, "A": A, "C": C, "B": B, "task_ids": task_ids}
+    for name, t in named.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+    dtype = _compute_dtype(x)
+    cast = {"x": x, "weight": weight, "bias": bias}
+    for name, t in cast.items():
+        if t is None or t.dtype == dtype:
+            continue
+        if dtype != x.dtype and t.is_floating_point() and t.dtype != torch.float64:
+            cast[name] = t.to(dtype)  # autocast's rule
+        else:
+            raise TypeError(
+                f"{name} is {t.dtype} but the layer computes in {dtype}: cast them to one dtype, "
+                "or run under torch.autocast"
+            )
+    x, weight, bias = cast["x"], cast["weight"], cast["bias"]
+    # The adapter's factors may be kept in float32 (or any float dtype): they follow the activations.
+    A, B = A.to(dtype), B.to(dtype)
+    C = C.to(dtype) if C is not None else None
+
+    p = float(dropout)
+    seed_t: Optional[Tensor] = None
+    if p > 0.0:
+        if seed is None:
+            seed_t = torch.randint(0, 2**62, (), dtype=torch.int64)
+        else:
+            seed_t = torch.as_tensor(reference._check_seed(int(seed)), dtype=torch.int64)
+    x2 = x.reshape(-1, d_in)
+    y, _ = torch.ops.ttkernels.tt_adapter_fwd(x2, weight, bias, A, C, B, task_ids, float(scaling), p, seed_t, backend)
+    return y.reshape(*lead, d_out)
+
+
+def tt_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    cores: Sequence[Tensor],
+    spec: TTSpec,
+    *,
+    index: Mapping[str, int] | None = None,
+    task_ids: Optional[Tensor] = None,
+    scaling: float = 1.0,
+    dropout: float = 0.0,
+    seed: int | Tensor | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """``y = x W^T + b + scaling * drop(x) dW^T`` with ``dW^T`` the TT adapter of ``cores`` (``spec``).
+
+    Builds the factors A, C, B from the cores (differentiable, token-independent) and calls
+    :func:`tt_adapter`; delta-W is never formed.
+    """
+    if not isinstance(spec, TTSpec):
+        raise TypeError(f"spec must be a TTSpec, got {type(spec).__name__}")
+    if spec.per_sample_mode is None and task_ids is not None:
+        raise ValueError("task_ids was given but the spec has no per-sample mode")
+    A, C, B = reference.factors(cores, spec, index)
+    return tt_adapter(
+        x,
+        weight,
+        bias,
+        A,
+        C,
+        B,
+        task_ids=task_ids,
+        scaling=scaling,
+        dropout=dropout,
+        seed=seed,
+        backend=backend,
+    )

@@ -143,7 +143,7 @@ class TTLinear(nn.Module):
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._attach_base(linear)
-        self._attach_adapter(spec, cores, spec.check_index(index), alpha, dropout, backend)
+        self._attach_adapter(spec, cores, index, alpha, dropout, backend)
         self._owns_cores = False
         return self
 
@@ -160,13 +160,12 @@ class TTLinear(nn.Module):
         self,
         spec: TTSpec,
         cores: nn.ParameterList,
-        index: dict[str, int] | None,
+        index: Mapping[str, int] | None,
         alpha: float | None,
         dropout: float,
         backend: str,
     ) -> None:
-        if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+        dropout = ops.check_dropout(dropout)
         ops.check_backend_name(backend)
         if alpha is not None and (not isinstance(alpha, (int, float)) or not math.isfinite(alpha)):
             raise ValueError(f"alpha must be a finite number or None, got {alpha!r}")
@@ -175,7 +174,7 @@ class TTLinear(nn.Module):
         self.index = spec.check_index(index)
         self.alpha = float(spec.max_rank if alpha is None else alpha)
         self.scaling = self.alpha / spec.max_rank
-        self.dropout = float(dropout)
+        self.dropout = dropout
         self.backend = backend
         self.merged = False
         self._disabled = False

@@ -84,6 +84,12 @@ def register_backend(backend: Backend) -> None:
     _IMPLEMENTED[backend.name] = backend
 
 
+def check_dropout(dropout: object) -> float:
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+    return float(dropout)
+
+
 def check_backend_name(backend: object) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -384,8 +390,7 @@ def tt_adapter(
             task_ids = _expand_task_ids(task_ids, lead)
         else:
             raise ValueError(f"C must be 2-D or 3-D, got shape {tuple(C.shape)}")
-    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+    p = check_dropout(dropout)
     check_backend_name(backend)
     named = {"weight": weight, "bias": bias, "A": A, "C": C, "B": B, "task_ids": task_ids}
     for name, t in named.items():
@@ -409,7 +414,6 @@ def tt_adapter(
     A, B = A.to(dtype), B.to(dtype)
     C = C.to(dtype) if C is not None else None
 
-    p = float(dropout)
     seed_t: Optional[Tensor] = None
     if p > 0.0:
         if seed is None:

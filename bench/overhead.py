@@ -27,7 +27,7 @@ def _time_us(fn, reps: int, device: torch.device) -> float:
         fn()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     samples = []
-    for _ in range(5):
+    for _ in range(11):
         sync()
         t0 = time.perf_counter()
         for _ in range(reps):
@@ -40,7 +40,7 @@ def _time_us(fn, reps: int, device: torch.device) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="per-call overhead of the ttkernels ops")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--reps", type=int, default=2000)
+    parser.add_argument("--reps", type=int, default=1000)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)

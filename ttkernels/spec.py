@@ -68,7 +68,7 @@ def _as_int(value: object, what: str) -> int:
 
 @dataclass(frozen=True)
 class TTSpec:
-    """Modes and bond ranks of a TT adapter in bottleneck form.
+    """Modes and bond ranks of a TT adapter in bottleneck form (immutable: derived facts are cached).
 
     ``ranks`` holds the K-1 internal bond ranks ``r_1 .. r_{K-1}``; pass one int to :meth:`build` for all
     bonds. Use :meth:`build` (or :meth:`linear`) rather than the constructor to get the checks on
@@ -193,7 +193,7 @@ class TTSpec:
     def num_cores(self) -> int:
         return len(self.modes)
 
-    @property
+    @functools.cached_property
     def bond_ranks(self) -> tuple[int, ...]:
         """All K+1 bond ranks including the boundary ones: ``(1, r_1, ..., r_{K-1}, 1)``."""
         return (1, *self.ranks, 1)
@@ -202,59 +202,59 @@ class TTSpec:
         b = self.bond_ranks
         return (b[k], self.modes[k].size, b[k + 1])
 
-    @property
+    @functools.cached_property
     def core_shapes(self) -> tuple[tuple[int, int, int], ...]:
         return tuple(self.core_shape(k) for k in range(self.num_cores))
 
-    @property
+    @functools.cached_property
     def in_sizes(self) -> tuple[int, ...]:
         return tuple(m.size for m in self.modes if m.role == "in")
 
-    @property
+    @functools.cached_property
     def out_sizes(self) -> tuple[int, ...]:
         return tuple(m.size for m in self.modes if m.role == "out")
 
-    @property
+    @functools.cached_property
     def in_features(self) -> int:
         return math.prod(self.in_sizes)
 
-    @property
+    @functools.cached_property
     def out_features(self) -> int:
         return math.prod(self.out_sizes)
 
-    @property
+    @functools.cached_property
     def index_modes(self) -> tuple[Mode, ...]:
         return tuple(m for m in self.modes if m.role == "index")
 
-    @property
+    @functools.cached_property
     def fixed_index_names(self) -> tuple[str, ...]:
         return tuple(m.name for m in self.index_modes if not m.per_sample)
 
-    @property
+    @functools.cached_property
     def per_sample_mode(self) -> Mode | None:
         return next((m for m in self.modes if m.per_sample), None)
 
-    @property
+    @functools.cached_property
     def last_in(self) -> int:
         """Position of the last in-mode core (the end of the A block)."""
         return max(i for i, m in enumerate(self.modes) if m.role == "in")
 
-    @property
+    @functools.cached_property
     def first_out(self) -> int:
         """Position of the first out-mode core (the start of the B block)."""
         return min(i for i, m in enumerate(self.modes) if m.role == "out")
 
-    @property
+    @functools.cached_property
     def bottleneck_ranks(self) -> tuple[int, int]:
         """``(r_a, r_b)``: the widths of A's columns and B's rows."""
         b = self.bond_ranks
         return b[self.last_in + 1], b[self.first_out]
 
-    @property
+    @functools.cached_property
     def max_rank(self) -> int:
         return max(self.ranks) if self.ranks else 1
 
-    @property
+    @functools.cached_property
     def num_params(self) -> int:
         return sum(math.prod(s) for s in self.core_shapes)
 

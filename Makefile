@@ -1,4 +1,5 @@
-# ttkernels: `make demo` (install + the demo), `make test`, `make lint`, `make bench`, `make cmake-build`.
+# ttkernels: `make quick` (install + the CPU benchmark, the main job), `make test`, `make demo`, `make lint`,
+# `make bench` (all presets on this machine), `make plots`, `make cmake-build`.
 # Everything runs in the virtual environment $(VENV), created and filled on first use.
 
 PYTHON ?= python3
@@ -11,7 +12,7 @@ CUDA_HOME ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda)
 STAMP := $(VENV)/.ttkernels-installed
 CMAKE_BUILD ?= build/cmake
 
-.PHONY: install demo test lint format bench cmake-build clean
+.PHONY: install quick demo test lint format bench plots overhead gpu cmake-build clean
 
 install: $(STAMP)
 
@@ -22,6 +23,10 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	@$(PY) -c "import ttkernels._ext as e; p = e.cuda_extension_path(); \
 	print('ttkernels installed; CUDA extension:', p or 'not built (see setup.py: needs nvcc and a CUDA build of torch)')"
 	@touch $(STAMP)
+
+quick: $(STAMP)
+	$(PY) -m bench --quick
+	$(PY) -m bench.plots
 
 demo: $(STAMP)
 	$(PY) -m ttkernels.demo
@@ -38,7 +43,18 @@ format: $(STAMP)
 	$(PY) -m ruff check --fix .
 
 bench: $(STAMP)
+	$(PY) -m bench
+
+plots: $(STAMP)
+	$(PY) -m bench.plots
+
+overhead: $(STAMP)
 	$(PY) -m bench.overhead
+
+# On a GPU machine with no network: build the extension, run the tests and the layer and model presets,
+# draw the plots (< 8 min); logs and results under bench/results/ (and $OUT when set).
+gpu:
+	bash bench/gpu.sh
 
 # The same extension from CMakeLists.txt, into $(CMAKE_BUILD)/_C.so (a build check; setup.py's build is the
 # one the package loads).

@@ -1,0 +1,340 @@
+"""The measuring instrument: timing, ceilings, FLOP and byte counts, result rows, the terminal table.
+
+Everything a preset needs to turn "run this function" into a result row that says what was measured, where
+and with what software. Rows are plain dicts (see :func:`make_row`) appended as JSON lines to
+``bench/results/results.jsonl``; plots and the README table are drawn from those rows.
+
+Timing (:func:`measure`): warm-up, then many repetitions; the median is reported. On CUDA each repetition is
+timed with CUDA events and the L2 cache is flushed before it (a 256 MiB buffer is overwritten), so the cache
+is not measured; on the CPU, ``time.perf_counter`` around each call. Callers rotate their inputs across
+repetitions where the input itself could stay cached (:class:`Rotating`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_FILE = RESULTS_DIR / "results.jsonl"
+
+# ------------------------------------------------------------------------------------------ device info
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"CPU: {cpu} ({torch.get_num_threads()} threads)"
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of everything that can change a timing."""
+
+    def version_of(module: str) -> str | None:
+        try:
+            mod = __import__(module)
+        except Exception:
+            return None
+        return getattr(mod, "__version__", None)
+
+    import ttkernels
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": version_of("triton"),
+        "peft": version_of("peft"),
+        "transformers": version_of("transformers"),
+        "ttkernels": ttkernels.__version__,
+    }
+
+
+# ------------------------------------------------------------------------------------------ timing
+@dataclass
+class Timing:
+    median_ms: float
+    min_ms: float
+    reps: int
+
+    @property
+    def spread(self) -> float:
+        return self.median_ms / self.min_ms if self.min_ms > 0 else math.inf
+
+
+class Rotating:
+    """Cycles through ``n`` copies of an input so that repetitions do not reuse a cached tensor."""
+
+    def __init__(self, make: Callable[[], Any], n: int) -> None:
+        self.items = [make() for _ in range(max(1, n))]
+        self.i = 0
+
+    def next(self) -> Any:
+        item = self.items[self.i]
+        self.i = (self.i + 1) % len(self.items)
+        return item
+
+
+_FLUSH: dict[torch.device, torch.Tensor] = {}
+
+
+def _flush_l2(device: torch.device) -> None:
+    buf = _FLUSH.get(device)
+    if buf is None:
+        buf = _FLUSH[device] = torch.empty(256 * 2**20 // 4, dtype=torch.int32, device=device)
+    buf.zero_()
+
+
+def measure(
+    fn: Callable[[], Any],
+    device: torch.device,
+    *,
+    warmup: int = 5,
+    reps: int = 30,
+    max_seconds: float = 2.0,
+    flush: bool = True,
+    setup: Callable[[], Any] | None = None,
+) -> Timing:
+    """Median time of ``fn()`` in milliseconds. ``setup`` (not timed) runs before every call.
+
+    Stops early after ``max_seconds`` of measuring (but after at least 3 repetitions).
+    """
+    for _ in range(warmup):
+        if setup is not None:
+            setup()
+        fn()
+    samples: list[float] = []
+    budget_end = time.perf_counter() + max_seconds
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(reps):
+            if setup is not None:
+                setup()
+            if flush:
+                _flush_l2(device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+            if len(samples) >= 3 and time.perf_counter() > budget_end:
+                break
+    else:
+        for _ in range(reps):
+            if setup is not None:
+                setup()
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+            if len(samples) >= 3 and time.perf_counter() > budget_end:
+                break
+    return Timing(statistics.median(samples), min(samples), len(samples))
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device) -> int | None:
+    """Peak bytes allocated above the current level while ``fn()`` runs (CUDA only; None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def saved_bytes(fn: Callable[[], Any], exclude: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes of the tensors autograd saves for backward while ``fn()`` runs, excluding ``exclude`` (by
+    storage pointer: the parameters)."""
+    ptrs = {t.data_ptr() for t in exclude}
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        if t.numel() and t.data_ptr() not in ptrs:
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+# ------------------------------------------------------------------------------------------ ceilings
+def ceilings(device: torch.device, dtype: torch.dtype, quick: bool = False) -> dict[str, float]:
+    """Measured on this device now: ``copy_gbps`` (a large copy, bytes read + written) and ``matmul_tflops``
+    (a large square matmul in ``dtype``)."""
+    if device.type == "cuda":
+        n_copy, n_mm = 2**28, 8192
+    else:
+        n_copy, n_mm = (2**22, 512) if quick else (2**25, 2048)
+    src = torch.empty(n_copy, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    t_copy = measure(lambda: dst.copy_(src), device, warmup=2, reps=10, flush=False)
+    a = torch.randn(n_mm, n_mm, device=device, dtype=dtype)
+    b = torch.randn(n_mm, n_mm, device=device, dtype=dtype)
+    t_mm = measure(lambda: a @ b, device, warmup=2, reps=10, flush=False)
+    return {
+        "copy_gbps": 2 * n_copy / (t_copy.median_ms * 1e-3) / 1e9,
+        "matmul_tflops": 2 * n_mm**3 / (t_mm.median_ms * 1e-3) / 1e12,
+    }
+
+
+# ------------------------------------------------------------------------------------------ arithmetic
+PHASES = ("forward", "backward", "forward+backward")
+
+
+def layer_flops(M: int, d_in: int, d_out: int, rank: int, phase: str, adapter: bool = True) -> int:
+    """Useful FLOPs of one adapted linear layer with a frozen base, for ``phase``.
+
+    Base: ``2 M d_in d_out`` forward; backward computes dX only (the weight is frozen): the same again.
+    Adapter (DESIGN.md section 3): ``2 M r (d_in + d_out)`` forward, twice that backward (dU and dB, dX's
+    adapter term and dA), so ``6 M r (d_in + d_out)`` forward + backward. Token-independent factor work is
+    not counted.
+    """
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+    base = 2 * M * d_in * d_out
+    extra = 2 * M * rank * (d_in + d_out) if adapter else 0
+    fwd, bwd = base + extra, base + 2 * extra
+    return {"forward": fwd, "backward": bwd, "forward+backward": fwd + bwd}[phase]
+
+
+def layer_bytes(M: int, d_in: int, d_out: int, elem: int, phase: str) -> int:
+    """The least memory traffic of the frozen layer for ``phase``: every operand read once, every result
+    written once (x, W, y forward; dY, W, dX backward). The floor the adapter should add little to."""
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+    fwd = (M * d_in + d_in * d_out + M * d_out) * elem
+    bwd = (M * d_out + d_in * d_out + M * d_in) * elem
+    return {"forward": fwd, "backward": bwd, "forward+backward": fwd + bwd}[phase]
+
+
+def rate(amount: float, ms: float, unit: float) -> float | None:
+    """``amount / seconds / unit`` (e.g. unit 1e12 for TFLOP/s); None for a zero or missing time."""
+    if not ms or ms <= 0 or not math.isfinite(ms):
+        return None
+    return amount / (ms * 1e-3) / unit
+
+
+LAYER_KEY = ("preset", "phase", "M", "d_in", "d_out", "rank", "format", "dtype", "device")
+MODEL_KEY = ("preset", "phase", "config", "layers", "M", "dtype", "device")
+
+
+def add_ratios(rows: list[dict[str, Any]], base_provider: str = "frozen", fields: Sequence[str] = LAYER_KEY) -> None:
+    """Set ``ratio_to_base`` on every row: its time over the time of the ``base_provider`` row that agrees on
+    ``fields`` (the configuration); None where there is no such row."""
+    base = {tuple(r.get(k) for k in fields): r["time_ms"] for r in rows if r["provider"] == base_provider}
+    for row in rows:
+        b = base.get(tuple(row.get(k) for k in fields))
+        row["ratio_to_base"] = row["time_ms"] / b if b else None
+
+
+def make_row(
+    *,
+    preset: str,
+    provider: str,
+    phase: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    timing: Timing | None,
+    env: dict[str, Any],
+    **fields: Any,
+) -> dict[str, Any]:
+    """One result. ``env`` is ``{"device": device_name, "versions": versions(), "ceilings": ..., "run": id}``.
+    Extra ``fields``: M, d_in, d_out, rank, format, tflops, gbps, peak_mem_bytes, saved_bytes_per_token, ..."""
+    return {
+        "run": env["run"],
+        "preset": preset,
+        "provider": provider,
+        "phase": phase,
+        "device": env["device"],
+        "device_type": device.type,
+        "dtype": str(dtype).removeprefix("torch."),
+        "time_ms": None if timing is None else timing.median_ms,
+        "time_min_ms": None if timing is None else timing.min_ms,
+        "reps": None if timing is None else timing.reps,
+        **fields,
+        "ceilings": env.get("ceilings"),
+        "versions": env["versions"],
+        "quick": env.get("quick", False),
+    }
+
+
+def append_rows(rows: Sequence[dict[str, Any]], path: Path = RESULTS_FILE) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        for row in rows:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+    return path
+
+
+def read_rows(path: Path = RESULTS_FILE) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    with path.open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ------------------------------------------------------------------------------------------ output
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if value == 0:
+            return "0"
+        if abs(value) >= 100:
+            return f"{value:.0f}"
+        if abs(value) >= 1:
+            return f"{value:.2f}"
+        return f"{value:.3g}"
+    return str(value)
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """A plain-text table of ``columns`` (missing values print as '-')."""
+    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
+
+
+class Progress:
+    """A one-line progress bar on stderr (only when it is a terminal, or when forced)."""
+
+    def __init__(self, total: int, label: str = "", force: bool = False) -> None:
+        self.total, self.done, self.label = max(total, 1), 0, label
+        self.enabled = force or sys.stderr.isatty()
+
+    def step(self, what: str = "") -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        frac = self.done / self.total
+        bar = "#" * int(30 * frac)
+        sys.stderr.write(f"\r{self.label} [{bar:<30}] {self.done}/{self.total} {what[:50]:<50}")
+        if self.done >= self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()

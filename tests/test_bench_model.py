@@ -1,0 +1,105 @@
+"""The ``model`` preset on the CPU: its rows, its parameter counts, and a correctness gate that refuses a
+broken adapter (the broken provider gets no row and a ProviderCheckFailed warning)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("transformers", reason="the model preset builds a transformers LlamaModel")
+pytest.importorskip("peft", reason="the model preset times PEFT's LoRA")
+
+import ttkernels
+from bench import harness
+from bench import model as bm
+
+CPU = torch.device("cpu")
+# Fewer tokens and repetitions than the quick preset: the test checks the rows, not the timings.
+SMALL = dict(quick=True, seq=16, warmup=0, reps=2)
+
+
+def _env():
+    return {"run": "test", "device": harness.device_name(CPU), "versions": harness.versions(), "quick": True}
+
+
+def _expected_metatt_params(config: str, layers: int, rank: int, factored: bool) -> int:
+    shape = bm.CONFIGS[config]
+    kv = shape.hidden // shape.heads * shape.kv_heads
+    dims = [(shape.hidden, shape.hidden), (shape.hidden, kv), (shape.hidden, kv), (shape.hidden, shape.hidden)]
+    dims += [(shape.hidden, shape.intermediate)] * 2 + [(shape.intermediate, shape.hidden)]
+    groups: dict[tuple[int, int], int] = {}
+    for d in dims:
+        groups[d] = groups.get(d, 0) + 1
+    total = 0
+    for (d_in, d_out), n in groups.items():
+        split = (lambda d: ttkernels.factorize(d, 2)) if factored else (lambda d: (d,))
+        spec = ttkernels.TTSpec.build(
+            split(d_in),
+            split(d_out),
+            rank,
+            index_modes=[ttkernels.Mode.index("layer", layers), ttkernels.Mode.index("matrix", n)],
+        )
+        total += spec.num_params
+    return total
+
+
+def test_model_preset_rows():
+    rank, layers = 4, 2
+    configs = ("llama7b-gqa8", "llama7b-mha")
+    progress = harness.Progress(bm.total_steps(True, configs), force=False)
+    rows = bm.run_model(CPU, torch.float32, _env(), rank=rank, layers=layers, progress=progress, **SMALL)
+    assert progress.done == bm.total_steps(True, configs)
+
+    by_key = {(r["config"], r["provider"]): r for r in rows}
+    assert set(by_key) == {(c, p) for c in ("tiny-gqa", "tiny-mha") for p in bm.PROVIDERS}
+    for (config, provider), row in by_key.items():
+        assert row["preset"] == "model" and row["phase"] == "train_step"
+        assert row["M"] == row["batch"] * row["seq"] == 2 * 16
+        assert row["layers"] == layers
+        assert row["time_ms"] > 0 and row["tokens_per_s"] > 0
+        assert math.isclose(row["tokens_per_s"], row["M"] / (row["time_ms"] * 1e-3), rel_tol=1e-9)
+        assert row["saved_bytes_per_token"] > 0
+        assert row["peak_mem_bytes"] is None  # CPU
+        if provider == "frozen":
+            assert row["params"] == 0 and row["adapter_dtype"] is None and row["check"] is None
+        else:
+            assert row["adapter_dtype"] == "float32"
+            assert row["check"]["init_err"] <= 1e-4 and row["check"]["moved"] > 1e-4
+        if provider.startswith("metatt"):
+            expected = _expected_metatt_params(config, layers, rank, provider == "metatt-factored")
+            assert row["params"] == expected
+            assert row["params"] < by_key[(config, "peft-lora")]["params"]
+    # LoRA's count: r (d_in + d_out) per targeted projection.
+    gqa = bm.CONFIGS["tiny-gqa"]
+    kv = gqa.hidden // gqa.heads * gqa.kv_heads
+    per_layer = rank * (2 * (2 * gqa.hidden) + 2 * (gqa.hidden + kv) + 3 * (gqa.hidden + gqa.intermediate))
+    assert by_key[("tiny-gqa", "peft-lora")]["params"] == layers * per_layer
+    # MHA's k/v join q/o in one 4-matrix group: the same cores count differently from GQA's.
+    assert by_key[("tiny-mha", "metatt")]["params"] != by_key[("tiny-gqa", "metatt")]["params"]
+
+
+def _adapter_ignored(self, x, task_ids=None):
+    return F.linear(x, self.weight, self.bias)
+
+
+@pytest.mark.parametrize("breakage", ["adapter ignored", "wrong scaling"])
+def test_gate_refuses_a_broken_adapter(monkeypatch, breakage):
+    if breakage == "adapter ignored":
+        # The adapter computes nothing: the output never moves from the frozen model's.
+        monkeypatch.setattr(ttkernels.TTLinear, "forward", _adapter_ignored)
+        expect = "does nothing"
+    else:
+        # The forward applies twice the scaling its delta-W says: the merged model disagrees.
+        real = ttkernels.modules.ops.tt_linear
+        monkeypatch.setattr(
+            ttkernels.modules.ops,
+            "tt_linear",
+            lambda *args, scaling=1.0, **kw: real(*args, scaling=2 * scaling, **kw),
+        )
+        expect = "merging its delta-W"
+    with pytest.warns(bm.ProviderCheckFailed, match=expect):
+        rows = bm.run_model(
+            CPU, torch.float32, _env(), rank=4, configs=("tiny-gqa",), providers=("frozen", "metatt"), **SMALL
+        )
+    assert [r["provider"] for r in rows] == ["frozen"]

@@ -155,42 +155,23 @@ def main(argv: list[str] | None = None) -> int:
         return {**env, "ceilings": env["ceilings"][str(dt).removeprefix("torch.")]}
 
     interrupted = False
+    runners = {"micro": (micro.run_config, micro_cfgs), "layer": (layer.run_config, layer_cfgs)}
     try:
         for preset in presets:
-            if preset == "micro":
-                for dt in g["dtypes"]:
-                    cfgs = [c for c in micro_cfgs if c.dtype == dt]
-                    r, n = micro.run_micro(
-                        device,
-                        with_env(dt),
-                        cfgs,
-                        backends,
-                        reps=g["reps"],
-                        max_seconds=g["max_seconds"],
-                        progress=progress,
-                    )
-                    rows += r
-                    notes += n
-            elif preset == "layer":
-                for dt in g["dtypes"]:
-                    cfgs = [c for c in layer_cfgs if c.dtype == dt]
-                    r, n = layer.run_layer(
-                        device,
-                        with_env(dt),
-                        cfgs,
-                        backends,
-                        reps=g["reps"],
-                        max_seconds=g["max_seconds"],
-                        progress=progress,
-                    )
-                    rows += r
-                    notes += n
-            else:
+            if preset == "model":
                 for dt in g["dtypes"]:
                     rows += model_preset.run_model(
                         device, dt, with_env(dt), quick=args.quick, rank=g["ranks"][0], progress=progress
                     )
-
+                continue
+            run_config, cfgs = runners[preset]
+            for cfg in cfgs:  # rows are kept per configuration, so an interrupt loses at most one
+                r, n = run_config(
+                    cfg, device, with_env(cfg.dtype), backends, reps=g["reps"], max_seconds=g["max_seconds"]
+                )
+                rows += r
+                notes += n
+                progress.step(f"{preset} {cfg.fmt} {cfg.d_in}x{cfg.d_out} r{cfg.rank} M={cfg.M}")
     except KeyboardInterrupt:  # bench/gpu.sh stops a step at its time limit with SIGINT: keep what was measured
         interrupted = True
         print("\ninterrupted: reporting and saving the rows measured so far", file=sys.stderr)
@@ -198,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     micro_rows = [r for r in rows if r["preset"] == "micro"]
     layer_rows = [r for r in rows if r["preset"] == "layer"]
     model_rows = [r for r in rows if r["preset"] == "model"]
+    harness.add_ratios(micro_rows + layer_rows)  # against the frozen row of the same configuration
     harness.add_ratios(model_rows, fields=harness.MODEL_KEY)
     label = "CPU figures" if device.type == "cpu" else env["device"]
     if micro_rows:

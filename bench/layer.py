@@ -151,27 +151,6 @@ def run_config(
     return rows, notes
 
 
-def run_layer(
-    device: torch.device,
-    env: dict[str, Any],
-    cfgs: list[LayerConfig],
-    backends: list[str],
-    *,
-    reps: int,
-    max_seconds: float,
-    progress: harness.Progress | None = None,
-) -> tuple[list[dict[str, Any]], list[str]]:
-    rows, notes = [], []
-    for cfg in cfgs:
-        r, n = run_config(cfg, device, env, backends, reps=reps, max_seconds=max_seconds)
-        rows += r
-        notes += n
-        if progress is not None:
-            progress.step(f"layer {cfg.fmt} {cfg.d_in}x{cfg.d_out} r{cfg.rank} M={cfg.M}")
-    harness.add_ratios(rows)
-    return rows, notes
-
-
 def wide(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One line per (configuration, provider) with the three phases side by side, for the terminal."""
     out: dict[tuple, dict[str, Any]] = {}

@@ -153,3 +153,22 @@ def test_cli_rejects_bad_arguments(capsys):
 def test_default_grids():
     assert layer.FULL_M == (1, 16, 256, 2048, 8192, 16384)
     assert layer.FULL_SHAPES == ((4096, 4096), (4096, 11008), (11008, 4096), (4096, 1024))
+
+
+def test_an_interrupted_run_keeps_the_rows_it_measured(tmp_path, monkeypatch):
+    real = layer.run_config
+    calls = []
+
+    def interrupt_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what bench/gpu.sh's timeout sends
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(layer, "run_config", interrupt_second)
+    out = tmp_path / "r.jsonl"
+    argv = "--preset layer --quick --M 1 3 --shapes 16x12 --formats lora --reps 2".split() + ["--results", str(out)]
+    assert cli.main(argv) == 130
+    rows = harness.read_rows(out)
+    assert rows and {r["M"] for r in rows} == {1}
+    assert all(r["ratio_to_base"] is not None for r in rows)

@@ -36,6 +36,10 @@ class LayerConfig:
     fmt: str
     dtype: torch.dtype
 
+    def row_fields(self) -> dict[str, Any]:
+        """The configuration as result-row fields (dtype goes to make_row itself)."""
+        return {"M": self.M, "d_in": self.d_in, "d_out": self.d_out, "rank": self.rank, "format": self.fmt}
+
 
 def configs(
     Ms: Sequence[int],
@@ -128,11 +132,7 @@ def run_config(
                 dtype=cfg.dtype,
                 timing=timing,
                 env=env,
-                M=cfg.M,
-                d_in=cfg.d_in,
-                d_out=cfg.d_out,
-                rank=cfg.rank,
-                format=cfg.fmt,
+                **cfg.row_fields(),
                 params=params,
                 tflops=tflops,
                 gbps=gbps,

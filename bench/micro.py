@@ -115,11 +115,7 @@ def run_config(
                     dtype=cfg.dtype,
                     timing=timing,
                     env=env,
-                    M=cfg.M,
-                    d_in=cfg.d_in,
-                    d_out=cfg.d_out,
-                    rank=cfg.rank,
-                    format=cfg.fmt,
+                    **cfg.row_fields(),
                 )
             )
     return rows, notes

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -62,6 +61,7 @@ import torch
 from torch import nn
 
 from ttkernels import Mode, TTLinear, TTSpec, factorize
+from ttkernels.modules import new_cores
 
 from . import harness
 
@@ -181,21 +181,6 @@ def _attach_lora(base: nn.Module, rank: int) -> tuple[nn.Module, nn.Module]:
     return model, model.base_model.model
 
 
-def _init_cores(spec: TTSpec, device: torch.device) -> nn.ParameterList:
-    """Float32 cores drawn as TTLinear draws its own: the last core zero (delta-W starts at zero), in-mode
-    cores N(0, 1 / (r_prev s)), the others N(0, 1 / r_prev)."""
-    cores = nn.ParameterList()
-    last = spec.num_cores - 1
-    for k, shape in enumerate(spec.core_shapes):
-        core = torch.zeros(shape, device=device, dtype=torch.float32)
-        if k != last:
-            r_prev, s, _ = shape
-            var = 1.0 / (r_prev * s) if spec.modes[k].role == "in" else 1.0 / r_prev
-            core.normal_(0.0, math.sqrt(var))
-        cores.append(nn.Parameter(core))
-    return cores
-
-
 def _metatt_groups(llama: nn.Module) -> dict[tuple[int, int], list[str]]:
     """Projection names of one layer grouped by (in_features, out_features), in TARGETS order."""
     groups: dict[tuple[int, int], list[str]] = {}
@@ -221,7 +206,7 @@ def _attach_metatt(base: nn.Module, rank: int, factored: bool) -> tuple[nn.Modul
             rank,
             index_modes=[Mode.index("layer", n_layers), Mode.index("matrix", len(names))],
         )
-        cores = _init_cores(spec, device)
+        cores = new_cores(spec, device, torch.float32)
         specs.append(spec)
         for i, name, parent in _targets(model):
             if name in names:

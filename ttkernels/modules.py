@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from . import ops, reference
 from .spec import TTSpec
 
-__all__ = ["TTLinear"]
+__all__ = ["TTLinear", "init_cores_", "new_cores"]
 
 
 def _adapter_dtype(dtype: Optional[torch.dtype], adapter_dtype: Optional[torch.dtype]) -> torch.dtype:
@@ -73,9 +73,8 @@ class TTLinear(nn.Module):
         spec = TTSpec.linear(in_features, out_features, in_modes=in_modes, out_modes=out_modes, ranks=ranks)
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._attach_base(base)
-        cores = _new_cores(spec, device, _adapter_dtype(dtype, adapter_dtype))
+        cores = new_cores(spec, device, _adapter_dtype(dtype, adapter_dtype))
         self._attach_adapter(spec, cores, None, alpha, dropout, backend)
-        self.reset_adapter_parameters()
 
     # -------------------------------------------------------------------------------- constructors
     @classmethod
@@ -106,9 +105,8 @@ class TTLinear(nn.Module):
         self._attach_base(linear)
         device = linear.weight.device if device is None else device
         dtype = linear.weight.dtype if dtype is None else dtype
-        cores = _new_cores(spec, device, _adapter_dtype(dtype, adapter_dtype))
+        cores = new_cores(spec, device, _adapter_dtype(dtype, adapter_dtype))
         self._attach_adapter(spec, cores, None, alpha, dropout, backend)
-        self.reset_adapter_parameters()
         return self
 
     @classmethod
@@ -187,14 +185,7 @@ class TTLinear(nn.Module):
         of shared cores initializes them."""
         if not self._owns_cores:
             raise RuntimeError("this TTLinear is a view onto shared cores; initialize them where they are owned")
-        last = len(self.cores) - 1
-        for k, core in enumerate(self.cores):
-            if k == last:
-                core.zero_()
-                continue
-            r0, s, _ = core.shape
-            var = 1.0 / (r0 * s) if self.spec.modes[k].role == "in" else 1.0 / r0
-            core.normal_(0.0, math.sqrt(var))
+        init_cores_(self.cores, self.spec)
 
     @property
     def num_adapter_params(self) -> int:
@@ -290,7 +281,26 @@ def _check_linear(linear: object) -> None:
         raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
 
 
-def _new_cores(spec: TTSpec, device: torch.device | str | None, dtype: torch.dtype) -> nn.ParameterList:
-    return nn.ParameterList(
+@torch.no_grad()
+def init_cores_(cores: Sequence[Tensor], spec: TTSpec) -> None:
+    """Draw ``cores`` in place by the rule of the module docstring: the last core zero (delta-W starts at
+    zero), in-mode cores ``N(0, 1/(r_{k-1} s_k))``, the others ``N(0, 1/r_{k-1})``."""
+    last = len(cores) - 1
+    for k, core in enumerate(cores):
+        if k == last:
+            core.zero_()
+            continue
+        r0, s, _ = core.shape
+        var = 1.0 / (r0 * s) if spec.modes[k].role == "in" else 1.0 / r0
+        core.normal_(0.0, math.sqrt(var))
+
+
+def new_cores(
+    spec: TTSpec, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> nn.ParameterList:
+    """Fresh cores of ``spec`` as Parameters, initialized by :func:`init_cores_` (shared cores too)."""
+    cores = nn.ParameterList(
         [nn.Parameter(torch.empty(shape, device=device, dtype=dtype)) for shape in spec.core_shapes]
     )
+    init_cores_(cores, spec)
+    return cores

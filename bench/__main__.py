@@ -100,7 +100,7 @@ def plan(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     }
 
 
-def layer_configs(g: dict[str, Any], quick: bool) -> list[layer.LayerConfig]:
+def layer_configs(g: dict[str, Any]) -> list[layer.LayerConfig]:
     """LoRA-shaped at every shape; the TT formats at the first shape (where the targets are stated)."""
     cfgs = layer.configs(g["M"], g["shapes"][:1], g["ranks"], g["formats"], g["dtypes"])
     if "lora" in g["formats"] and len(g["shapes"]) > 1:
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
-    layer_cfgs = layer_configs(g, args.quick)
+    layer_cfgs = layer_configs(g)
     micro_cfgs = [
         c
         for c in layer_cfgs

@@ -74,16 +74,13 @@ def _phase_runners(provider, x_rot: harness.Rotating, dy: torch.Tensor):
     def bwd() -> None:
         state["y"].backward(dy)
 
-    def setup_fb() -> None:
-        reset()
-
     def fwd_bwd() -> None:
         provider(x_rot.next()).backward(dy)
 
     return {
         "forward": (fwd, reset),
         "backward": (bwd, setup_bwd),
-        "forward+backward": (fwd_bwd, setup_fb),
+        "forward+backward": (fwd_bwd, reset),
     }
 
 
@@ -95,7 +92,6 @@ def run_config(
     *,
     reps: int,
     max_seconds: float,
-    preset: str = "layer",
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Rows for every provider of one configuration, and notes on providers that were refused."""
     p = Problem(cfg.fmt, cfg.d_in, cfg.d_out, cfg.rank, cfg.dtype, device)
@@ -125,7 +121,7 @@ def run_config(
             tflops = harness.rate(flops, timing.median_ms, 1e12)
             gbps = harness.rate(nbytes, timing.median_ms, 1e9)
             row = harness.make_row(
-                preset=preset,
+                preset="layer",
                 provider=provider.name,
                 phase=phase,
                 device=device,

@@ -101,46 +101,47 @@ def run_config(
     dy = torch.randn(cfg.M, cfg.d_out, device=device, dtype=cfg.dtype)
     ceil = env.get("ceilings") or {}
     for provider in providers_for(p, backends):
-        try:
-            check_provider(provider, p)
-        except ProviderCheckError as err:
-            notes.append(f"refused {provider.name}: {err}")
-            continue
-        params = sum(t.numel() for t in provider.trainable)
-        exclude = list(provider.parameters())
-        # per token: saved at M tokens minus saved at 0 tokens (token-independent tensors cancel), over M
-        x0 = torch.randn(0, cfg.d_in, device=device, dtype=cfg.dtype, requires_grad=True)
-        saved = harness.saved_bytes(lambda: provider(x_rot.next()), exclude) - harness.saved_bytes(
-            lambda: provider(x0), exclude
-        )
-        for phase, (fn, setup) in _phase_runners(provider, x_rot, dy).items():
-            timing = harness.measure(fn, device, reps=reps, max_seconds=max_seconds, setup=setup)
-            adapter = provider.name != "frozen"
-            flops = harness.layer_flops(cfg.M, cfg.d_in, cfg.d_out, cfg.rank, phase, adapter=adapter)
-            nbytes = harness.layer_bytes(cfg.M, cfg.d_in, cfg.d_out, elem, phase)
-            tflops = harness.rate(flops, timing.median_ms, 1e12)
-            gbps = harness.rate(nbytes, timing.median_ms, 1e9)
-            row = harness.make_row(
-                preset="layer",
-                provider=provider.name,
-                phase=phase,
-                device=device,
-                dtype=cfg.dtype,
-                timing=timing,
-                env=env,
-                **cfg.row_fields(),
-                params=params,
-                tflops=tflops,
-                gbps=gbps,
-                tflops_frac=(tflops / ceil["matmul_tflops"]) if tflops and ceil.get("matmul_tflops") else None,
-                gbps_frac=(gbps / ceil["copy_gbps"]) if gbps and ceil.get("copy_gbps") else None,
+        with provider.active():  # e.g. a backend option, on for the provider's measurements only
+            try:
+                check_provider(provider, p)
+            except ProviderCheckError as err:
+                notes.append(f"refused {provider.name}: {err}")
+                continue
+            params = sum(t.numel() for t in provider.trainable)
+            exclude = list(provider.parameters())
+            # per token: saved at M tokens minus saved at 0 tokens (token-independent tensors cancel), over M
+            x0 = torch.randn(0, cfg.d_in, device=device, dtype=cfg.dtype, requires_grad=True)
+            saved = harness.saved_bytes(lambda: provider(x_rot.next()), exclude) - harness.saved_bytes(
+                lambda: provider(x0), exclude
             )
-            if phase == "forward+backward":
-                row["peak_mem_bytes"] = harness.peak_memory(fn, device)
-            if phase == "forward":
-                row["saved_bytes_per_token"] = saved / cfg.M if cfg.M else None
-                row["saved_ratio_to_x"] = saved / (cfg.M * cfg.d_in * elem) if cfg.M else None
-            rows.append(row)
+            for phase, (fn, setup) in _phase_runners(provider, x_rot, dy).items():
+                timing = harness.measure(fn, device, reps=reps, max_seconds=max_seconds, setup=setup)
+                adapter = provider.name != "frozen"
+                flops = harness.layer_flops(cfg.M, cfg.d_in, cfg.d_out, cfg.rank, phase, adapter=adapter)
+                nbytes = harness.layer_bytes(cfg.M, cfg.d_in, cfg.d_out, elem, phase)
+                tflops = harness.rate(flops, timing.median_ms, 1e12)
+                gbps = harness.rate(nbytes, timing.median_ms, 1e9)
+                row = harness.make_row(
+                    preset="layer",
+                    provider=provider.name,
+                    phase=phase,
+                    device=device,
+                    dtype=cfg.dtype,
+                    timing=timing,
+                    env=env,
+                    **cfg.row_fields(),
+                    params=params,
+                    tflops=tflops,
+                    gbps=gbps,
+                    tflops_frac=(tflops / ceil["matmul_tflops"]) if tflops and ceil.get("matmul_tflops") else None,
+                    gbps_frac=(gbps / ceil["copy_gbps"]) if gbps and ceil.get("copy_gbps") else None,
+                )
+                if phase == "forward+backward":
+                    row["peak_mem_bytes"] = harness.peak_memory(fn, device)
+                if phase == "forward":
+                    row["saved_bytes_per_token"] = saved / cfg.M if cfg.M else None
+                    row["saved_ratio_to_x"] = saved / (cfg.M * cfg.d_in * elem) if cfg.M else None
+                rows.append(row)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -11,7 +11,8 @@ Providers:
 * ``peft-lora-r<r>`` — PEFT's LoRA at the TT's bottleneck rank, loaded with the TT's own factors
   (``A`` and ``C B``), so it computes the same function.
 * ``peft-lora-params`` — PEFT's LoRA with the rank that gives about the TT's parameter count.
-* ``ttkernels-<backend>`` — ``TTLinear`` on each backend available on the device.
+* ``ttkernels-<backend>`` — ``TTLinear`` on each backend available on the device; for triton also
+  ``ttkernels-triton-cublas``, its plan with torch's GEMM for the base product.
 * ``tt-einsum`` — the TT-LoRA-style sequential contraction: the input reshaped to its in modes and
   contracted with one core after another by ``einsum``, then expanded through the out cores; autograd keeps
   every intermediate.
@@ -21,6 +22,7 @@ Providers:
 
 from __future__ import annotations
 
+import contextlib
 import string
 from dataclasses import dataclass, field
 
@@ -100,6 +102,10 @@ class Problem:
 class Provider(nn.Module):
     name: str = ""
 
+    def active(self) -> contextlib.AbstractContextManager:
+        """Held while this provider is checked and measured (forward and backward): settings it needs."""
+        return contextlib.nullcontext()
+
     def delta64(self) -> Tensor:
         raise NotImplementedError
 
@@ -176,14 +182,24 @@ def lora_rank_for_params(params: int, d_in: int, d_out: int) -> int:
 
 
 class TTKernels(Provider):
-    def __init__(self, p: Problem, backend: str) -> None:
+    """TTLinear on one backend; for triton, ``plan`` picks the base GEMM (``fused`` or ``cublas``)."""
+
+    def __init__(self, p: Problem, backend: str, plan: str | None = None) -> None:
         super().__init__()
-        self.name = f"ttkernels-{backend}"
+        self.name = f"ttkernels-{backend}" + (f"-{plan}" if plan and plan != "fused" else "")
+        self.plan = plan
         cores = nn.ParameterList([nn.Parameter(c.clone()) for c in p.cores])
         self.layer = tk.TTLinear.from_cores(
             _frozen_linear(p), cores, p.spec, index=p.index or None, alpha=p.spec.max_rank, backend=backend
         )
         self.spec, self.index = p.spec, p.index
+
+    def active(self) -> contextlib.AbstractContextManager:
+        if self.plan is None:
+            return contextlib.nullcontext()
+        from ttkernels._triton_kernels.backend import base_gemm
+
+        return base_gemm(self.plan)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.layer(x)
@@ -265,7 +281,8 @@ def providers_for(p: Problem, backends: list[str]) -> list[Provider]:
         out.append(PeftLora(p, rank=lora_rank_for_params(p.params, p.d_in, p.d_out)))
     except ImportError:
         pass
-    out += [TTKernels(p, b) for b in backends]
+    for b in backends:
+        out += [TTKernels(p, b, plan) for plan in ("fused", "cublas")] if b == "triton" else [TTKernels(p, b)]
     out += [TTEinsum(p), TTReconstruct(p)]
     return out
 

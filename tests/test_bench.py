@@ -97,6 +97,23 @@ def test_every_provider_passes_its_check(fmt, dtype):
     assert names == ["frozen", "peft-lora-r4", "peft-lora-params", "ttkernels-torch", "tt-einsum", "tt-reconstruct"]
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # bf16: the interpreter's tl.dot is wrong
+def test_triton_providers_pass_their_check(fmt, dtype):
+    # The Triton kernels run in the interpreter here (tests/conftest.py): this checks the providers' wiring,
+    # both base-GEMM plans, and that each plan is active while its provider runs.
+    from ttkernels._triton_kernels import backend as tb
+
+    p = Problem(fmt, 48, 30, 4, dtype, torch.device("cpu"))
+    provs = [pr for pr in providers_for(p, ["triton"]) if pr.name.startswith("ttkernels")]
+    assert [pr.name for pr in provs] == ["ttkernels-triton", "ttkernels-triton-cublas"]
+    for provider, plan in zip(provs, ["fused", "cublas"]):
+        with provider.active():
+            assert tb.BASE_GEMM == plan
+            check_provider(provider, p)
+    assert tb.BASE_GEMM == "fused"
+
+
 @pytest.mark.parametrize("dtype,factor", [(torch.float32, 1.01), (torch.bfloat16, 0.0)])
 def test_a_wrong_provider_is_refused(dtype, factor):
     p = Problem("ttlora", 60, 35, 4, dtype, torch.device("cpu"))

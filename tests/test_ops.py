@@ -78,7 +78,8 @@ def test_backend_dispatch_errors():
     x, W, b, A, C, B, ids = _problem(tasks=None, requires_grad=False)
     with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'torch', 'triton', 'cuda'\)"):
         tk.tt_adapter(x, W, b, A, C, B, backend="tpu")
-    with pytest.raises(tk.BackendUnavailableError, match="backend='triton' is not implemented"):
+    # float64 problem: the Triton kernels (run by the interpreter here, see conftest.py) refuse it
+    with pytest.raises(TypeError, match="backend='triton' computes in float32, bfloat16 or float16"):
         tk.tt_adapter(x, W, b, A, C, B, backend="triton")
     if not torch.cuda.is_available():
         with pytest.raises(

@@ -11,12 +11,14 @@ Layers, from the outside in:
   One dispatcher call forward, one backward.
 * ``torch.ops.ttkernels.{shrink, expand, grad_dy, grad_mid, grad_x, grad_a}`` — each step alone, for
   benchmarks and for testing a backend step by step.
-* :class:`Backend` — a table of the six step functions. The fused ops call a backend's functions directly
-  (no nested dispatch). :mod:`ttkernels.reference` is the ``torch`` backend.
+* :class:`Backend` — a table of the six step functions (and ``mid``, backward's ``U = S C``). The fused ops
+  call a backend's functions directly (no nested dispatch). :mod:`ttkernels.reference` is the ``torch``
+  backend, ``ttkernels._triton_kernels.backend`` the ``triton`` one.
 
-``backend`` is one of ``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"``. In this version only ``torch`` is
-implemented; ``auto`` resolves to it on every device, and ``triton`` / ``cuda`` raise
-:class:`BackendUnavailableError`.
+``backend`` is one of ``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"``. ``torch`` runs everywhere; ``triton``
+runs on CUDA tensors (and on the CPU under ``TRITON_INTERPRET=1``, for tests) and is imported on first use;
+``cuda`` raises :class:`BackendUnavailableError` in this version. ``auto`` resolves to ``torch`` on every
+device until GPU benchmark rows show another backend winning (README, "Choosing a backend").
 
 Saved for backward: ``x``, ``S`` (``M x r_a``), the token-independent factors, the frozen weight (a
 parameter) and the dropout seed — never a mask, never ``U``, never delta-W.
@@ -62,6 +64,8 @@ class Backend:
     grad_mid: Callable[..., tuple[Tensor, Optional[Tensor]]]
     grad_x: Callable[..., Tensor]
     grad_a: Callable[..., Tensor]
+    # U = S C from the saved S, in backward
+    mid: Callable[..., Tensor] = reference.mid
 
 
 TORCH_BACKEND = Backend(
@@ -96,11 +100,41 @@ def check_backend_name(backend: object) -> str:
     return backend  # type: ignore[return-value]
 
 
+def _triton_backend(device: torch.device) -> Backend:
+    """The Triton kernels (imported on first use: importing triton costs about a second)."""
+    if "triton" not in _IMPLEMENTED:
+        try:
+            from ._triton_kernels import backend as tb
+        except ImportError as err:
+            raise BackendUnavailableError(
+                f"backend='triton' needs the triton package, which failed to import: {err}"
+            ) from err
+        _IMPLEMENTED["triton"] = Backend(
+            "triton",
+            shrink=tb.shrink,
+            expand=tb.expand,
+            grad_dy=tb.grad_dy,
+            grad_mid=tb.grad_mid,
+            grad_x=tb.grad_x,
+            grad_a=tb.grad_a,
+            mid=tb.mid,
+        )
+    from ._triton_kernels.backend import check_device
+
+    why = check_device(device)
+    if why is not None:
+        gpu = "" if torch.cuda.is_available() else "; this machine has no CUDA GPU"
+        raise BackendUnavailableError(f"{why}{gpu}. Use backend='auto' or backend='torch'.")
+    return _IMPLEMENTED["triton"]
+
+
 def resolve_backend(backend: str, device: torch.device) -> Backend:
-    """The backend that runs on ``device``. ``auto``: torch everywhere in this version."""
+    """The backend that runs on ``device``. ``auto``: torch everywhere (see README, "Choosing a backend")."""
     check_backend_name(backend)
     if backend == "auto":
         return TORCH_BACKEND
+    if backend == "triton":
+        return _triton_backend(device)
     if backend == "cuda" and device.type != "cuda":
         gpu = "" if torch.cuda.is_available() else "; this machine has no CUDA GPU"
         raise BackendUnavailableError(
@@ -198,7 +232,7 @@ def _bwd_op(dy, x, weight, A, C, B, S, task_ids, scaling, dropout_p, seed, backe
     """Steps 4-7: returns ``(dx, dA, dC, dB)``; dx is empty when not needed, dC when C is None."""
     be = resolve_backend(backend, x.device)
     s = _seed(seed)
-    U = reference.mid(S, C, task_ids)
+    U = be.mid(S, C, task_ids)
     dU, dB = be.grad_dy(dy, U, B, scaling)
     dS, dC = be.grad_mid(S, dU, C, task_ids)
     dx = be.grad_x(dy, weight, dS, A, dropout_p, s) if need_dx else x.new_empty(0)

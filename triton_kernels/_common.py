@@ -1,0 +1,194 @@
+"""Pieces shared by every Triton kernel of ttkernels: the dropout hash, launch configuration, allocation.
+
+**Dropout hash.** :func:`mix32` and :func:`keep_mask` are the Triton form of
+``ttkernels.reference.dropout_keep``: ``u = mix32(mix32(seed_lo ^ mix32(row ^ seed_hi)) ^ col)`` on uint32,
+an element kept when ``u >= floor(p * 2^32)``. ``seed_hi`` arrives already mixed (``mix32(seed >> 32)``,
+computed on the host by :func:`dropout_args`). The tests compare the mask bit for bit with the reference.
+
+**Configurations.** Every kernel has one small configuration for the interpreter (``TRITON_INTERPRET=1``:
+the CPU checks of CI) and, on a GPU, a list that ``triton.autotune`` searches, keyed by the problem's shape
+(token counts bucketed to powers of two so a new batch size does not retune). Lists for Hopper
+(compute capability 9.x) add the larger tiles that its tensor cores and shared memory favour.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+# Ranks above this are refused: the rank tiles live in registers.
+MAX_RANK = 128
+# The smallest tile side tl.dot accepts on a GPU.
+MIN_DOT = 16
+
+
+@triton.jit
+def mix32(h):
+    """A xorshift-multiply finalizer on uint32 (wraps mod 2^32)."""
+    h ^= h >> 16
+    h *= 0x7FEB352D
+    h ^= h >> 15
+    h *= 0x846CA68B
+    h ^= h >> 16
+    return h
+
+
+@triton.jit
+def keep_mask(rows, cols, seed_lo, seed_hi, threshold):
+    """Keep-mask of the ``(rows, cols)`` tile: True where the element survives dropout."""
+    r = rows.to(tl.uint32)
+    lo = seed_lo.to(tl.uint32)
+    hi = seed_hi.to(tl.uint32)
+    row_hash = mix32(lo ^ mix32(r ^ hi))
+    u = mix32(row_hash[:, None] ^ cols.to(tl.uint32)[None, :])
+    return u >= threshold.to(tl.uint32)
+
+
+@triton.jit
+def _keep_mask_kernel(OUT, M, N, row_offset, seed_lo, seed_hi, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = keep_mask(rm + row_offset, rn, seed_lo, seed_hi, threshold)
+    tl.store(OUT + rm[:, None] * N + rn[None, :], keep.to(tl.int8), mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+def _mix32_host(h: int) -> int:
+    h &= 0xFFFFFFFF
+    h ^= h >> 16
+    h = (h * 0x7FEB352D) & 0xFFFFFFFF
+    h ^= h >> 15
+    h = (h * 0x846CA68B) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+def dropout_args(p: float, seed: int) -> tuple[int, int, int, float]:
+    """``(seed_lo, seed_hi, threshold, keep_scale)`` for the kernels; all zeros/one when ``p == 0``."""
+    if p == 0.0:
+        return 0, 0, 0, 1.0
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    return seed & 0xFFFFFFFF, _mix32_host(seed >> 32), int(p * 4294967296.0), 1.0 / (1.0 - p)
+
+
+def keep_mask_tensor(seed: int, rows: int, cols: int, p: float, *, row_offset: int = 0, device="cpu") -> torch.Tensor:
+    """The kernels' keep-mask as a bool tensor (for tests: it must equal ``reference.dropout_keep``)."""
+    lo, hi, thr, _ = dropout_args(p, seed)
+    out = torch.empty((rows, cols), dtype=torch.int8, device=device)
+    if rows and cols:
+        grid = (triton.cdiv(rows, 16), triton.cdiv(cols, 16))
+        run(_keep_mask_kernel, grid, out, rows, cols, row_offset, lo, hi, thr, BLOCK_M=16, BLOCK_N=16)
+    return out.bool()
+
+
+# ------------------------------------------------------------------------------------------- launching
+INTERPRET = type(mix32).__name__ == "InterpretedFunction"
+# Autotune on GPUs (``TTKERNELS_TRITON_AUTOTUNE=0``: each kernel's one default configuration instead).
+AUTOTUNE = os.environ.get("TTKERNELS_TRITON_AUTOTUNE", "1") != "0"
+
+
+def next_pow2(n: int, lo: int = 1) -> int:
+    return max(lo, triton.next_power_of_2(max(int(n), 1)))
+
+
+def rank_block(r: int) -> int:
+    """The padded tile side holding a rank of ``r`` (at least tl.dot's minimum)."""
+    return next_pow2(r, MIN_DOT)
+
+
+def m_bucket(M: int) -> int:
+    """Token counts as an autotuning key: powers of two up to 8192, then one bucket."""
+    return min(next_pow2(M), 8192)
+
+
+def precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision for float32 inputs, following torch's matmul setting (as nn.Linear does)."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def hopper(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# Every launch goes through here: ``aot.py`` replaces it to record launches and compile them for a GPU.
+def run(kernel: Any, grid: Any, *args: Any, **kwargs: Any) -> None:
+    kernel[grid](*args, **kwargs)
+
+
+def config(num_warps: int = 4, num_stages: int = 3, **meta: int) -> triton.Config:
+    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
+
+
+@dataclass
+class Tuned:
+    """A kernel with its interpreter configuration and its autotuned GPU form (built on first GPU use).
+
+    ``gpu_meta`` is the GPU configuration used when autotuning is off (``TTKERNELS_TRITON_AUTOTUNE=0``: the
+    GPU tests, whose many small shapes would each start a search) and where a caller needs a known tiling.
+
+    ``configs(hopper: bool)`` gives the search space; ``key`` the arguments that key the tuning cache;
+    ``reset_to_zero`` the outputs that autotuning must zero between trials (atomic accumulators),
+    ``restore_value`` those it must restore (outputs updated in place).
+    """
+
+    kernel: Any
+    interpret_meta: dict[str, int]
+    gpu_meta: dict[str, int]
+    configs: Callable[[bool], list[triton.Config]]
+    key: list[str]
+    reset_to_zero: Optional[list[str]] = None
+    restore_value: Optional[list[str]] = None
+    _tuned: dict[bool, Any] = field(default_factory=dict)
+
+    def meta_for(self, device: torch.device) -> Optional[dict[str, int]]:
+        """Fixed meta-parameters when nothing is tuned (interpreter, or autotuning off); None when autotuned."""
+        if INTERPRET or device.type != "cuda":
+            return dict(self.interpret_meta)
+        return None if AUTOTUNE else dict(self.gpu_meta)
+
+    def launch(self, device: torch.device, grid: Callable[[dict], tuple], *args: Any, **kwargs: Any) -> None:
+        meta = self.meta_for(device)
+        if meta is not None:
+            run(self.kernel, grid(meta), *args, **kwargs, **meta)
+            return
+        h = hopper(device)
+        if h not in self._tuned:
+            self._tuned[h] = triton.autotune(
+                self.configs(h), key=self.key, reset_to_zero=self.reset_to_zero, restore_value=self.restore_value
+            )(self.kernel)
+        run(self._tuned[h], grid, *args, **kwargs)
+
+    def launch_fixed(self, meta: dict[str, int], grid: tuple, *args: Any, **kwargs: Any) -> None:
+        """Launch with given meta-parameters (when the caller must know the tiling, e.g. partial buffers)."""
+        run(self.kernel, grid, *args, **kwargs, **meta)
+
+
+# ------------------------------------------------------------------------------------------ allocation
+# Tests set this to fill every kernel output with NaN before the kernels write it, so that an element a
+# kernel forgets to write cannot pass for a right answer.
+POISON = os.environ.get("TTKERNELS_POISON_OUTPUTS", "0") == "1"
+
+
+def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if POISON and out.is_floating_point():
+        out.fill_(float("nan"))
+    return out
+
+
+def deterministic() -> bool:
+    """Reductions over tokens use no atomics when torch's deterministic mode is on."""
+    return torch.are_deterministic_algorithms_enabled()

@@ -1,0 +1,120 @@
+"""Step 2 (shrink): ``S = drop(x) A`` and ``U = S C`` in one pass over x.
+
+Shapes: ``x (M, d_in)``, ``A (d_in, r_a)``, ``C`` None / ``(r_a, r_b)`` / ``(T, r_a, r_b)`` with
+``task_ids (M,)``; outputs ``S (M, r_a)`` and ``U (M, r_b)`` in x's dtype. One program owns ``BLOCK_M``
+rows: it streams x's row block once, applies dropout from the seed (the hash of ``_common``), accumulates
+``S`` in float32, rounds it to x's dtype (the S that backward will use), and multiplies by ``C`` — one
+``tl.dot`` for a shared C, or a per-row gather of ``C[task]`` for per-sample tasks. fp32 accumulation;
+``r_a, r_b <= 128``. Checked in tests/test_triton.py against ``ttkernels.reference.shrink``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import Tuned, config, dropout_args, empty, keep_mask, m_bucket, precision, rank_block
+
+
+@triton.jit
+def _shrink_kernel(
+    X, A, C, T, S, U,
+    M, K, RA, RB, M_BUCKET,
+    stride_xm, stride_xk, stride_ak, stride_ar,
+    stride_ct, stride_ca, stride_cb,
+    seed_lo, seed_hi, threshold, keep_scale,
+    HAS_C: tl.constexpr, PER_SAMPLE: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    RA_P: tl.constexpr, RB_P: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ra = tl.arange(0, RA_P)
+    rk = tl.arange(0, BLOCK_K)
+    row_ok = rm < M
+    acc = tl.zeros((BLOCK_M, RA_P), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        k_ok = kk < K
+        x = tl.load(
+            X + rm[:, None] * stride_xm + kk[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0
+        )
+        if DROPOUT:
+            keep = keep_mask(rm, kk, seed_lo, seed_hi, threshold)
+            x = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0).to(X.dtype.element_ty)
+        a = tl.load(
+            A + kk[:, None] * stride_ak + ra[None, :] * stride_ar, mask=k_ok[:, None] & (ra < RA)[None, :], other=0.0
+        )
+        acc = tl.dot(x, a, acc, input_precision=PRECISION)
+    s = acc.to(S.dtype.element_ty)
+    tl.store(S + rm[:, None] * RA + ra[None, :], s, mask=row_ok[:, None] & (ra < RA)[None, :])
+    if HAS_C:
+        rb = tl.arange(0, RB_P)
+        b_ok = rb < RB
+        if PER_SAMPLE:
+            # U[m] = S[m] C[t_m]: one rank column of S at a time against the gathered rows of C.
+            t = tl.load(T + rm, mask=row_ok, other=0)
+            s32 = s.to(tl.float32)
+            u = tl.zeros((BLOCK_M, RB_P), tl.float32)
+            for a_idx in range(0, RA):
+                s_a = tl.sum(tl.where(ra[None, :] == a_idx, s32, 0.0), axis=1)
+                c = tl.load(
+                    C + t[:, None] * stride_ct + a_idx * stride_ca + rb[None, :] * stride_cb,
+                    mask=row_ok[:, None] & b_ok[None, :],
+                    other=0.0,
+                )
+                u += s_a[:, None] * c.to(tl.float32)
+        else:
+            c = tl.load(
+                C + ra[:, None] * stride_ca + rb[None, :] * stride_cb,
+                mask=(ra < RA)[:, None] & b_ok[None, :],
+                other=0.0,
+            )
+            u = tl.dot(s, c, input_precision=PRECISION)
+        tl.store(U + rm[:, None] * RB + rb[None, :], u.to(U.dtype.element_ty), mask=row_ok[:, None] & b_ok[None, :])
+
+
+def _configs(hopper: bool) -> list[triton.Config]:
+    cfgs = [config(4, 3, BLOCK_M=bm, BLOCK_K=bk) for bm in (16, 32, 64) for bk in (64, 128)]
+    cfgs += [config(8, 3, BLOCK_M=128, BLOCK_K=64)]
+    if hopper:
+        cfgs += [config(4, 4, BLOCK_M=64, BLOCK_K=256), config(8, 4, BLOCK_M=128, BLOCK_K=128)]
+    return cfgs
+
+
+SHRINK = Tuned(
+    _shrink_kernel,
+    {"BLOCK_M": 16, "BLOCK_K": 16},
+    {"BLOCK_M": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
+    _configs,
+    ["M_BUCKET", "K", "RA", "RB"],
+)
+
+
+def shrink(
+    x: torch.Tensor, A: torch.Tensor, C: Optional[torch.Tensor], task_ids: Optional[torch.Tensor], p: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    M, K = x.shape
+    RA = A.shape[1]
+    RB = RA if C is None else C.shape[-1]
+    S = empty((M, RA), x.dtype, x.device)
+    U = S if C is None else empty((M, RB), x.dtype, x.device)
+    if M == 0:
+        return S, U
+    per_sample = C is not None and C.dim() == 3
+    lo, hi, thr, keep_scale = dropout_args(p, seed)
+    c_strides = (0, 0, 0) if C is None else ((C.stride(0),) if per_sample else (0,)) + tuple(C.stride()[-2:])
+    SHRINK.launch(
+        x.device,
+        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),),
+        x, A, S if C is None else C, task_ids if per_sample else S, S, U,
+        M, K, RA, RB, m_bucket(M),
+        x.stride(0), x.stride(1), A.stride(0), A.stride(1),
+        *c_strides,
+        lo, hi, thr, keep_scale,
+        HAS_C=C is not None, PER_SAMPLE=per_sample, DROPOUT=p > 0.0, PRECISION=precision(x.dtype),
+        RA_P=rank_block(RA), RB_P=rank_block(RB),
+    )  # fmt: skip
+    return S, U

@@ -1,5 +1,5 @@
 # ttkernels: `make quick` (install + the CPU benchmark, the main job), `make test`, `make demo`, `make lint`,
-# `make bench` (all presets on this machine), `make plots`, `make cmake-build`.
+# `make bench` (all presets on this machine), `make plots`, `make cmake-build`, `make triton36`.
 # Everything runs in the virtual environment $(VENV), created and filled on first use.
 
 PYTHON ?= python3
@@ -12,7 +12,7 @@ CUDA_HOME ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda)
 STAMP := $(VENV)/.ttkernels-installed
 CMAKE_BUILD ?= build/cmake
 
-.PHONY: install quick demo test lint format bench plots overhead gpu cmake-build clean
+.PHONY: install quick demo test lint format bench plots overhead gpu cmake-build triton36 clean
 
 install: $(STAMP)
 
@@ -52,7 +52,7 @@ overhead: $(STAMP)
 	$(PY) -m bench.overhead
 
 # On a GPU machine with no network: build the extension, run the tests and the layer and model presets,
-# draw the plots (< 8 min); logs and results under bench/results/ (and $OUT when set).
+# draw the plots (< 9 min); logs and results under bench/results/ (and $OUT when set).
 gpu:
 	bash bench/gpu.sh
 
@@ -63,6 +63,18 @@ cmake-build: $(STAMP)
 	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
 	  -DPython_EXECUTABLE=$(abspath $(PY)) -DCMAKE_CUDA_COMPILER=$(CUDA_HOME)/bin/nvcc
 	PATH=$(abspath $(VENV))/bin:$$PATH cmake --build $(CMAKE_BUILD)
+
+# The Triton kernels under the GPU image's Triton, 3.6: the interpreter tests and an sm_90 compile, with
+# triton 3.6.0 laid over the virtual environment from $(T36) (and numpy 2.2: Triton 3.6's interpreter fails
+# with numpy >= 2.3).
+T36 ?= build/triton36
+triton36: $(STAMP)
+	test -d $(T36)/triton || $(PY) -m pip install -q --no-deps --target $(T36) triton==3.6.0 numpy==2.2.6
+	PYTHONPATH=$(abspath $(T36)) $(PY) -c "import numpy, triton; assert triton.__version__ == '3.6.0'; \
+	print('triton', triton.__version__, 'numpy', numpy.__version__)"
+	PYTHONPATH=$(abspath $(T36)) $(PY) -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning \
+	  tests/test_triton.py tests/test_triton_factors.py
+	PYTHONPATH=$(abspath $(T36)) $(PY) -m ttkernels._triton_kernels.aot --arch 90 --dtypes bf16 --jobs 2
 
 clean:
 	rm -rf build dist *.egg-info ttkernels/_C*.so $(STAMP)

@@ -3,7 +3,7 @@
     python -m ttkernels._triton_kernels.aot --arch 80 90 [--dtypes bf16 fp32] [--configs ends] [--jobs 2]
 
 Runs the backend's launchers on ``meta`` tensors (every dtype, every flag combination the backend uses:
-shared / per-sample / no C, dropout, bias, both base-GEMM plans, deterministic mode), records each kernel
+shared / per-sample / no C, dropout, bias, both base-GEMM plans, deterministic mode, the factor sides), records each kernel
 launch instead of running it, and compiles each distinct one with ``triton.compile`` for the given compute
 capabilities, with the smallest and the largest of its autotuning configurations (``--configs ends``), only
 the largest or smallest, or all of them, and always with the configuration used when autotuning is off. It prints the shared memory each compiled kernel needs and exits non-zero when a kernel
@@ -28,7 +28,10 @@ from typing import Any
 
 import torch
 
+from ttkernels.spec import TTSpec
+
 from . import _common, backend
+from .factors import _side_backward, _side_forward, _sides
 from .gemm import GEMM
 from .grads import GRAD_A, GRAD_DY
 from .shrink import SHRINK
@@ -77,6 +80,12 @@ def _scenarios(dtype: torch.dtype) -> Iterator[None]:
         backend.grad_x(t(M, d_out), W, t(M, r), A, p, 5)
         yield
     backend.BASE_GEMM = "fused"
+    spec = TTSpec.linear(60, 48, in_modes=3, out_modes=2, ranks=16)
+    cores = [t(*shape, dt=torch.float32) for shape in spec.core_shapes]
+    for side in _sides(spec, {}):
+        _side_forward(side, cores, dtype)
+        _side_backward(side, cores, t(*((side.rows, side.r_out) if not side.transposed else (side.r_out, side.rows))))
+    yield
     for det in (False, True):
         torch.use_deterministic_algorithms(det)
         try:

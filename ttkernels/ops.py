@@ -475,14 +475,22 @@ def tt_linear(
 ) -> Tensor:
     """``y = x W^T + b + scaling * drop(x) dW^T`` with ``dW^T`` the TT adapter of ``cores`` (``spec``).
 
-    Builds the factors A, C, B from the cores (differentiable, token-independent) and calls
-    :func:`tt_adapter`; delta-W is never formed.
+    Builds the factors A, C, B from the cores (differentiable, token-independent; with ``backend="triton"``
+    one kernel launch per side of two or more cores, forward and backward) and calls :func:`tt_adapter`;
+    delta-W is never formed.
     """
     if not isinstance(spec, TTSpec):
         raise TypeError(f"spec must be a TTSpec, got {type(spec).__name__}")
     if spec.per_sample_mode is None and task_ids is not None:
         raise ValueError("task_ids was given but the spec has no per-sample mode")
-    A, C, B = reference.factors(cores, spec, index)
+    same_device = isinstance(x, Tensor) and len(cores) > 0 and isinstance(cores[0], Tensor)
+    if backend == "triton" and same_device and cores[0].device == x.device and x.is_floating_point():
+        _triton_backend(x.device)  # raises when the kernels cannot run here
+        from ._triton_kernels.factors import factors as triton_factors
+
+        A, C, B = triton_factors(cores, spec, index, dtype=_compute_dtype(x))
+    else:
+        A, C, B = reference.factors(cores, spec, index)
     return tt_adapter(
         x,
         weight,

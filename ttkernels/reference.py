@@ -189,12 +189,17 @@ def factors(
         else:
             B = sliced(k) if B is None else sliced(k) @ B
 
-    C: Tensor | None = None
-    for k in range(p + 1, q):
-        piece = cores[k].permute(1, 0, 2) if spec.modes[k].per_sample else sliced(k)
-        C = piece if C is None else torch.matmul(C, piece)
     assert A is not None and B is not None
-    return A, C, B
+    return A, factor_c(cores, spec, index), B
+
+
+def factor_c(cores: Sequence[Tensor], spec: TTSpec, index: Mapping[str, int]) -> Tensor | None:
+    """``C`` of :func:`factors` alone (``index`` already checked by ``spec.check_index``)."""
+    C: Tensor | None = None
+    for k in range(spec.last_in + 1, spec.first_out):
+        piece = cores[k].permute(1, 0, 2) if spec.modes[k].per_sample else cores[k][:, index[spec.modes[k].name], :]
+        C = piece if C is None else torch.matmul(C, piece)
+    return C
 
 
 def dense_delta(

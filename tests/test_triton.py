@@ -247,6 +247,17 @@ def test_ttlinear_module_trains_with_triton():
         torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_saved_activations_are_x_plus_m_times_r(dropout):
+    from test_memory import per_token_ratio
+
+    d, r = 128, 16
+    for kw in (dict(ranks=r), dict(in_modes=2, out_modes=2, ranks=r)):
+        layer = tk.TTLinear(d, d, dropout=dropout, backend="triton", **kw).to(DEVICE).train()
+        ratio = per_token_ratio(layer, lambda M: torch.randn(M, d, device=DEVICE, requires_grad=True), 8, 40, d)
+        assert 1.0 <= ratio <= 1 + r / d + 1e-9, ratio
+
+
 # ---------------------------------------------------------------------------------------- bad input
 def test_triton_backend_refuses_what_it_cannot_run(monkeypatch):
     x, W = rnd(3, 8), rnd(6, 8)

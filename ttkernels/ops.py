@@ -26,6 +26,7 @@ parameter) and the dropout seed — never a mask, never ``U``, never delta-W.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Optional
@@ -67,16 +68,14 @@ class Backend:
     # U = S C from the saved S, in backward
     mid: Callable[..., Tensor] = reference.mid
 
+    @classmethod
+    def from_module(cls, name: str, module: object) -> Backend:
+        """The backend whose step functions are ``module``'s functions of the same names."""
+        steps = [f.name for f in dataclasses.fields(cls) if f.name != "name"]
+        return cls(name, **{step: getattr(module, step) for step in steps})
 
-TORCH_BACKEND = Backend(
-    "torch",
-    shrink=reference.shrink,
-    expand=reference.expand,
-    grad_dy=reference.grad_dy,
-    grad_mid=reference.grad_mid,
-    grad_x=reference.grad_x,
-    grad_a=reference.grad_a,
-)
+
+TORCH_BACKEND = Backend.from_module("torch", reference)
 
 _IMPLEMENTED: dict[str, Backend] = {"torch": TORCH_BACKEND}
 
@@ -109,16 +108,7 @@ def _triton_backend(device: torch.device) -> Backend:
             raise BackendUnavailableError(
                 f"backend='triton' needs the triton package, which failed to import: {err}"
             ) from err
-        _IMPLEMENTED["triton"] = Backend(
-            "triton",
-            shrink=tb.shrink,
-            expand=tb.expand,
-            grad_dy=tb.grad_dy,
-            grad_mid=tb.grad_mid,
-            grad_x=tb.grad_x,
-            grad_a=tb.grad_a,
-            mid=tb.mid,
-        )
+        _IMPLEMENTED["triton"] = Backend.from_module("triton", tb)
     from ._triton_kernels.backend import check_device
 
     why = check_device(device)

@@ -28,10 +28,11 @@ from typing import Any
 
 import torch
 
+from ttkernels.ops import _side_plans
 from ttkernels.spec import TTSpec
 
 from . import _common, backend
-from .factors import _side_backward, _side_forward, _sides
+from .factors import side_backward, side_forward
 from .gemm import GEMM
 from .grads import GRAD_A, GRAD_DY
 from .shrink import SHRINK
@@ -82,9 +83,16 @@ def _scenarios(dtype: torch.dtype) -> Iterator[None]:
     backend.BASE_GEMM = "fused"
     spec = TTSpec.linear(60, 48, in_modes=3, out_modes=2, ranks=16)
     cores = [t(*shape, dt=torch.float32) for shape in spec.core_shapes]
-    for side in _sides(spec, {}):
-        _side_forward(side, cores, dtype)
-        _side_backward(side, cores, t(*((side.rows, side.r_out) if not side.transposed else (side.r_out, side.rows))))
+    for det in (False, True):
+        torch.use_deterministic_algorithms(det)
+        try:
+            for order, divisors, fixed, transposed, rows, r_out in _side_plans(spec, {}):
+                chain = [cores[k] for k in order]
+                side_forward(chain, divisors, fixed, transposed, rows, r_out, dtype)
+                dout = t(*((r_out, rows) if transposed else (rows, r_out)))
+                side_backward(dout, chain, divisors, fixed, transposed, rows, r_out)
+        finally:
+            torch.use_deterministic_algorithms(False)
     yield
     for det in (False, True):
         torch.use_deterministic_algorithms(det)

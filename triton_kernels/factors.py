@@ -10,21 +10,19 @@ index. A fixed index core (a layer or matrix index inside a side) contributes th
   launch writes the whole factor, directly in the compute dtype.
 * ``_side_bwd_kernel``: for each core, last to first: ``dG[:, s, :] += L^T D`` over the rows whose index is s
   (``L`` the prefix product up to the core, recomputed; ``D`` the gradient flowing into its output; one
-  masked ``tl.dot`` per index value present in the block, added with fp32 atomics), then ``D <- D M(s)^T``.
-  One launch for the whole side, plus one zero-filled buffer holding every core gradient of the side.
+  masked ``tl.dot`` per index value present in the block, added with fp32 atomics, or in torch's
+  deterministic mode written per row block and summed in order), then ``D <- D M(s)^T``. One launch for the
+  whole side, plus one zero-filled buffer holding every core gradient of the side.
 
 The middle factor C (index slices between the sides; per-sample tasks) stays a torch product: nothing for
-LoRA or TT-LoRA, one small matmul for MetaTT-4D. A side of one core is a view (no launch). Under torch's
-deterministic mode, and for sides longer than :data:`MAX_CORES`, :func:`factors` uses the torch path.
-fp32 accumulation; ranks ``<= 128``. Checked in tests/test_triton_factors.py against
+LoRA or TT-LoRA, one small matmul for MetaTT-4D. A side of one core is a view (no launch); sides longer than
+:data:`MAX_CORES` use torch (``ttkernels.ops.factors`` decides). fp32 accumulation; ranks ``<= 128``. Checked in tests/test_triton_factors.py against
 ``ttkernels.reference.factors``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Optional
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -109,9 +107,12 @@ def _side_fwd_kernel(
 @triton.jit
 def _side_bwd_kernel(
     DOUT, DESC, G0, G1, G2, G3, G4, G5, G6, G7, D0, D1, D2, D3, D4, D5, D6, D7,
-    ROWS, R_OUT, stride_dr, stride_dc,
-    NUM: tl.constexpr, RP: tl.constexpr, BLOCK: tl.constexpr,
+    ROWS, R_OUT, stride_dr, stride_dc, TOTAL,
+    NUM: tl.constexpr, RP: tl.constexpr, BLOCK: tl.constexpr, DETERMINISTIC: tl.constexpr,
 ):  # fmt: skip
+    # DETERMINISTIC: each program writes its own copy of the gradients (TOTAL elements further on per
+    # program), summed afterwards in a fixed order; otherwise fp32 atomics into one copy.
+    block_base = tl.program_id(0).to(tl.int64) * TOTAL if DETERMINISTIC else 0
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, RP)
     ok = rows < ROWS
@@ -136,8 +137,11 @@ def _side_bwd_kernel(
             sel = (digit == s) & ok
             if tl.sum(sel.to(tl.int32), axis=0) > 0:
                 part = tl.dot(tl.trans(tl.where(sel[:, None], left, 0.0)), d, input_precision="ieee")
-                ptrs = DG + cols[:, None] * st_in + s * st_s + cols[None, :] * st_out
-                tl.atomic_add(ptrs, part, mask=g_ok, sem="relaxed")
+                ptrs = DG + block_base + cols[:, None] * st_in + s * st_s + cols[None, :] * st_out
+                if DETERMINISTIC:
+                    tl.store(ptrs, part, mask=g_ok)
+                else:
+                    tl.atomic_add(ptrs, part, mask=g_ok, sem="relaxed")
         if k > 0:
             out_ok = ok[:, None] & (cols < r_out)[None, :]
             d_new = tl.zeros((BLOCK, RP), tl.float32)
@@ -149,59 +153,25 @@ def _side_bwd_kernel(
 
 
 # ------------------------------------------------------------------------------------------ host side
-@dataclass(frozen=True)
-class _Side:
-    """One side's chain: which cores, in which order and orientation, and how rows map to their indices."""
-
-    cores: tuple[int, ...]  # positions in the spec, in chain order
-    transposed: bool  # B side: each core read as G[:, s, :]^T
-    rows: int
-    r_out: int
-    divisors: tuple[int, ...]  # per chain core; 0 for a fixed index core
-    fixed: tuple[int, ...]
-
-    def desc(self, cores: Sequence[torch.Tensor]) -> torch.Tensor:
-        table = []
-        for pos, div, fix in zip(self.cores, self.divisors, self.fixed):
-            c = cores[pos]
-            r0, s, r1 = c.shape
-            s0, ss, s1 = c.stride()
-            table += [r1, r0, s, s1, ss, s0] if self.transposed else [r0, r1, s, s0, ss, s1]
-            table += [div, fix]
-        return torch.tensor(table, dtype=torch.int64)
-
-
-def _sides(spec, index: Mapping[str, int]) -> tuple[_Side, _Side]:
-    p, q, K = spec.last_in, spec.first_out, spec.num_cores
-    sizes = [m.size for m in spec.modes]
-
-    def side(order: list[int], role: str, rows: int, r_out: int, transposed: bool) -> _Side:
-        divs, fixed = [], []
-        for k in order:
-            if spec.modes[k].role == role:
-                later = [sizes[j] for j in range(k + 1, K) if spec.modes[j].role == role]
-                divs.append(int(torch.tensor(later, dtype=torch.int64).prod()) if later else 1)
-                fixed.append(0)
-            else:
-                divs.append(0)
-                fixed.append(int(index[spec.modes[k].name]))
-        return _Side(tuple(order), transposed, rows, r_out, tuple(divs), tuple(fixed))
-
-    ranks = spec.bond_ranks
-    a = side(list(range(p + 1)), "in", spec.in_features, ranks[p + 1], False)
-    b = side(list(range(K - 1, q - 1, -1)), "out", spec.out_features, ranks[q], True)
-    return a, b
-
-
+# A chain is the side's cores in chain order (contiguous), ``divisors`` / ``fixed`` say how a row picks each
+# core's slice (divisor 0: the fixed index), ``transposed`` reads every core as G[:, s, :]^T (the B side,
+# whose output is written as (r_out, rows)). ``ttkernels.ops`` plans the chains from the spec and calls
+# these through the ops ``ttkernels::tt_factor_side`` / ``tt_factor_side_bwd``.
 _DESC_CACHE: dict[tuple, torch.Tensor] = {}
 
 
-def _desc_on(side: _Side, cores: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The side's descriptor table on the cores' device (cached: built and copied once per layout)."""
-    key = (side, tuple(cores[k].stride() for k in side.cores), cores[0].device)
+def _desc(chain: Sequence[torch.Tensor], divisors: Sequence[int], fixed: Sequence[int], transposed: bool):
+    """The chain's descriptor table on its device (cached: built and copied once per layout)."""
+    key = (tuple(c.shape for c in chain), tuple(c.stride() for c in chain), tuple(divisors), tuple(fixed))
+    key += (transposed, chain[0].device)
     t = _DESC_CACHE.get(key)
     if t is None:
-        t = _DESC_CACHE[key] = side.desc(cores).to(cores[0].device)
+        table = []
+        for c, div, fix in zip(chain, divisors, fixed):
+            r0, s, r1 = c.shape
+            s0, ss, s1 = c.stride()
+            table += ([r1, r0, s, s1, ss, s0] if transposed else [r0, r1, s, s0, ss, s1]) + [div, fix]
+        t = _DESC_CACHE[key] = torch.tensor(table, dtype=torch.int64).to(chain[0].device)
     return t
 
 
@@ -209,100 +179,76 @@ def _block() -> int:
     return 16 if INTERPRET else 64
 
 
-def _side_forward(side: _Side, cores: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    dev = cores[0].device
-    out = _common.empty((side.rows, side.r_out) if not side.transposed else (side.r_out, side.rows), dtype, dev)
-    so_r, so_c = (out.stride(0), out.stride(1)) if not side.transposed else (out.stride(1), out.stride(0))
-    ptrs = [cores[k] for k in side.cores] + [cores[side.cores[0]]] * (MAX_CORES - len(side.cores))
+def _rank_tile(chain: Sequence[torch.Tensor]) -> int:
+    return rank_block(max(max(c.shape[0], c.shape[2]) for c in chain))
+
+
+def check_chain(chain: Sequence[torch.Tensor]) -> None:
+    if not 2 <= len(chain) <= MAX_CORES:
+        raise ValueError(f"a factor side has 2 to {MAX_CORES} cores in the Triton kernels, got {len(chain)}")
+    if any(max(c.shape[0], c.shape[2]) > MAX_RANK for c in chain):
+        raise ValueError(f"backend='triton' supports ranks up to {MAX_RANK}")
+    if any(c.dtype != chain[0].dtype for c in chain) or chain[0].dtype not in (
+        torch.float32,
+        torch.bfloat16,
+        torch.float16,
+    ):
+        raise TypeError("the Triton factor kernels need cores of one dtype: float32, bfloat16 or float16")
+
+
+def side_forward(
+    chain: Sequence[torch.Tensor],
+    divisors: Sequence[int],
+    fixed: Sequence[int],
+    transposed: bool,
+    rows: int,
+    r_out: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The factor of one side: ``(rows, r_out)``, or ``(r_out, rows)`` when ``transposed``, in ``dtype``."""
+    check_chain(chain)
+    chain = [c.contiguous() for c in chain]
+    out = _common.empty((r_out, rows) if transposed else (rows, r_out), dtype, chain[0].device)
+    so_r, so_c = (out.stride(1), out.stride(0)) if transposed else (out.stride(0), out.stride(1))
+    pad = [chain[0]] * (MAX_CORES - len(chain))
     _common.run(
-        _side_fwd_kernel, (triton.cdiv(side.rows, _block()),),
-        out, _desc_on(side, cores), *ptrs, side.rows, side.r_out, so_r, so_c,
-        NUM=len(side.cores), RP=rank_block(max(max(cores[k].shape[0], cores[k].shape[2]) for k in side.cores)),
-        BLOCK=_block(),
+        _side_fwd_kernel, (triton.cdiv(rows, _block()),),
+        out, _desc(chain, divisors, fixed, transposed), *chain, *pad, rows, r_out, so_r, so_c,
+        NUM=len(chain), RP=_rank_tile(chain), BLOCK=_block(),
     )  # fmt: skip
     return out
 
 
-def _side_backward(side: _Side, cores: Sequence[torch.Tensor], dout: torch.Tensor) -> list[torch.Tensor]:
-    """Gradients of the side's cores (chain order); the cores are contiguous, and so are the gradients, so
-    one descriptor table serves both."""
-    dev = cores[0].device
-    chain = [cores[k] for k in side.cores]
-    flat = torch.zeros(sum(c.numel() for c in chain), dtype=torch.float32, device=dev)
+def side_backward(
+    dout: torch.Tensor,
+    chain: Sequence[torch.Tensor],
+    divisors: Sequence[int],
+    fixed: Sequence[int],
+    transposed: bool,
+    rows: int,
+    r_out: int,
+) -> torch.Tensor:
+    """The gradients of the chain's cores given the factor's gradient ``dout``: one float32 vector, the
+    cores' gradients one after the other, each laid out like its (contiguous) core, so one descriptor table
+    serves cores and gradients."""
+    check_chain(chain)
+    chain = [c.contiguous() for c in chain]
+    dev = chain[0].device
+    total = sum(c.numel() for c in chain)
+    blocks = triton.cdiv(rows, _block())
+    det = deterministic()
+    # Zero-filled: a row block writes only the slices its rows select.
+    flat = torch.zeros((blocks if det else 1) * total, dtype=torch.float32, device=dev)
     grads, at = [], 0
     for c in chain:
         grads.append(flat[at : at + c.numel()].view(c.shape))
         at += c.numel()
-    sd_r, sd_c = (dout.stride(0), dout.stride(1)) if not side.transposed else (dout.stride(1), dout.stride(0))
+    sd_r, sd_c = (dout.stride(1), dout.stride(0)) if transposed else (dout.stride(0), dout.stride(1))
     pad = MAX_CORES - len(chain)
     _common.run(
-        _side_bwd_kernel, (triton.cdiv(side.rows, _block()),),
-        dout, _desc_on(side, cores), *chain, *([chain[0]] * pad), *grads, *([grads[0]] * pad),
-        side.rows, side.r_out, sd_r, sd_c,
-        NUM=len(chain), RP=rank_block(max(max(c.shape[0], c.shape[2]) for c in chain)), BLOCK=_block(),
+        _side_bwd_kernel, (blocks,),
+        dout, _desc(chain, divisors, fixed, transposed), *chain, *([chain[0]] * pad), *grads, *([grads[0]] * pad),
+        rows, r_out, sd_r, sd_c, total,
+        NUM=len(chain), RP=_rank_tile(chain), BLOCK=_block(), DETERMINISTIC=det,
     )  # fmt: skip
-    return [g.to(c.dtype) for g, c in zip(grads, chain)]
-
-
-class _SideFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, side: _Side, dtype: torch.dtype, *cores: torch.Tensor) -> torch.Tensor:
-        ctx.side = side
-        ctx.n = len(cores)
-        ctx.save_for_backward(*cores)
-        return _side_forward(side, cores, dtype)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout: torch.Tensor):
-        cores = ctx.saved_tensors
-        grads = _side_backward(ctx.side, cores, dout)
-        out: list[Optional[torch.Tensor]] = [None] * ctx.n
-        for k, g in zip(ctx.side.cores, grads):
-            out[k] = g
-        return (None, None, *out)
-
-
-_SIDES_CACHE: dict[tuple, tuple[_Side, _Side]] = {}
-
-
-def factors(
-    cores: Sequence[torch.Tensor],
-    spec,
-    index: Mapping[str, int] | None = None,
-    dtype: Optional[torch.dtype] = None,
-) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
-    """``(A, C, B)`` as ``ttkernels.reference.factors`` computes them, with A and B in ``dtype`` (default: the
-    cores'). A side of two or more cores is one kernel launch forward and one backward; a side of one core is
-    a view; C is torch's. Falls back to the reference where the kernels do not apply (deterministic mode,
-    float64, cores of mixed dtypes, ranks above 128, sides longer than 8 cores)."""
-    from ttkernels import reference as ref
-
-    ref._check_cores(cores, spec)
-    index = spec.check_index(index)
-    dtype = dtype or cores[0].dtype
-    key = (spec, tuple(sorted(index.items())))
-    sides = _SIDES_CACHE.get(key)
-    if sides is None:
-        sides = _SIDES_CACHE[key] = _sides(spec, index)
-    usable = (
-        not deterministic()
-        and dtype in (torch.float32, torch.bfloat16, torch.float16)
-        and cores[0].dtype in (torch.float32, torch.bfloat16, torch.float16)
-        and all(c.dtype == cores[0].dtype for c in cores)
-        and max(spec.bond_ranks) <= MAX_RANK
-        and all(len(sd.cores) <= MAX_CORES for sd in sides)
-    )
-    if not usable:
-        A, C, B = ref.factors(cores, spec, index)
-        return A.to(dtype), C, B.to(dtype)
-    cores = [c.contiguous() for c in cores]
-    out = []
-    for sd in sides:
-        if len(sd.cores) == 1:
-            core = cores[sd.cores[0]]
-            r0, s, r1 = core.shape
-            out.append((core.reshape(s, r1) if not sd.transposed else core.reshape(r0, s)).to(dtype))
-        else:
-            out.append(_SideFunction.apply(sd, dtype, *cores))
-    return out[0], ref.factor_c(cores, spec, index), out[1]
+    return flat.view(blocks, total).sum(0) if det else flat

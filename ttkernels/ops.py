@@ -11,6 +11,8 @@ Layers, from the outside in:
   One dispatcher call forward, one backward.
 * ``torch.ops.ttkernels.{shrink, expand, grad_dy, grad_mid, grad_x, grad_a}`` — each step alone, for
   benchmarks and for testing a backend step by step.
+* ``torch.ops.ttkernels.tt_factor_side`` / ``tt_factor_side_bwd`` — step 1 for one side of the factors and
+  its backward (step 8), Triton only; :func:`factors` plans the sides from the spec and calls them.
 * :class:`Backend` — a table of the six step functions (and ``mid``, backward's ``U = S C``). The fused ops
   call a backend's functions directly (no nested dispatch). :mod:`ttkernels.reference` is the ``torch``
   backend, ``ttkernels._triton_kernels.backend`` the ``triton`` one.
@@ -27,6 +29,7 @@ parameter) and the dropout seed — never a mask, never ``U``, never delta-W.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Optional
@@ -41,6 +44,7 @@ __all__ = [
     "BACKENDS",
     "Backend",
     "BackendUnavailableError",
+    "factors",
     "register_backend",
     "resolve_backend",
     "tt_adapter",
@@ -322,6 +326,139 @@ def _grad_a_op(x, dS, dropout_p, seed, backend):
     return resolve_backend(backend, x.device).grad_a(x, dS, dropout_p, _seed(seed))
 
 
+# ----------------------------------------------------------------------------------- factor ops (1, 8)
+# One side of the factors (A: the cores up to the last in mode; B: from the first out mode on, read
+# transposed) as one op, so that torch.compile sees an opaque call; only the triton backend has kernels for it.
+def _side_fake(cores, divisors, fixed, transposed, rows, r_out, dtype):
+    return cores[0].new_empty((r_out, rows) if transposed else (rows, r_out), dtype=dtype)
+
+
+def _side_autograd(cores, divisors, fixed, transposed, rows, r_out, dtype):
+    return _FactorSideFunction.apply(divisors, fixed, transposed, rows, r_out, dtype, *cores)
+
+
+@_define(
+    "tt_factor_side(Tensor[] cores, int[] divisors, int[] fixed, bool transposed, int rows, int r_out, "
+    "ScalarType dtype) -> Tensor",
+    _side_fake,
+    _side_autograd,
+)
+def _side_op(cores, divisors, fixed, transposed, rows, r_out, dtype):
+    """Step 1 for one side with two or more cores: the factor in ``dtype`` (Triton kernels)."""
+    _triton_backend(cores[0].device)
+    from ._triton_kernels.factors import side_forward
+
+    return side_forward(cores, divisors, fixed, transposed, rows, r_out, dtype)
+
+
+@_define(
+    "tt_factor_side_bwd(Tensor dout, Tensor[] cores, int[] divisors, int[] fixed, bool transposed, int rows, "
+    "int r_out) -> Tensor",
+    lambda dout, cores, divisors, fixed, transposed, rows, r_out: cores[0].new_empty(
+        sum(c.numel() for c in cores), dtype=torch.float32
+    ),
+)
+def _side_bwd_op(dout, cores, divisors, fixed, transposed, rows, r_out):
+    """Step 8 for one side: its cores' gradients, concatenated flat in float32 (split by the caller)."""
+    _triton_backend(cores[0].device)
+    from ._triton_kernels.factors import side_backward
+
+    return side_backward(dout, cores, divisors, fixed, transposed, rows, r_out)
+
+
+class _FactorSideFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, divisors, fixed, transposed, rows, r_out, dtype, *cores):
+        with torch._C._AutoDispatchBelowAutograd():
+            out = torch.ops.ttkernels.tt_factor_side(list(cores), divisors, fixed, transposed, rows, r_out, dtype)
+        ctx.save_for_backward(*cores)
+        ctx.args = (divisors, fixed, transposed, rows, r_out)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        cores = ctx.saved_tensors
+        flat = torch.ops.ttkernels.tt_factor_side_bwd(dout, list(cores), *ctx.args)
+        grads = torch.split(flat, [c.numel() for c in cores])
+        return (None,) * 6 + tuple(g.view(c.shape).to(c.dtype) for g, c in zip(grads, cores))
+
+
+def _side_plans(spec: TTSpec, index: Mapping[str, int]) -> list[tuple]:
+    """Per side: (core positions in chain order, divisors, fixed indices, transposed, rows, r_out).
+
+    Row ``i`` of A takes in-core ``k``'s slice ``(i // prod(later in sizes)) % size_k`` (C order); a fixed
+    index core takes ``index[name]`` for every row (divisor 0). B's chain runs from the last core backwards.
+    """
+    modes, K, bonds = spec.modes, spec.num_cores, spec.bond_ranks
+    plans = []
+    for order, role, rows, r_out, transposed in (
+        (range(spec.last_in + 1), "in", spec.in_features, bonds[spec.last_in + 1], False),
+        (range(K - 1, spec.first_out - 1, -1), "out", spec.out_features, bonds[spec.first_out], True),
+    ):
+        divisors, fixed = [], []
+        for k in order:
+            if modes[k].role == role:
+                divisors.append(math.prod([modes[j].size for j in range(k + 1, K) if modes[j].role == role]))
+                fixed.append(0)
+            else:
+                divisors.append(0)
+                fixed.append(int(index[modes[k].name]))
+        plans.append((list(order), divisors, fixed, transposed, rows, r_out))
+    return plans
+
+
+_FACTOR_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MAX_SIDE_CORES = 8
+_MAX_FACTOR_RANK = 128
+
+
+def factors(
+    cores: Sequence[Tensor],
+    spec: TTSpec,
+    index: Mapping[str, int] | None = None,
+    *,
+    dtype: Optional[torch.dtype] = None,
+    backend: str = "auto",
+) -> tuple[Tensor, Optional[Tensor], Tensor]:
+    """The factors ``(A, C, B)`` of ``reference.factors``, A and B in ``dtype`` (default: the cores'), as
+    ``backend`` computes them (differentiable).
+
+    ``triton``: each side of two or more cores is one ``tt_factor_side`` launch forward and one backward; a
+    side of one core is a view; C is torch's product of the index slices. Where the Triton kernels do not
+    apply (float64, cores of mixed dtypes, ranks above 128, more than 8 cores in a side) and for every other
+    backend, this is ``reference.factors`` through torch autograd.
+    """
+    check_backend_name(backend)
+    fast = (
+        backend == "triton"
+        and len(cores) > 0
+        and all(isinstance(c, Tensor) for c in cores)
+        and (dtype or cores[0].dtype) in _FACTOR_DTYPES
+        and cores[0].dtype in _FACTOR_DTYPES
+        and all(c.dtype == cores[0].dtype for c in cores)
+        and max(spec.bond_ranks) <= _MAX_FACTOR_RANK
+    )
+    if fast:
+        reference._check_cores(cores, spec)
+        index = spec.check_index(index)
+        plans = _side_plans(spec, index)
+        fast = all(len(plan[0]) <= _MAX_SIDE_CORES for plan in plans)
+    if not fast:
+        A, C, B = reference.factors(cores, spec, index)
+        return (A, C, B) if dtype is None else (A.to(dtype), C, B.to(dtype))
+    dtype = dtype or cores[0].dtype
+    sides = []
+    for order, divisors, fixed, transposed, rows, r_out in plans:
+        chain = [cores[k] for k in order]
+        if len(chain) == 1:
+            r0, s, r1 = chain[0].shape
+            sides.append(chain[0].reshape(r0, s) if transposed else chain[0].reshape(s, r1))
+        else:
+            sides.append(torch.ops.ttkernels.tt_factor_side(chain, divisors, fixed, transposed, rows, r_out, dtype))
+    return sides[0].to(dtype), reference.factor_c(cores, spec, index), sides[1].to(dtype)
+
+
 # ------------------------------------------------------------------------------------ functional API
 def _check_tensor(t: object, name: str) -> Tensor:
     if not isinstance(t, Tensor):
@@ -473,14 +610,8 @@ def tt_linear(
         raise TypeError(f"spec must be a TTSpec, got {type(spec).__name__}")
     if spec.per_sample_mode is None and task_ids is not None:
         raise ValueError("task_ids was given but the spec has no per-sample mode")
-    same_device = isinstance(x, Tensor) and len(cores) > 0 and isinstance(cores[0], Tensor)
-    if backend == "triton" and same_device and cores[0].device == x.device and x.is_floating_point():
-        _triton_backend(x.device)  # raises when the kernels cannot run here
-        from ._triton_kernels.factors import factors as triton_factors
-
-        A, C, B = triton_factors(cores, spec, index, dtype=_compute_dtype(x))
-    else:
-        A, C, B = reference.factors(cores, spec, index)
+    dtype = _compute_dtype(x) if isinstance(x, Tensor) and x.is_floating_point() else None
+    A, C, B = factors(cores, spec, index, dtype=dtype, backend=backend)
     return tt_adapter(
         x,
         weight,

@@ -51,6 +51,22 @@ def keep_mask(rows, cols, seed_lo, seed_hi, threshold):
 
 
 @triton.jit
+def gathered_matmul(v, ii, n, rows_base, stride_i, jj, stride_j, mask):
+    """``out[m, j] = sum_{i < n} v[m, i] * M_m[i, j]`` where row m's matrix starts at ``rows_base[m]``.
+
+    ``v``: ``(BLOCK, len(ii))``; ``rows_base``: ``(BLOCK, 1)`` pointers; ``mask``: ``(BLOCK, len(jj))``.
+    One rank column of v at a time against each row's gathered matrix row: ranks are small, and every row
+    may select a different matrix (a task's C, a core's slice), so this runs on CUDA cores, in fp32.
+    """
+    out = tl.zeros((v.shape[0], jj.shape[0]), tl.float32)
+    for i in range(0, n):
+        v_i = tl.sum(tl.where(ii[None, :] == i, v, 0.0), axis=1)
+        m = tl.load(rows_base + i * stride_i + jj[None, :] * stride_j, mask=mask, other=0.0)
+        out += v_i[:, None] * m.to(tl.float32)
+    return out
+
+
+@triton.jit
 def _keep_mask_kernel(OUT, M, N, row_offset, seed_lo, seed_hi, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -88,6 +104,8 @@ def keep_mask_tensor(seed: int, rows: int, cols: int, p: float, *, row_offset: i
 
 # ------------------------------------------------------------------------------------------- launching
 INTERPRET = type(mix32).__name__ == "InterpretedFunction"
+# Rows per program of the small, untuned kernels (per-task products, factor sides).
+ROW_BLOCK = 16 if INTERPRET else 64
 # Autotune on GPUs (``TTKERNELS_TRITON_AUTOTUNE=0``: each kernel's one default configuration instead).
 AUTOTUNE = os.environ.get("TTKERNELS_TRITON_AUTOTUNE", "1") != "0"
 
@@ -158,6 +176,10 @@ class Tuned:
         if INTERPRET or device.type != "cuda":
             return dict(self.interpret_meta)
         return None if AUTOTUNE else dict(self.gpu_meta)
+
+    def fixed_meta(self, device: torch.device) -> dict[str, int]:
+        """One known tiling (interpreter or ``gpu_meta``), for callers that size buffers by it."""
+        return self.meta_for(device) or dict(self.gpu_meta)
 
     def launch(self, device: torch.device, grid: Callable[[dict], tuple], *args: Any, **kwargs: Any) -> None:
         meta = self.meta_for(device)

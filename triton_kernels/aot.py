@@ -60,6 +60,15 @@ def _recording(out: list) -> Iterator[None]:
         _common.run = saved
 
 
+@contextmanager
+def _deterministic(on: bool) -> Iterator[None]:
+    torch.use_deterministic_algorithms(on)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 def _scenarios(dtype: torch.dtype) -> Iterator[None]:
     """Calls every backend function on meta tensors in each flag combination (a generator: one per step)."""
     dev = torch.device("meta")
@@ -84,25 +93,19 @@ def _scenarios(dtype: torch.dtype) -> Iterator[None]:
     spec = TTSpec.linear(60, 48, in_modes=3, out_modes=2, ranks=16)
     cores = [t(*shape, dt=torch.float32) for shape in spec.core_shapes]
     for det in (False, True):
-        torch.use_deterministic_algorithms(det)
-        try:
+        with _deterministic(det):
             for order, divisors, fixed, transposed, rows, r_out in _side_plans(spec, {}):
                 chain = [cores[k] for k in order]
                 side_forward(chain, divisors, fixed, transposed, rows, r_out, dtype)
                 dout = t(*((r_out, rows) if transposed else (rows, r_out)))
                 side_backward(dout, chain, divisors, fixed, transposed, rows, r_out)
-        finally:
-            torch.use_deterministic_algorithms(False)
     yield
     for det in (False, True):
-        torch.use_deterministic_algorithms(det)
-        try:
+        with _deterministic(det):
             backend.grad_dy(t(M, d_out), t(M, r), B, 0.5)
             backend.grad_mid(t(M, r), t(M, r), t(T, r, r), ids)
             for p in (0.0, 0.1):
                 backend.grad_a(x, t(M, r), p, 5)
-        finally:
-            torch.use_deterministic_algorithms(False)
         yield
 
 

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import INTERPRET, MAX_RANK, deterministic, rank_block
+from ._common import MAX_RANK, ROW_BLOCK, deterministic, gathered_matmul, rank_block
 
 MAX_CORES = 8
 _FIELDS = 8  # r_in, r_out, size, stride_in, stride_s, stride_out, divisor (0: fixed index), fixed index
@@ -81,12 +81,7 @@ def _prefix(
         if j == 0:
             v = tl.load(G + digit[:, None] * st_s + cols[None, :] * st_out, mask=out_ok, other=0.0).to(tl.float32)
         else:
-            acc = tl.zeros((BLOCK, RP), tl.float32)
-            for a in range(0, r_in):
-                v_a = tl.sum(tl.where(cols[None, :] == a, v, 0.0), axis=1)
-                g = tl.load(G + a * st_in + digit[:, None] * st_s + cols[None, :] * st_out, mask=out_ok, other=0.0)
-                acc += v_a[:, None] * g.to(tl.float32)
-            v = acc
+            v = gathered_matmul(v, cols, r_in, G + digit[:, None] * st_s, st_in, cols, st_out, out_ok)
     return v
 
 
@@ -175,10 +170,6 @@ def _desc(chain: Sequence[torch.Tensor], divisors: Sequence[int], fixed: Sequenc
     return t
 
 
-def _block() -> int:
-    return 16 if INTERPRET else 64
-
-
 def _rank_tile(chain: Sequence[torch.Tensor]) -> int:
     return rank_block(max(max(c.shape[0], c.shape[2]) for c in chain))
 
@@ -212,9 +203,9 @@ def side_forward(
     so_r, so_c = (out.stride(1), out.stride(0)) if transposed else (out.stride(0), out.stride(1))
     pad = [chain[0]] * (MAX_CORES - len(chain))
     _common.run(
-        _side_fwd_kernel, (triton.cdiv(rows, _block()),),
+        _side_fwd_kernel, (triton.cdiv(rows, ROW_BLOCK),),
         out, _desc(chain, divisors, fixed, transposed), *chain, *pad, rows, r_out, so_r, so_c,
-        NUM=len(chain), RP=_rank_tile(chain), BLOCK=_block(),
+        NUM=len(chain), RP=_rank_tile(chain), BLOCK=ROW_BLOCK,
     )  # fmt: skip
     return out
 
@@ -235,7 +226,7 @@ def side_backward(
     chain = [c.contiguous() for c in chain]
     dev = chain[0].device
     total = sum(c.numel() for c in chain)
-    blocks = triton.cdiv(rows, _block())
+    blocks = triton.cdiv(rows, ROW_BLOCK)
     det = deterministic()
     # Zero-filled: a row block writes only the slices its rows select.
     flat = torch.zeros((blocks if det else 1) * total, dtype=torch.float32, device=dev)
@@ -249,6 +240,6 @@ def side_backward(
         _side_bwd_kernel, (blocks,),
         dout, _desc(chain, divisors, fixed, transposed), *chain, *([chain[0]] * pad), *grads, *([grads[0]] * pad),
         rows, r_out, sd_r, sd_c, total,
-        NUM=len(chain), RP=_rank_tile(chain), BLOCK=_block(), DETERMINISTIC=det,
+        NUM=len(chain), RP=_rank_tile(chain), BLOCK=ROW_BLOCK, DETERMINISTIC=det,
     )  # fmt: skip
     return flat.view(blocks, total).sum(0) if det else flat

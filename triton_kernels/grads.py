@@ -28,11 +28,13 @@ import triton.language as tl
 from . import _common
 from ._common import (
     INTERPRET,
+    ROW_BLOCK,
     Tuned,
     config,
     deterministic,
     dropout_args,
     empty,
+    gathered_matmul,
     keep_mask,
     m_bucket,
     num_sms,
@@ -115,7 +117,7 @@ def grad_dy(dy: torch.Tensor, U: torch.Tensor, B: torch.Tensor, scaling: float) 
     )  # fmt: skip
     meta = {"PRECISION": precision(dy.dtype), "RB_P": rank_block(RB)}
     if deterministic():
-        fixed = GRAD_DY.meta_for(dy.device) or dict(GRAD_DY.gpu_meta)
+        fixed = GRAD_DY.fixed_meta(dy.device)
         blocks = triton.cdiv(M, fixed["BLOCK_M"])
         buf = empty((blocks, RB, N), torch.float32, dy.device)
         GRAD_DY.launch_fixed(fixed, (blocks,), *_with(args, 4, buf), DETERMINISTIC=True, **meta)
@@ -212,7 +214,7 @@ def grad_a(x: torch.Tensor, dS: torch.Tensor, p: float, seed: int) -> torch.Tens
     )  # fmt: skip
     meta = {"DROPOUT": p > 0.0, "PRECISION": precision(x.dtype), "RA_P": rank_block(RA)}
     if deterministic():
-        fixed = GRAD_A.meta_for(x.device) or dict(GRAD_A.gpu_meta)
+        fixed = GRAD_A.fixed_meta(x.device)
         split = _split(M, K, fixed["BLOCK_M"], fixed["BLOCK_K"], x.device)
         buf = empty((split, K, RA), torch.float32, x.device)
         grid = (triton.cdiv(K, fixed["BLOCK_K"]), split)
@@ -243,15 +245,8 @@ def _task_matmul_kernel(
     j_ok = rj < RJ
     t = tl.load(T + rm, mask=m_ok, other=0)
     v = tl.load(IN + rm[:, None] * RI + ri[None, :], mask=m_ok[:, None] & (ri < RI)[None, :], other=0.0).to(tl.float32)
-    out = tl.zeros((BLOCK_M, RJ_P), tl.float32)
-    for i in range(0, RI):
-        v_i = tl.sum(tl.where(ri[None, :] == i, v, 0.0), axis=1)
-        c = tl.load(
-            C + t[:, None] * stride_ct + i * stride_ci + rj[None, :] * stride_cj,
-            mask=m_ok[:, None] & j_ok[None, :],
-            other=0.0,
-        )
-        out += v_i[:, None] * c.to(tl.float32)
+    mask = m_ok[:, None] & j_ok[None, :]
+    out = gathered_matmul(v, ri, RI, C + t[:, None] * stride_ct, stride_ci, rj, stride_cj, mask)
     tl.store(OUT + rm[:, None] * RJ + rj[None, :], out.to(OUT.dtype.element_ty), mask=m_ok[:, None] & j_ok[None, :])
 
 
@@ -266,7 +261,7 @@ def task_matmul(inp: torch.Tensor, C: torch.Tensor, task_ids: torch.Tensor, *, t
     out = empty((M, RJ), inp.dtype, inp.device)
     if M == 0:
         return out
-    block_m = 16 if INTERPRET else 64
+    block_m = ROW_BLOCK
     _common.run(
         _task_matmul_kernel,
         (triton.cdiv(M, block_m),),
@@ -340,7 +335,7 @@ def grad_mid(
     dS = task_matmul(dU, C, task_ids, transpose=True)
     if M == 0:
         return dS, torch.zeros_like(C)
-    block_m = 16 if INTERPRET else 64
+    block_m = ROW_BLOCK
     blocks = triton.cdiv(M, block_m)
     det = deterministic()
     # Zero-filled: a row block writes only the tasks it holds.

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import Tuned, config, dropout_args, empty, keep_mask, m_bucket, precision, rank_block
+from ._common import Tuned, config, dropout_args, empty, gathered_matmul, keep_mask, m_bucket, precision, rank_block
 
 
 @triton.jit
@@ -54,18 +54,10 @@ def _shrink_kernel(
         rb = tl.arange(0, RB_P)
         b_ok = rb < RB
         if PER_SAMPLE:
-            # U[m] = S[m] C[t_m]: one rank column of S at a time against the gathered rows of C.
+            # U[m] = S[m] C[t_m], with each row's C gathered
             t = tl.load(T + rm, mask=row_ok, other=0)
-            s32 = s.to(tl.float32)
-            u = tl.zeros((BLOCK_M, RB_P), tl.float32)
-            for a_idx in range(0, RA):
-                s_a = tl.sum(tl.where(ra[None, :] == a_idx, s32, 0.0), axis=1)
-                c = tl.load(
-                    C + t[:, None] * stride_ct + a_idx * stride_ca + rb[None, :] * stride_cb,
-                    mask=row_ok[:, None] & b_ok[None, :],
-                    other=0.0,
-                )
-                u += s_a[:, None] * c.to(tl.float32)
+            mask = row_ok[:, None] & b_ok[None, :]
+            u = gathered_matmul(s.to(tl.float32), ra, RA, C + t[:, None] * stride_ct, stride_ca, rb, stride_cb, mask)
         else:
             c = tl.load(
                 C + ra[:, None] * stride_ca + rb[None, :] * stride_cb,

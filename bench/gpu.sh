@@ -8,7 +8,8 @@
 #    the script goes on;
 # 3. makes ttkernels importable as installed (an editable pip install without index, dependencies or a
 #    second extension build) when it is not yet, so ttkernels._triton_kernels resolves;
-# 4. runs the whole test suite with TTKERNELS_REQUIRE_CUDA_EXT=1;
+# 4. runs the whole test suite with TTKERNELS_REQUIRE_CUDA_EXT=1, then the CUDA backend's small tests under
+#    compute-sanitizer's memcheck (when the toolkit has it);
 # 5. runs `python -m bench --preset layer` and `--preset model` on the GPU;
 # 6. draws the figures and the README table with `python -m bench.plots` (the table only without
 #    matplotlib).
@@ -143,6 +144,20 @@ step tests "$RESULTS/gpu-tests-$STAMP.log" "$(limit 240 200)" \
 	env TTKERNELS_REQUIRE_CUDA_EXT=1 "$PY" -m pytest -q tests
 TESTS_RC=$RC
 
+section "compute-sanitizer memcheck of the CUDA backend's tests"
+SANITIZER="${CUDA_HOME:+$CUDA_HOME/bin/}compute-sanitizer"
+MEMCHECK_RC=
+if command -v "$SANITIZER" >/dev/null 2>&1; then
+	# The small shapes only: memcheck slows every launch down by orders of magnitude.
+	step memcheck "$RESULTS/gpu-memcheck-$STAMP.log" "$(limit 90 170)" \
+		"$SANITIZER" --tool memcheck --error-exitcode 3 --print-limit 20 \
+		env TTKERNELS_REQUIRE_CUDA_EXT=1 "$PY" -m pytest -q -x tests/test_cuda_backend.py \
+		-k "not real_shapes and not compiles_fullgraph"
+	MEMCHECK_RC=$RC
+else
+	skip memcheck "compute-sanitizer not found ($SANITIZER)"
+fi
+
 section "benchmark: layer preset"
 step bench-layer "$RESULTS/gpu-bench-layer-$STAMP.log" "$(limit 240 100)" \
 	"$PY" -m bench --preset layer --device cuda "${BENCH_EXTRA[@]}"
@@ -170,6 +185,11 @@ section "summary"
 	echo "bench/gpu.sh $STAMP: $SECONDS s in all (budget $BUDGET_S s)"
 	printf '%s\n' "${STEPS[@]}"
 	if ((TESTS_RC == 0)); then echo "tests: passed"; else echo "tests: FAILED (exit $TESTS_RC)"; fi
+	case "$MEMCHECK_RC" in
+	"") echo "memcheck: not run" ;;
+	0) echo "memcheck: clean" ;;
+	*) echo "memcheck: FAILED (exit $MEMCHECK_RC; 3 means errors were found)" ;;
+	esac
 } | tee "$SUMMARY"
 
 if [ -n "${OUT:-}" ]; then

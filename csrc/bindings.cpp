@@ -1,20 +1,49 @@
 // bindings.cpp: torch binding of the ttkernels CUDA kernels (the only csrc file that includes torch headers).
 //
-// Registers the operator namespace `ttkernels_cuda` (the Python package owns `ttkernels`):
-//   ttkernels_cuda::dropout(Tensor x, int seed, float p) -> Tensor
-//     x: (rows, cols), contiguous, CUDA, float32 / float16 / bfloat16; 0 <= p < 1; 0 <= seed < 2^63.
-//     Returns drop(x) in x's dtype, a new tensor; the hash, threshold and scale are defined in dropout_hash.cuh.
+// Registers the operator namespace `ttkernels_cuda` (the Python package owns `ttkernels`). Shapes: M tokens,
+// x (M, d_in), weight (d_out, d_in), A (d_in, ra), C (ra, rb) or (T, ra, rb), B (rb, d_out), S (M, ra),
+// U (M, rb); one storage dtype (float32, float16 or bfloat16) for all of them; ranks 1..128.
 //
-// Every argument is checked, with a message that names it, before anything touches the GPU. The same kernel
-// function is registered for the CPU dispatch key only so that a CPU tensor gets that named error ("x must be a
-// CUDA tensor") instead of the dispatcher's generic "could not run ... with arguments from the 'CPU' backend";
-// it never computes on CPU. No autograd and no Meta/fake kernel here: the Python side adds those.
+//   dropout(Tensor x, int seed, float p) -> Tensor                 drop(x), the hash of dropout_hash.cuh
+//   shrink(x, A, C?, task_ids?, float p, int seed) -> (S, U)       step 2; U is empty (0 elements) without C
+//   mid(S, C, task_ids?) -> U                                      U = S C, per row slice with task_ids
+//   expand(x, weight, bias?, U, B, float scaling) -> y             step 3: torch's addmm / mm (cuBLAS), then
+//                                                                   y += scaling * U B in place
+//   grad_dy(dy, U, B, float scaling) -> (dU, dB)                   step 4, one pass over dY
+//   grad_mid(S, dU, C, task_ids?) -> (dS, dC)                      step 5 (dC shaped like C)
+//   grad_x(dy, weight, dS, A, float p, int seed) -> dx             step 6: torch's mm, then dx += drop'(dS A^T)
+//   grad_a(x, dS, float p, int seed) -> dA                         step 7, a reduction over tokens
+//   set_poison(bool on) -> bool                                    tests: fill new outputs with NaN before the
+//                                                                   kernels write them; returns the old value
+//
+// Every argument is checked before anything touches the GPU, with a message that names the op and the argument:
+// first what does not depend on the device (dims, shapes, dtypes, contiguity, ranks, p, seed), then devices, so
+// all of it can be exercised on a machine without a GPU. The CPU dispatch key is registered with the same
+// functions so that a CPU tensor gets "x must be a CUDA tensor" instead of the dispatcher's generic message;
+// nothing computes on the CPU. Task ids are checked on the host (one device-to-host copy) unless the current
+// stream is capturing a CUDA graph, where a host copy is not allowed; the kernels then turn a row with an
+// out-of-range id into NaN instead of reading out of bounds. The reductions (dB, dC, dA) use fp32 atomics, or,
+// under torch.use_deterministic_algorithms(True), per-block fp32 buffers summed in a fixed order.
+// No autograd and no fake kernels here: ttkernels/_cuda_backend.py adds the fakes, ttkernels/ops.py the autograd.
 // The library has no PyInit: load it with torch.ops.load_library(path) (ttkernels/_ext.py does).
-// Checked by: tests/test_cuda_extension.py (argument checks on CPU; results on a GPU when one is present).
+// Checked by: tests/test_cuda_extension.py and tests/test_cuda_backend.py (argument checks on the CPU; results
+// on a GPU when one is present).
+#include <atomic>
+#include <cmath>
 #include <cstdint>
+#include <limits>
+#include <optional>
+#include <tuple>
 
+#include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/aminmax.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -25,10 +54,17 @@
 namespace ttkernels {
 namespace {
 
-constexpr int64_t kMaxHashIndexRange = int64_t{1} << 32;  // row and column indices are hashed as uint32
+using OptTensor = std::optional<at::Tensor>;
 
-ttk_dtype kernel_dtype(c10::ScalarType t) {
-  switch (t) {
+constexpr int64_t kMaxHashIndexRange = int64_t{1} << 32;  // row and column indices are hashed as uint32
+constexpr int64_t kMaxRank = 128;
+
+std::atomic<bool> g_poison{false};
+
+#define TTK_CHECK(cond, ...) TORCH_CHECK(cond, "ttkernels_cuda::", op, ": ", __VA_ARGS__)
+
+ttk_dtype kernel_dtype(const char* op, const char* name, const at::Tensor& t) {
+  switch (t.scalar_type()) {
     case c10::ScalarType::Float:
       return TTK_DTYPE_FLOAT32;
     case c10::ScalarType::Half:
@@ -36,48 +72,453 @@ ttk_dtype kernel_dtype(c10::ScalarType t) {
     case c10::ScalarType::BFloat16:
       return TTK_DTYPE_BFLOAT16;
     default:
-      TORCH_CHECK(false, "ttkernels_cuda::dropout: x must have dtype float32, float16 or bfloat16, got ", t);
+      TORCH_CHECK_TYPE(false, "ttkernels_cuda::", op, ": ", name, " must have dtype float32, float16 or bfloat16, got ",
+                       t.scalar_type());
   }
+  return TTK_DTYPE_FLOAT32;  // not reached
 }
 
+void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim, const char* layout) {
+  TTK_CHECK(t.dim() == dim, name, " must be ", dim, "-D ", layout, ", got shape ", t.sizes());
+}
+
+void check_size(const char* op, const char* name, const at::Tensor& t, int64_t d, int64_t want, const char* what) {
+  TTK_CHECK(t.size(d) == want, name, " has shape ", t.sizes(), " but its dimension ", d, " must be ", want, " (",
+            what, ")");
+}
+
+void check_contiguous(const char* op, const char* name, const at::Tensor& t) {
+  TTK_CHECK(t.is_contiguous(), name, " must be contiguous, got shape ", t.sizes(), " and strides ", t.strides());
+}
+
+void check_same_dtype(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                      const at::Tensor& ref) {
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), "ttkernels_cuda::", op, ": ", name, " has dtype ",
+                   t.scalar_type(), " but ", ref_name, " has dtype ", ref.scalar_type(), "; all must match");
+}
+
+void check_rank(const char* op, const char* name, int64_t r) {
+  TTK_CHECK(r >= 1 && r <= kMaxRank, name, " must be in [1, ", kMaxRank, "], got ", r);
+}
+
+void check_features(const char* op, const char* name, int64_t n) {
+  TTK_CHECK(n >= 1, name, " must be >= 1, got ", n);
+}
+
+void check_rows(const char* op, const char* name, const at::Tensor& t) {
+  TTK_CHECK(t.size(0) <= kMaxHashIndexRange && t.size(1) <= kMaxHashIndexRange, name,
+            " must have at most 2^32 rows and 2^32 columns (hashed indices are uint32), got shape ", t.sizes());
+}
+
+void check_dropout_args(const char* op, double p, int64_t seed) {
+  TTK_CHECK(p >= 0.0 && p < 1.0, "p must satisfy 0 <= p < 1, got p = ", p);
+  TTK_CHECK(seed >= 0, "seed must be >= 0 (an int64 in [0, 2^63)), got seed = ", seed);
+}
+
+void check_scaling(const char* op, double scaling) {
+  TTK_CHECK(std::isfinite(scaling), "scaling must be finite, got ", scaling);
+}
+
+// task_ids: int64, (M,), contiguous. Values are checked later, on the device side of the checks.
+void check_task_ids(const char* op, const at::Tensor& ids, int64_t M) {
+  TORCH_CHECK_TYPE(ids.scalar_type() == c10::ScalarType::Long, "ttkernels_cuda::", op,
+                   ": task_ids must have dtype int64, got ", ids.scalar_type());
+  TTK_CHECK(ids.dim() == 1 && ids.size(0) == M, "task_ids must have shape (", M, ",) (one id per row), got ",
+            ids.sizes());
+  check_contiguous(op, "task_ids", ids);
+}
+
+// C: (ra, rb) or (T, ra, rb); returns T (0 for a shared C). task_ids must be given exactly for a 3-D C.
+int64_t check_c(const char* op, const at::Tensor& C, const OptTensor& task_ids, int64_t ra, int64_t M) {
+  TTK_CHECK(C.dim() == 2 || C.dim() == 3, "C must be 2-D (ra, rb) or 3-D (num_tasks, ra, rb), got shape ",
+            C.sizes());
+  const int64_t lead = C.dim() - 2;
+  check_size(op, "C", C, lead, ra, "ra, the columns of A (or of S)");
+  check_rank(op, "C's last dimension (rb)", C.size(lead + 1));
+  check_contiguous(op, "C", C);
+  if (C.dim() == 3) {
+    TTK_CHECK(C.size(0) >= 1, "C has no tasks (shape ", C.sizes(), ")");
+    TTK_CHECK(task_ids.has_value(), "C has a per-sample axis of ", C.size(0), " tasks: pass task_ids");
+    check_task_ids(op, *task_ids, M);
+    return C.size(0);
+  }
+  TTK_CHECK(!task_ids.has_value(), "task_ids was given but C has no per-sample (task) axis (shape ", C.sizes(), ")");
+  return 0;
+}
+
+void check_cuda(const char* op, const char* name, const at::Tensor& t, const c10::Device& device) {
+  TTK_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
+  TTK_CHECK(t.device() == device, name, " is on ", t.device(), " but the first argument is on ", device);
+}
+
+// Host check of the ids' range (one small device-to-host copy), skipped while the stream captures a graph.
+void check_task_range(const char* op, const at::Tensor& ids, int64_t num_tasks) {
+  if (ids.numel() == 0) return;
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) return;
+  const auto [lo_t, hi_t] = at::aminmax(ids);
+  const int64_t lo = lo_t.item<int64_t>();
+  const int64_t hi = hi_t.item<int64_t>();
+  TORCH_CHECK_INDEX(lo >= 0 && hi < num_tasks, "ttkernels_cuda::", op, ": task_ids must lie in [0, ", num_tasks,
+                    "), got values from ", lo, " to ", hi);
+}
+
+void check_launch(const char* op, cudaError_t err) {
+  TTK_CHECK(err == cudaSuccess, "kernel launch failed: ", cudaGetErrorString(err));
+}
+
+cudaStream_t stream_of(const at::Tensor& t) {
+  return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
+}
+
+int num_sms(const at::Tensor& t) {
+  int n = 0;
+  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, t.device().index()) != cudaSuccess) {
+    (void)cudaGetLastError();
+    n = 1;
+  }
+  return n;
+}
+
+// A new output; NaN-filled when poisoning is on, so a test sees any element a kernel fails to write.
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
+  if (g_poison.load() && t.numel() > 0) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
+}
+
+const void* ptr_or_null(const OptTensor& t) { return t.has_value() ? t->const_data_ptr() : nullptr; }
+
+const int64_t* ids_or_null(const OptTensor& t) {
+  return t.has_value() ? t->const_data_ptr<int64_t>() : nullptr;
+}
+
+struct Dropout {
+  int enabled;
+  uint64_t seed;
+  uint32_t threshold;
+  float scale;
+};
+
+Dropout dropout_of(double p, int64_t seed) {
+  return Dropout{p > 0.0 ? 1 : 0, static_cast<uint64_t>(seed), dropout_threshold(p), dropout_scale(p)};
+}
+
+// The reductions' fp32 buffer summed into `out` (dtype of out) with `scale`.
+void finalize(const char* op, const at::Tensor& buf, int64_t parts, const at::Tensor& out, float scale) {
+  check_launch(op, ttk_finalize_launch(kernel_dtype(op, "out", out), buf.const_data_ptr<float>(), parts, out.numel(),
+                                       scale, out.mutable_data_ptr(), stream_of(out)));
+}
+
+// out (G, I, R) or (I, R) = sum over rows of drop(X)^T Y, grouped by `groups` when given.
+void token_reduce(const char* op, const at::Tensor& X, const at::Tensor& Y, const OptTensor& groups,
+                  int64_t num_groups, const Dropout& d, const at::Tensor& out) {
+  const int64_t M = X.size(0), I = X.size(1), R = Y.size(1);
+  const bool deterministic = at::globalContext().deterministicAlgorithms();
+  const int64_t splits = ttk_token_reduce_splits(M, I, num_sms(X));
+  const int64_t parts = deterministic ? splits : 1;
+  at::Tensor buf = at::zeros({parts * num_groups * I * R}, X.options().dtype(at::kFloat));
+  check_launch(op, ttk_token_reduce_launch(kernel_dtype(op, "X", X), X.const_data_ptr(), Y.const_data_ptr(),
+                                           ids_or_null(groups), num_groups, buf.mutable_data_ptr<float>(), splits,
+                                           deterministic ? 1 : 0, M, I, R, d.enabled, d.seed, d.threshold, d.scale,
+                                           stream_of(X)));
+  finalize(op, buf, parts, out, 1.0f);
+}
+
+// ------------------------------------------------------------------------------------------------ ops
 at::Tensor dropout(const at::Tensor& x, int64_t seed, double p) {
-  // Device-independent checks first, so that all of them can be exercised without a GPU.
-  TORCH_CHECK(p >= 0.0 && p < 1.0, "ttkernels_cuda::dropout: p must satisfy 0 <= p < 1, got p = ", p);
-  TORCH_CHECK(seed >= 0, "ttkernels_cuda::dropout: seed must be >= 0 (an int64 in [0, 2^63)), got seed = ", seed);
-  TORCH_CHECK(x.dim() == 2, "ttkernels_cuda::dropout: x must be 2-D (rows, cols), got x.dim() = ", x.dim(),
-              " with shape ", x.sizes());
-  TORCH_CHECK(x.is_contiguous(), "ttkernels_cuda::dropout: x must be contiguous, got shape ", x.sizes(),
-              " and strides ", x.strides());
-  const ttk_dtype dtype = kernel_dtype(x.scalar_type());
-  TORCH_CHECK(x.size(0) <= kMaxHashIndexRange && x.size(1) <= kMaxHashIndexRange,
-              "ttkernels_cuda::dropout: x must have at most 2^32 rows and 2^32 cols, got shape ", x.sizes());
-  TORCH_CHECK(x.is_cuda(), "ttkernels_cuda::dropout: x must be a CUDA tensor, got device ", x.device());
+  const char* op = "dropout";
+  check_dropout_args(op, p, seed);
+  check_dim(op, "x", x, 2, "(rows, cols)");
+  check_contiguous(op, "x", x);
+  const ttk_dtype dtype = kernel_dtype(op, "x", x);
+  check_rows(op, "x", x);
+  check_cuda(op, "x", x, x.device());
 
   const c10::cuda::CUDAGuard device_guard(x.device());
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = new_output(x.sizes(), x.options());
   const int64_t rows = x.size(0);
   const int64_t cols = x.size(1);
   if (rows == 0 || cols == 0) return y;
-
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
-  const cudaError_t err = ttk_dropout_launch(dtype, x.const_data_ptr(), y.mutable_data_ptr(), rows, cols,
-                                             static_cast<uint64_t>(seed), dropout_threshold(p), dropout_scale(p),
-                                             stream);
-  TORCH_CHECK(err == cudaSuccess, "ttkernels_cuda::dropout: kernel launch failed: ", cudaGetErrorString(err));
+  check_launch(op, ttk_dropout_launch(dtype, x.const_data_ptr(), y.mutable_data_ptr(), rows, cols,
+                                      static_cast<uint64_t>(seed), dropout_threshold(p), dropout_scale(p),
+                                      stream_of(x)));
   return y;
 }
+
+std::tuple<at::Tensor, at::Tensor> shrink(const at::Tensor& x, const at::Tensor& A, const OptTensor& C,
+                                          const OptTensor& task_ids, double p, int64_t seed) {
+  const char* op = "shrink";
+  check_dropout_args(op, p, seed);
+  check_dim(op, "x", x, 2, "(M, d_in)");
+  check_dim(op, "A", A, 2, "(d_in, ra)");
+  const int64_t M = x.size(0), d_in = x.size(1), ra = A.size(1);
+  check_features(op, "d_in (x.shape[1])", d_in);
+  check_size(op, "A", A, 0, d_in, "d_in, the columns of x");
+  check_rank(op, "ra (A.shape[1])", ra);
+  const ttk_dtype dtype = kernel_dtype(op, "x", x);
+  check_same_dtype(op, "A", A, "x", x);
+  check_contiguous(op, "x", x);
+  check_contiguous(op, "A", A);
+  check_rows(op, "x", x);
+  int64_t num_tasks = 0, rb = ra;
+  if (C.has_value()) {
+    check_same_dtype(op, "C", *C, "x", x);
+    num_tasks = check_c(op, *C, task_ids, ra, M);
+    rb = C->size(C->dim() - 1);
+  } else {
+    TTK_CHECK(!task_ids.has_value(), "task_ids was given but C is None");
+  }
+  check_cuda(op, "x", x, x.device());
+  check_cuda(op, "A", A, x.device());
+  if (C.has_value()) check_cuda(op, "C", *C, x.device());
+  if (task_ids.has_value()) check_cuda(op, "task_ids", *task_ids, x.device());
+
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  if (task_ids.has_value()) check_task_range(op, *task_ids, num_tasks);
+  at::Tensor S = new_output({M, ra}, x.options());
+  at::Tensor U = C.has_value() ? new_output({M, rb}, x.options()) : at::empty({0}, x.options());
+  if (M == 0) return {S, U};
+  const Dropout d = dropout_of(p, seed);
+  check_launch(op, ttk_shrink_launch(dtype, x.const_data_ptr(), A.const_data_ptr(), ptr_or_null(C),
+                                     ids_or_null(task_ids), num_tasks, S.mutable_data_ptr(),
+                                     C.has_value() ? U.mutable_data_ptr() : nullptr, M, d_in, ra, rb, d.enabled,
+                                     d.seed, d.threshold, d.scale, stream_of(x)));
+  return {S, U};
+}
+
+at::Tensor mid(const at::Tensor& S, const at::Tensor& C, const OptTensor& task_ids) {
+  const char* op = "mid";
+  check_dim(op, "S", S, 2, "(M, ra)");
+  const int64_t M = S.size(0), ra = S.size(1);
+  check_rank(op, "ra (S.shape[1])", ra);
+  const ttk_dtype dtype = kernel_dtype(op, "S", S);
+  check_same_dtype(op, "C", C, "S", S);
+  check_contiguous(op, "S", S);
+  const int64_t num_tasks = check_c(op, C, task_ids, ra, M);
+  const int64_t rb = C.size(C.dim() - 1);
+  check_cuda(op, "S", S, S.device());
+  check_cuda(op, "C", C, S.device());
+  if (task_ids.has_value()) check_cuda(op, "task_ids", *task_ids, S.device());
+
+  const c10::cuda::CUDAGuard device_guard(S.device());
+  if (task_ids.has_value()) check_task_range(op, *task_ids, num_tasks);
+  at::Tensor U = new_output({M, rb}, S.options());
+  if (M == 0) return U;
+  check_launch(op, ttk_rowmix_launch(dtype, S.const_data_ptr(), C.const_data_ptr(), ids_or_null(task_ids), num_tasks,
+                                     0, U.mutable_data_ptr(), M, ra, rb, stream_of(S)));
+  return U;
+}
+
+at::Tensor expand(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias, const at::Tensor& U,
+                  const at::Tensor& B, double scaling) {
+  const char* op = "expand";
+  check_scaling(op, scaling);
+  check_dim(op, "x", x, 2, "(M, d_in)");
+  check_dim(op, "weight", weight, 2, "(d_out, d_in)");
+  check_dim(op, "U", U, 2, "(M, rb)");
+  check_dim(op, "B", B, 2, "(rb, d_out)");
+  const int64_t M = x.size(0), d_in = x.size(1), d_out = weight.size(0), rb = B.size(0);
+  check_features(op, "d_in (x.shape[1])", d_in);
+  check_features(op, "d_out (weight.shape[0])", d_out);
+  check_size(op, "weight", weight, 1, d_in, "d_in, the columns of x");
+  if (bias.has_value()) {
+    check_dim(op, "bias", *bias, 1, "(d_out,)");
+    check_size(op, "bias", *bias, 0, d_out, "d_out, the rows of weight");
+  }
+  check_rank(op, "rb (B.shape[0])", rb);
+  check_size(op, "B", B, 1, d_out, "d_out, the rows of weight");
+  check_size(op, "U", U, 0, M, "M, the rows of x");
+  check_size(op, "U", U, 1, rb, "rb, the rows of B");
+  const ttk_dtype dtype = kernel_dtype(op, "x", x);
+  check_same_dtype(op, "weight", weight, "x", x);
+  if (bias.has_value()) check_same_dtype(op, "bias", *bias, "x", x);
+  check_same_dtype(op, "U", U, "x", x);
+  check_same_dtype(op, "B", B, "x", x);
+  check_contiguous(op, "U", U);
+  check_contiguous(op, "B", B);
+  check_cuda(op, "x", x, x.device());
+  check_cuda(op, "weight", weight, x.device());
+  if (bias.has_value()) check_cuda(op, "bias", *bias, x.device());
+  check_cuda(op, "U", U, x.device());
+  check_cuda(op, "B", B, x.device());
+
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  // The base product through torch (cuBLAS); the low-rank term is then added in place (beta = 1).
+  at::Tensor y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  if (M == 0) return y;
+  TTK_CHECK(y.is_contiguous(), "internal error: the base GEMM returned a non-contiguous output");
+  check_launch(op, ttk_accumulate_launch(dtype, y.mutable_data_ptr(), U.const_data_ptr(), B.const_data_ptr(), d_out, 1,
+                                         M, d_out, rb, static_cast<float>(scaling), 0, 0, 0, 1.0f, stream_of(x)));
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> grad_dy(const at::Tensor& dy, const at::Tensor& U, const at::Tensor& B,
+                                           double scaling) {
+  const char* op = "grad_dy";
+  check_scaling(op, scaling);
+  check_dim(op, "dy", dy, 2, "(M, d_out)");
+  check_dim(op, "U", U, 2, "(M, rb)");
+  check_dim(op, "B", B, 2, "(rb, d_out)");
+  const int64_t M = dy.size(0), d_out = dy.size(1), rb = B.size(0);
+  check_features(op, "d_out (dy.shape[1])", d_out);
+  check_rank(op, "rb (B.shape[0])", rb);
+  check_size(op, "B", B, 1, d_out, "d_out, the columns of dy");
+  check_size(op, "U", U, 0, M, "M, the rows of dy");
+  check_size(op, "U", U, 1, rb, "rb, the rows of B");
+  const ttk_dtype dtype = kernel_dtype(op, "dy", dy);
+  check_same_dtype(op, "U", U, "dy", dy);
+  check_same_dtype(op, "B", B, "dy", dy);
+  check_contiguous(op, "dy", dy);
+  check_contiguous(op, "U", U);
+  check_contiguous(op, "B", B);
+  check_cuda(op, "dy", dy, dy.device());
+  check_cuda(op, "U", U, dy.device());
+  check_cuda(op, "B", B, dy.device());
+
+  const c10::cuda::CUDAGuard device_guard(dy.device());
+  at::Tensor dU = new_output({M, rb}, dy.options());
+  if (M == 0) return {dU, at::zeros({rb, d_out}, dy.options())};
+  at::Tensor dB = new_output({rb, d_out}, dy.options());
+  const bool deterministic = at::globalContext().deterministicAlgorithms();
+  const int64_t parts = deterministic ? ttk_grad_dy_blocks(M, rb) : 1;
+  const auto f32 = dy.options().dtype(at::kFloat);
+  // Deterministic: every block writes its whole (rb, d_out) piece, so the buffer needs no zeroing.
+  at::Tensor buf = deterministic ? at::empty({parts * rb * d_out}, f32) : at::zeros({rb * d_out}, f32);
+  check_launch(op, ttk_grad_dy_launch(dtype, dy.const_data_ptr(), U.const_data_ptr(), B.const_data_ptr(),
+                                      dU.mutable_data_ptr(), buf.mutable_data_ptr<float>(), deterministic ? 1 : 0, M,
+                                      d_out, rb, static_cast<float>(scaling), stream_of(dy)));
+  finalize(op, buf, parts, dB, static_cast<float>(scaling));
+  return {dU, dB};
+}
+
+std::tuple<at::Tensor, at::Tensor> grad_mid(const at::Tensor& S, const at::Tensor& dU, const at::Tensor& C,
+                                            const OptTensor& task_ids) {
+  const char* op = "grad_mid";
+  check_dim(op, "S", S, 2, "(M, ra)");
+  check_dim(op, "dU", dU, 2, "(M, rb)");
+  const int64_t M = S.size(0), ra = S.size(1);
+  check_rank(op, "ra (S.shape[1])", ra);
+  const ttk_dtype dtype = kernel_dtype(op, "S", S);
+  check_same_dtype(op, "dU", dU, "S", S);
+  check_same_dtype(op, "C", C, "S", S);
+  check_contiguous(op, "S", S);
+  check_contiguous(op, "dU", dU);
+  const int64_t num_tasks = check_c(op, C, task_ids, ra, M);
+  const int64_t rb = C.size(C.dim() - 1);
+  check_size(op, "dU", dU, 0, M, "M, the rows of S");
+  check_size(op, "dU", dU, 1, rb, "rb, the last dimension of C");
+  check_cuda(op, "S", S, S.device());
+  check_cuda(op, "dU", dU, S.device());
+  check_cuda(op, "C", C, S.device());
+  if (task_ids.has_value()) check_cuda(op, "task_ids", *task_ids, S.device());
+
+  const c10::cuda::CUDAGuard device_guard(S.device());
+  if (task_ids.has_value()) check_task_range(op, *task_ids, num_tasks);
+  at::Tensor dS = new_output({M, ra}, S.options());
+  if (M == 0) return {dS, at::zeros(C.sizes(), C.options())};
+  check_launch(op, ttk_rowmix_launch(dtype, dU.const_data_ptr(), C.const_data_ptr(), ids_or_null(task_ids), num_tasks,
+                                     1, dS.mutable_data_ptr(), M, rb, ra, stream_of(S)));
+  at::Tensor dC = new_output(C.sizes(), C.options());
+  token_reduce(op, S, dU, task_ids, num_tasks > 0 ? num_tasks : 1, Dropout{0, 0, 0, 1.0f}, dC);
+  return {dS, dC};
+}
+
+at::Tensor grad_x(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& dS, const at::Tensor& A, double p,
+                  int64_t seed) {
+  const char* op = "grad_x";
+  check_dropout_args(op, p, seed);
+  check_dim(op, "dy", dy, 2, "(M, d_out)");
+  check_dim(op, "weight", weight, 2, "(d_out, d_in)");
+  check_dim(op, "dS", dS, 2, "(M, ra)");
+  check_dim(op, "A", A, 2, "(d_in, ra)");
+  const int64_t M = dy.size(0), d_out = dy.size(1), d_in = weight.size(1), ra = A.size(1);
+  check_features(op, "d_out (dy.shape[1])", d_out);
+  check_features(op, "d_in (weight.shape[1])", d_in);
+  check_size(op, "weight", weight, 0, d_out, "d_out, the columns of dy");
+  check_size(op, "A", A, 0, d_in, "d_in, the columns of weight");
+  check_rank(op, "ra (A.shape[1])", ra);
+  check_size(op, "dS", dS, 0, M, "M, the rows of dy");
+  check_size(op, "dS", dS, 1, ra, "ra, the columns of A");
+  const ttk_dtype dtype = kernel_dtype(op, "dy", dy);
+  check_same_dtype(op, "weight", weight, "dy", dy);
+  check_same_dtype(op, "dS", dS, "dy", dy);
+  check_same_dtype(op, "A", A, "dy", dy);
+  check_contiguous(op, "dS", dS);
+  check_contiguous(op, "A", A);
+  if (p > 0.0) {
+    TTK_CHECK(M <= kMaxHashIndexRange && d_in <= kMaxHashIndexRange,
+              "with dropout, dx must have at most 2^32 rows and 2^32 columns, got (", M, ", ", d_in, ")");
+  }
+  check_cuda(op, "dy", dy, dy.device());
+  check_cuda(op, "weight", weight, dy.device());
+  check_cuda(op, "dS", dS, dy.device());
+  check_cuda(op, "A", A, dy.device());
+
+  const c10::cuda::CUDAGuard device_guard(dy.device());
+  at::Tensor dx = at::mm(dy, weight);
+  if (M == 0) return dx;
+  TTK_CHECK(dx.is_contiguous(), "internal error: the base GEMM returned a non-contiguous output");
+  const Dropout d = dropout_of(p, seed);
+  // dS A^T with A read transposed in place: Bm[k][n] = A[n][k], strides (1, ra).
+  check_launch(op, ttk_accumulate_launch(dtype, dx.mutable_data_ptr(), dS.const_data_ptr(), A.const_data_ptr(), 1, ra,
+                                         M, d_in, ra, 1.0f, d.enabled, d.seed, d.threshold, d.scale, stream_of(dy)));
+  return dx;
+}
+
+at::Tensor grad_a(const at::Tensor& x, const at::Tensor& dS, double p, int64_t seed) {
+  const char* op = "grad_a";
+  check_dropout_args(op, p, seed);
+  check_dim(op, "x", x, 2, "(M, d_in)");
+  check_dim(op, "dS", dS, 2, "(M, ra)");
+  const int64_t M = x.size(0), d_in = x.size(1), ra = dS.size(1);
+  check_features(op, "d_in (x.shape[1])", d_in);
+  check_rank(op, "ra (dS.shape[1])", ra);
+  check_size(op, "dS", dS, 0, M, "M, the rows of x");
+  kernel_dtype(op, "x", x);
+  check_same_dtype(op, "dS", dS, "x", x);
+  check_contiguous(op, "x", x);
+  check_contiguous(op, "dS", dS);
+  check_rows(op, "x", x);
+  check_cuda(op, "x", x, x.device());
+  check_cuda(op, "dS", dS, x.device());
+
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  if (M == 0) return at::zeros({d_in, ra}, x.options());
+  at::Tensor dA = new_output({d_in, ra}, x.options());
+  token_reduce(op, x, dS, std::nullopt, 1, dropout_of(p, seed), dA);
+  return dA;
+}
+
+bool set_poison(bool on) { return g_poison.exchange(on); }
+
+#undef TTK_CHECK
 
 }  // namespace
 }  // namespace ttkernels
 
 TORCH_LIBRARY(ttkernels_cuda, m) {
   m.def("dropout(Tensor x, int seed, float p) -> Tensor");
+  m.def("shrink(Tensor x, Tensor A, Tensor? C, Tensor? task_ids, float p, int seed) -> (Tensor, Tensor)");
+  m.def("mid(Tensor S, Tensor C, Tensor? task_ids) -> Tensor");
+  m.def("expand(Tensor x, Tensor weight, Tensor? bias, Tensor U, Tensor B, float scaling) -> Tensor");
+  m.def("grad_dy(Tensor dy, Tensor U, Tensor B, float scaling) -> (Tensor, Tensor)");
+  m.def("grad_mid(Tensor S, Tensor dU, Tensor C, Tensor? task_ids) -> (Tensor, Tensor)");
+  m.def("grad_x(Tensor dy, Tensor weight, Tensor dS, Tensor A, float p, int seed) -> Tensor");
+  m.def("grad_a(Tensor x, Tensor dS, float p, int seed) -> Tensor");
+  m.def("set_poison(bool on) -> bool", &ttkernels::set_poison);
 }
 
-TORCH_LIBRARY_IMPL(ttkernels_cuda, CUDA, m) {
-  m.impl("dropout", &ttkernels::dropout);
-}
+// The same functions for CUDA and CPU: on the CPU they only ever raise (see the header).
+#define TTK_IMPLS(m)                           \
+  m.impl("dropout", &ttkernels::dropout);   \
+  m.impl("shrink", &ttkernels::shrink);     \
+  m.impl("mid", &ttkernels::mid);           \
+  m.impl("expand", &ttkernels::expand);     \
+  m.impl("grad_dy", &ttkernels::grad_dy);   \
+  m.impl("grad_mid", &ttkernels::grad_mid); \
+  m.impl("grad_x", &ttkernels::grad_x);     \
+  m.impl("grad_a", &ttkernels::grad_a)
 
-TORCH_LIBRARY_IMPL(ttkernels_cuda, CPU, m) {
-  m.impl("dropout", &ttkernels::dropout);
-}
+TORCH_LIBRARY_IMPL(ttkernels_cuda, CUDA, m) { TTK_IMPLS(m); }
+
+TORCH_LIBRARY_IMPL(ttkernels_cuda, CPU, m) { TTK_IMPLS(m); }

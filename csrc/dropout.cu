@@ -16,12 +16,7 @@
 // copy of the hash, fp32/fp16/bf16, empty/1x1/prime shapes). On the build machine it is compiled, not run.
 #include <stdint.h>
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include "dropout_hash.cuh"
-#include "ttkernels_kernels.h"
+#include "tt_common.cuh"
 
 namespace ttkernels {
 namespace {
@@ -30,19 +25,6 @@ constexpr int kThreadsPerBlock = 256;
 constexpr int kColsPerThread = 8;     // columns a thread handles per row, before striding to the next chunk
 constexpr unsigned kMaxGridY = 65535;  // hardware limit of gridDim.y
 constexpr unsigned kMaxGridX = 0x7fffffffU;
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 template <typename T>
 __global__ void __launch_bounds__(kThreadsPerBlock)
@@ -75,9 +57,10 @@ cudaError_t launch(const void* x, void* y, int64_t rows, int64_t cols, uint64_t 
   const dim3 block(static_cast<unsigned>(tx), static_cast<unsigned>(ty));
   const dim3 grid(static_cast<unsigned>(row_blocks < kMaxGridX ? row_blocks : kMaxGridX),
                   static_cast<unsigned>(col_blocks < kMaxGridY ? col_blocks : kMaxGridY));
-  dropout_kernel<T><<<grid, block, 0, stream>>>(static_cast<const T*>(x), static_cast<T*>(y), rows, cols, seed,
-                                                threshold, scale);
-  return cudaGetLastError();
+  auto* kernel = dropout_kernel<T>;
+  TTK_LAUNCH(kernel, grid, block, stream, static_cast<const T*>(x), static_cast<T*>(y), rows, cols, seed, threshold,
+             scale);
+  return TTK_LAST_ERROR();
 }
 
 }  // namespace

@@ -30,6 +30,47 @@ typedef enum {
 cudaError_t ttk_dropout_launch(ttk_dtype dtype, const void* x, void* y, int64_t rows, int64_t cols, uint64_t seed,
                                uint32_t threshold, float scale, cudaStream_t stream);
 
+// ---------------------------------------------------------------------------------------- adapter ops
+// The steps of DESIGN.md section 2 (see each .cu file's header for shapes, numerics and launch shape). All
+// tensors are contiguous and of the one storage type `dtype`, except task_ids / groups (int64) and the fp32
+// reduction buffers. `dropout` != 0 turns the hash dropout on with (seed, threshold, scale) as in
+// ttk_dropout_launch. Sizes: M rows (tokens) >= 1 (the binding returns early for M = 0); ranks 1..128.
+// Each returns cudaErrorInvalidValue for arguments out of these ranges, otherwise the launch status.
+
+// Step 2 (shrink.cu): S = drop(x) A, and U = S C when C is given (shared, or per row by task_ids).
+cudaError_t ttk_shrink_launch(ttk_dtype dtype, const void* x, const void* A, const void* C, const int64_t* task_ids,
+                              int64_t num_tasks, void* S, void* U, int64_t M, int64_t K, int64_t ra, int64_t rb,
+                              int dropout, uint64_t seed, uint32_t threshold, float scale, cudaStream_t stream);
+
+// Step 4 (grad_dy.cu): dU = scaling * dY B^T and the fp32 pieces of U^T dY: into dB_buf (rb, N), zeroed, with
+// atomics; or, deterministic, one (rb, N) piece per block into dB_buf (ttk_grad_dy_blocks(M, rb), rb, N).
+int64_t ttk_grad_dy_blocks(int64_t M, int64_t rb);
+cudaError_t ttk_grad_dy_launch(ttk_dtype dtype, const void* dy, const void* U, const void* B, void* dU,
+                               float* dB_buf, int deterministic, int64_t M, int64_t N, int64_t rb, float scaling,
+                               cudaStream_t stream);
+
+// Steps 5 and 7 (token_reduce.cu): buf[g] += drop(X)^T Y over the rows of group g, split over `splits` row
+// ranges; buf is (deterministic ? splits : 1, num_groups, I, R) fp32, zeroed by the caller.
+int64_t ttk_token_reduce_splits(int64_t M, int64_t I, int num_sms);
+cudaError_t ttk_token_reduce_launch(ttk_dtype dtype, const void* X, const void* Y, const int64_t* groups,
+                                    int64_t num_groups, float* buf, int64_t splits, int deterministic, int64_t M,
+                                    int64_t I, int64_t R, int dropout, uint64_t seed, uint32_t threshold,
+                                    float scale, cudaStream_t stream);
+
+// Steps 3 and 6 (lowrank.cu): out += drop'(scaling * U Bm) in place, Bm (R, N) read with strides (bsk, bsn).
+cudaError_t ttk_accumulate_launch(ttk_dtype dtype, void* out, const void* U, const void* Bm, int64_t bsk,
+                                  int64_t bsn, int64_t M, int64_t N, int64_t R, float scaling, int dropout,
+                                  uint64_t seed, uint32_t threshold, float scale, cudaStream_t stream);
+
+// U = S C and step 5's dS = dU C^T (lowrank.cu): out[row] = in[row] C(row) (or C(row)^T when transposed).
+cudaError_t ttk_rowmix_launch(ttk_dtype dtype, const void* in, const void* C, const int64_t* task_ids,
+                              int64_t num_tasks, int transposed, void* out, int64_t M, int64_t r_in, int64_t r_out,
+                              cudaStream_t stream);
+
+// out[e] = round(scale * sum_p buf[p * n + e]) for e < n, p = 0 .. parts - 1 in order (lowrank.cu).
+cudaError_t ttk_finalize_launch(ttk_dtype dtype, const float* buf, int64_t parts, int64_t n, float scale, void* out,
+                                cudaStream_t stream);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif

@@ -93,4 +93,56 @@ def assert_close(actual, expected, dtype, msg=""):
     torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol, msg=msg or None)
 
 
+# Absolute slack of check_error_ratio, for results the dtype computes (nearly) exactly.
+SLACK = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def check_error_ratio(name, out, out_ref64, out_torch, dtype):
+    """A kernel's ``out`` vs the float64 reference: its largest error may be at most 4x that of the torch
+    backend computing the same thing in the same dtype (``out_torch``), plus :data:`SLACK`. Also checks the
+    dtype, the shape, and that every element is finite (kernel outputs are poisoned with NaN in the tests)."""
+    if out is None:
+        assert out_ref64 is None, name
+        return
+    assert out.dtype == dtype, f"{name}: dtype {out.dtype}, expected {dtype}"
+    assert out.shape == out_ref64.shape, f"{name}: shape {tuple(out.shape)}, expected {tuple(out_ref64.shape)}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite values (an element left unwritten?)"
+    if out.numel() == 0:
+        return
+    err = (out.double().cpu() - out_ref64).abs().max().item()
+    base = (out_torch.double().cpu() - out_ref64).abs().max().item()
+    assert err <= 4 * base + SLACK[dtype], f"{name}: error {err:.3g} vs torch's {base:.3g} in {dtype}"
+
+
+def rnd(*shape, dtype=torch.float32, scale=1.0, device="cpu"):
+    """Fresh standard-normal values (times ``scale``) drawn in float64, then cast: never zeros."""
+    return (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
+
+
+def d64(t):
+    return None if t is None else t.double().cpu()
+
+
+def against_reference(backend, fn_name, *args):
+    """``(backend's result, float64 reference on the CPU, torch backend in the inputs' dtype)`` of one step of
+    ``ttkernels.reference`` (``backend`` is any object with the step functions, e.g. a backend module)."""
+    from ttkernels import reference
+
+    out = getattr(backend, fn_name)(*args)
+    args64 = [d64(a) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+    args64 = [a.cpu() if isinstance(a, torch.Tensor) else a for a in args64]
+    return out, getattr(reference, fn_name)(*args64), getattr(reference, fn_name)(*args)
+
+
+def random_middle(kind, ra, rb, n_tasks, dtype, m, device="cpu", run=1):
+    """``(C, task_ids)`` for a step test: ``kind`` "none", "shared" or "task"; with tasks, ids come in runs of
+    ``run`` equal values (a sample's tokens share one id)."""
+    if kind == "none":
+        return None, None
+    if kind == "shared":
+        return rnd(ra, rb, dtype=dtype, scale=ra**-0.5, device=device), None
+    ids = torch.randint(0, n_tasks, ((m + run - 1) // run,)).repeat_interleave(run)[:m].contiguous()
+    return rnd(n_tasks, ra, rb, dtype=dtype, scale=ra**-0.5, device=device), ids.to(device)
+
+
 __all__ = ["tk"]

@@ -184,23 +184,23 @@ DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
-    "make_x, seed, p, message",
+    "make_x, seed, p, exc, message",
     [
-        (lambda d: torch.randn(4, 6, device=d, dtype=torch.float64), 1, 0.1, "x must have dtype float32"),
-        (lambda d: torch.randint(0, 9, (4, 6), device=d, dtype=torch.int32), 1, 0.1, "x must have dtype"),
-        (lambda d: torch.randn(2, 3, 5, device=d), 1, 0.1, "x must be 2-D"),
-        (lambda d: torch.randn(7, device=d), 1, 0.1, "x must be 2-D"),
-        (lambda d: torch.randn(6, 4, device=d).t(), 1, 0.1, "x must be contiguous"),
-        (lambda d: torch.randn(4, 12, device=d)[:, ::2], 1, 0.1, "x must be contiguous"),
-        (lambda d: torch.randn(4, 6, device=d), 1, 1.0, "p must satisfy 0 <= p < 1"),
-        (lambda d: torch.randn(4, 6, device=d), 1, -0.1, "p must satisfy 0 <= p < 1"),
-        (lambda d: torch.randn(4, 6, device=d), 1, float("nan"), "p must satisfy 0 <= p < 1"),
-        (lambda d: torch.randn(4, 6, device=d), -1, 0.1, "seed must be >= 0"),
+        (lambda d: torch.randn(4, 6, device=d, dtype=torch.float64), 1, 0.1, TypeError, "x must have dtype float32"),
+        (lambda d: torch.randint(0, 9, (4, 6), device=d, dtype=torch.int32), 1, 0.1, TypeError, "x must have dtype"),
+        (lambda d: torch.randn(2, 3, 5, device=d), 1, 0.1, RuntimeError, "x must be 2-D"),
+        (lambda d: torch.randn(7, device=d), 1, 0.1, RuntimeError, "x must be 2-D"),
+        (lambda d: torch.randn(6, 4, device=d).t(), 1, 0.1, RuntimeError, "x must be contiguous"),
+        (lambda d: torch.randn(4, 12, device=d)[:, ::2], 1, 0.1, RuntimeError, "x must be contiguous"),
+        (lambda d: torch.randn(4, 6, device=d), 1, 1.0, RuntimeError, "p must satisfy 0 <= p < 1"),
+        (lambda d: torch.randn(4, 6, device=d), 1, -0.1, RuntimeError, "p must satisfy 0 <= p < 1"),
+        (lambda d: torch.randn(4, 6, device=d), 1, float("nan"), RuntimeError, "p must satisfy 0 <= p < 1"),
+        (lambda d: torch.randn(4, 6, device=d), -1, 0.1, RuntimeError, "seed must be >= 0"),
     ],
 )
-def test_binding_rejects_bad_arguments(ext_path, device, make_x, seed, p, message):
+def test_binding_rejects_bad_arguments(ext_path, device, make_x, seed, p, exc, message):
     x = make_x(device)
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises(exc, match=message):
         torch.ops.ttkernels_cuda.dropout(x, seed, p)
     if device == "cuda":
         torch.cuda.synchronize()  # nothing was launched, so nothing failed asynchronously

@@ -14,7 +14,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+import helpers
 import ttkernels as tk
+from helpers import check_error_ratio as check
 from helpers import lora_spec, metatt_spec, random_cores, ttlora_spec
 from ttkernels import reference as ref
 
@@ -24,7 +26,6 @@ from ttkernels._triton_kernels import _common  # noqa: E402
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
-SLACK = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 # conftest.py turns the interpreter on where there is no GPU, so these tests never skip.
 assert CUDA or _common.INTERPRET, "Triton kernels need a CUDA GPU or TRITON_INTERPRET=1"
@@ -41,43 +42,16 @@ def plan(request, monkeypatch):
     return request.param
 
 
-def rnd(*shape, dtype=torch.float32, scale=1.0):
-    return (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype=dtype, device=DEVICE)
-
-
-def d64(t):
-    return None if t is None else t.double().cpu()
-
-
-def check(name, out, out_ref64, out_torch, dtype):
-    """``out`` (kernel) vs the float64 reference, within 4x the torch backend's error in the same dtype."""
-    if out is None:
-        assert out_ref64 is None, name
-        return
-    assert out.dtype == dtype, f"{name}: dtype {out.dtype}, expected {dtype}"
-    assert out.shape == out_ref64.shape, f"{name}: shape {tuple(out.shape)}, expected {tuple(out_ref64.shape)}"
-    assert torch.isfinite(out).all(), f"{name}: non-finite values (an element left unwritten?)"
-    if out.numel() == 0:
-        return
-    err = (out.double().cpu() - out_ref64).abs().max().item()
-    base = (out_torch.double().cpu() - out_ref64).abs().max().item()
-    assert err <= 4 * base + SLACK[dtype], f"{name}: error {err:.3g} vs torch's {base:.3g} in {dtype}"
+def rnd(*shape, **kw):
+    return helpers.rnd(*shape, device=DEVICE, **kw)
 
 
 def both(fn_name, *args):
-    """(triton result, float64 reference, torch backend in the inputs' dtype)."""
-    out = getattr(tb, fn_name)(*args)
-    args64 = [d64(a) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
-    args64 = [a.cpu() if isinstance(a, torch.Tensor) else a for a in args64]
-    return out, getattr(ref, fn_name)(*args64), getattr(ref, fn_name)(*args)
+    return helpers.against_reference(tb, fn_name, *args)
 
 
 def middle(kind, ra, rb, T, dtype, M):
-    if kind == "none":
-        return None, None
-    if kind == "shared":
-        return rnd(ra, rb, dtype=dtype, scale=ra**-0.5), None
-    return rnd(T, ra, rb, dtype=dtype, scale=ra**-0.5), torch.randint(0, T, (M,), device=DEVICE)
+    return helpers.random_middle(kind, ra, rb, T, dtype, M, device=DEVICE)
 
 
 SHAPES = [(0, 13, 11, 3, 3), (1, 13, 11, 1, 1), (7, 29, 31, 5, 3), (37, 23, 17, 16, 19)]

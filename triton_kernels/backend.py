@@ -21,6 +21,8 @@ from typing import Optional
 
 import torch
 
+from ttkernels.ops import check_kernel_limits
+
 from ._common import INTERPRET, MAX_RANK, empty
 from .gemm import gemm_lowrank
 from .grads import grad_a as _grad_a
@@ -44,7 +46,6 @@ __all__ = [
     "grad_a",
 ]
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BASE_GEMM = os.environ.get("TTKERNELS_TRITON_BASE_GEMM", "fused")
 
 
@@ -78,13 +79,7 @@ def check_device(device: torch.device) -> Optional[str]:
 
 
 def _check(dtype: torch.dtype, **ranks: int) -> None:
-    if dtype not in DTYPES:
-        raise TypeError(
-            f"backend='triton' computes in float32, bfloat16 or float16, not {dtype}; use backend='torch' for it"
-        )
-    for name, r in ranks.items():
-        if r > MAX_RANK:
-            raise ValueError(f"backend='triton' supports ranks up to {MAX_RANK}, but {name} = {r}; use backend='torch'")
+    check_kernel_limits("triton", dtype, MAX_RANK, **ranks)
 
 
 def shrink(x, A, C, task_ids, p: float, seed: int):

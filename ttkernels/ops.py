@@ -15,11 +15,13 @@ Layers, from the outside in:
   its backward (step 8), Triton only; :func:`factors` plans the sides from the spec and calls them.
 * :class:`Backend` — a table of the six step functions (and ``mid``, backward's ``U = S C``). The fused ops
   call a backend's functions directly (no nested dispatch). :mod:`ttkernels.reference` is the ``torch``
-  backend, ``ttkernels._triton_kernels.backend`` the ``triton`` one.
+  backend, ``ttkernels._triton_kernels.backend`` the ``triton`` one, ``ttkernels._cuda_backend`` (the
+  extension's ops, csrc/) the ``cuda`` one.
 
 ``backend`` is one of ``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"``. ``torch`` runs everywhere; ``triton``
 runs on CUDA tensors (and on the CPU under ``TRITON_INTERPRET=1``, for tests) and is imported on first use;
-``cuda`` raises :class:`BackendUnavailableError` in this version. ``auto`` resolves to ``torch`` on every
+``cuda`` runs on CUDA tensors when the extension ``ttkernels._C`` is built (otherwise
+:class:`BackendUnavailableError` gives the command that builds it). ``auto`` resolves to ``torch`` on every
 device until GPU benchmark rows show another backend winning (README, "Choosing a backend").
 
 Saved for backward: ``x``, ``S`` (``M x r_a``), the token-independent factors, the frozen weight (a
@@ -91,6 +93,22 @@ def register_backend(backend: Backend) -> None:
     _IMPLEMENTED[backend.name] = backend
 
 
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_kernel_limits(backend: str, dtype: torch.dtype, max_rank: int, **ranks: int) -> None:
+    """What a kernel backend (``triton``, ``cuda``) cannot compute, refused with a pointer to ``torch``."""
+    if dtype not in KERNEL_DTYPES:
+        raise TypeError(
+            f"backend={backend!r} computes in float32, bfloat16 or float16, not {dtype}; use backend='torch' for it"
+        )
+    for name, r in ranks.items():
+        if r > max_rank:
+            raise ValueError(
+                f"backend={backend!r} supports ranks up to {max_rank}, but {name} = {r}; use backend='torch'"
+            )
+
+
 def check_dropout(dropout: object) -> float:
     if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
@@ -122,6 +140,24 @@ def _triton_backend(device: torch.device) -> Backend:
     return _IMPLEMENTED["triton"]
 
 
+def _cuda_backend(device: torch.device) -> Backend:
+    """The CUDA C++ kernels of the extension ``ttkernels._C`` (loaded on first use)."""
+    if device.type != "cuda":
+        gpu = "" if torch.cuda.is_available() else "; this machine has no CUDA GPU"
+        raise BackendUnavailableError(
+            f"backend='cuda' runs on CUDA tensors, but x is on {device}{gpu}. Use backend='auto' or backend='torch'."
+        )
+    if "cuda" not in _IMPLEMENTED:
+        from . import _cuda_backend, _ext
+
+        try:
+            _cuda_backend.load()
+        except _ext.CUDAExtensionNotBuiltError as err:
+            raise BackendUnavailableError(f"backend='cuda' needs the CUDA extension ttkernels._C. {err}") from err
+        _IMPLEMENTED["cuda"] = Backend.from_module("cuda", _cuda_backend)
+    return _IMPLEMENTED["cuda"]
+
+
 def resolve_backend(backend: str, device: torch.device) -> Backend:
     """The backend that runs on ``device``. ``auto``: torch everywhere (see README, "Choosing a backend")."""
     check_backend_name(backend)
@@ -129,16 +165,8 @@ def resolve_backend(backend: str, device: torch.device) -> Backend:
         return TORCH_BACKEND
     if backend == "triton":
         return _triton_backend(device)
-    if backend == "cuda" and device.type != "cuda":
-        gpu = "" if torch.cuda.is_available() else "; this machine has no CUDA GPU"
-        raise BackendUnavailableError(
-            f"backend='cuda' runs on CUDA tensors, but x is on {device}{gpu}. Use backend='auto' or backend='torch'."
-        )
-    if backend not in _IMPLEMENTED:
-        raise BackendUnavailableError(
-            f"backend={backend!r} is not implemented in this version of ttkernels; "
-            "use backend='auto' or backend='torch'"
-        )
+    if backend == "cuda":
+        return _cuda_backend(device)
     return _IMPLEMENTED[backend]
 
 
@@ -146,9 +174,11 @@ def _seed(seed: Optional[Tensor]) -> int:
     return 0 if seed is None else int(seed.item())
 
 
-def _check_task_ids_range(task_ids: Optional[Tensor], C: Optional[Tensor]) -> None:
-    # Runs inside the ops (not the Python wrapper) so that compiled graphs check values too.
-    if task_ids is None or task_ids.numel() == 0:
+def _check_task_ids_range(task_ids: Optional[Tensor], C: Optional[Tensor], be: Backend) -> None:
+    # Runs inside the ops (not the Python wrapper) so that compiled graphs check values too. The cuda
+    # backend's binding checks the ids itself (and, while a CUDA graph is captured, where no host copy is
+    # allowed, its kernels turn an out-of-range id into NaN instead of reading out of bounds).
+    if task_ids is None or task_ids.numel() == 0 or be.name == "cuda":
         return
     assert C is not None
     lo, hi = int(task_ids.min()), int(task_ids.max())
@@ -205,7 +235,7 @@ def _fwd_autograd(*args):
 def _fwd_op(x, weight, bias, A, C, B, task_ids, scaling, dropout_p, seed, backend):
     """Steps 2-3: returns ``(y, S)``."""
     be = resolve_backend(backend, x.device)
-    _check_task_ids_range(task_ids, C)
+    _check_task_ids_range(task_ids, C, be)
     S, U = be.shrink(x, A, C, task_ids, dropout_p, _seed(seed))
     return be.expand(x, weight, bias, U, B, scaling), S
 
@@ -275,8 +305,9 @@ def _shrink_fake(x, A, C, task_ids, dropout_p, seed, backend):
     _shrink_fake,
 )
 def _shrink_op(x, A, C, task_ids, dropout_p, seed, backend):
-    _check_task_ids_range(task_ids, C)
-    S, U = resolve_backend(backend, x.device).shrink(x, A, C, task_ids, dropout_p, _seed(seed))
+    be = resolve_backend(backend, x.device)
+    _check_task_ids_range(task_ids, C, be)
+    S, U = be.shrink(x, A, C, task_ids, dropout_p, _seed(seed))
     return S, (U.clone() if U is S else U)  # op outputs may not alias each other
 
 
@@ -305,8 +336,9 @@ def _grad_dy_op(dy, U, B, scaling, backend):
 )
 def _grad_mid_op(S, dU, C, task_ids, backend):
     """Returns ``(dS, dC)``; dC is empty when C is None."""
-    _check_task_ids_range(task_ids, C)
-    dS, dC = resolve_backend(backend, S.device).grad_mid(S, dU, C, task_ids)
+    be = resolve_backend(backend, S.device)
+    _check_task_ids_range(task_ids, C, be)
+    dS, dC = be.grad_mid(S, dU, C, task_ids)
     return (dS.clone() if dS is dU else dS), (dC if dC is not None else S.new_empty(0))
 
 
@@ -408,7 +440,7 @@ def _side_plans(spec: TTSpec, index: Mapping[str, int]) -> list[tuple]:
     return plans
 
 
-_FACTOR_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_FACTOR_DTYPES = KERNEL_DTYPES
 _MAX_SIDE_CORES = 8
 _MAX_FACTOR_RANK = 128
 

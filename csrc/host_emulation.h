@@ -1,0 +1,93 @@
+// host_emulation.h: runs the kernels of csrc/*.cu on the CPU, for tests on machines without a GPU.
+//
+// Compiled only with -DTTK_HOST_EMULATION by a host compiler (never by nvcc, never into the extension):
+//
+//   g++ -std=c++20 -O1 -x c++ -DTTK_HOST_EMULATION -Icsrc -I$CUDA_HOME/include -shared -fPIC -pthread \
+//       csrc/shrink.cu csrc/grad_dy.cu csrc/token_reduce.cu csrc/lowrank.cu csrc/dropout.cu -o libttk_emu.so
+//
+// (tests/test_cuda_emulated.py does it.) A launch runs the grid's blocks one after another; a block runs as
+// blockDim threads (std::thread) that meet at __syncthreads() on a std::barrier, so shared memory is a plain
+// `static` array (one block at a time uses it), atomicAdd is an atomic fetch-add, and the kernel code is the
+// same source the GPU runs: indexing, masking, tiling, synchronisation and reductions are exercised as
+// written. What it cannot show: speed, the GPU's memory model beyond __syncthreads, warp-level behaviour
+// (the kernels use none), and anything the compiler does differently for sm_80 / sm_90.
+#pragma once
+
+#if !defined(TTK_HOST_EMULATION) || defined(__CUDACC__)
+#error "host_emulation.h is for host builds with -DTTK_HOST_EMULATION only"
+#endif
+
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <thread>
+#include <vector>
+
+#include <cuda_runtime.h>
+
+// The CUDA qualifiers as a host compiler should see them.
+#undef __global__
+#define __global__
+#undef __shared__
+#define __shared__ static
+#undef __launch_bounds__
+#define __launch_bounds__(...)
+
+namespace ttkernels {
+namespace emu {
+
+inline thread_local uint3 thread_idx;
+inline thread_local uint3 block_idx;
+inline thread_local dim3 grid_dim;
+inline thread_local dim3 block_dim;
+inline thread_local std::barrier<>* block_barrier = nullptr;
+
+// Runs body() once per thread of every block of the grid, blocks in order.
+inline void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
+  const unsigned threads = block.x * block.y * block.z;
+  for (unsigned bz = 0; bz < grid.z; ++bz)
+    for (unsigned by = 0; by < grid.y; ++by)
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        std::barrier<> sync(static_cast<std::ptrdiff_t>(threads));
+        std::vector<std::thread> pool;
+        pool.reserve(threads);
+        for (unsigned t = 0; t < threads; ++t) {
+          pool.emplace_back([&, t] {
+            thread_idx = uint3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+            block_idx = uint3{bx, by, bz};
+            grid_dim = grid;
+            block_dim = block;
+            block_barrier = &sync;
+            body();
+            sync.arrive_and_drop();  // a finished thread no longer holds the others at a barrier
+          });
+        }
+        for (auto& th : pool) th.join();
+      }
+}
+
+}  // namespace emu
+}  // namespace ttkernels
+
+#define threadIdx (::ttkernels::emu::thread_idx)
+#define blockIdx (::ttkernels::emu::block_idx)
+#define gridDim (::ttkernels::emu::grid_dim)
+#define blockDim (::ttkernels::emu::block_dim)
+
+inline void __syncthreads() { ::ttkernels::emu::block_barrier->arrive_and_wait(); }
+
+inline float atomicAdd(float* address, float value) { return std::atomic_ref<float>(*address).fetch_add(value); }
+
+inline float __int_as_float(int bits) {
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+using std::fmaf;
+
+#define TTK_LAUNCH(kernel, grid, block, stream, ...) \
+  ((void)(stream), ::ttkernels::emu::launch(dim3(grid), dim3(block), [&] { kernel(__VA_ARGS__); }))
+#define TTK_LAST_ERROR() cudaSuccess

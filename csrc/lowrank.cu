@@ -1,0 +1,199 @@
+// lowrank.cu: the small kernels around the base GEMMs.
+//
+// accumulate (steps 3 and 6): out += drop'(scaling * U Bm), in place, one rounding.
+//   out: (M, N) contiguous, U: (M, R) contiguous, Bm: (R, N) read through strides (bsk, bsn), so that
+//   expand passes B (N, 1) and grad_x passes A^T (1, ra) without a copy; all of one storage type T.
+//   The base product is already in out (torch's GEMM, cuBLAS); the low-rank term is added in fp32 to the
+//   stored value and rounded once, as addmm with beta = 1 does. With dropout (grad_x), the added term is masked
+//   and scaled with the forward's mask (the derivative of dropout).
+//   Launch: blocks of 256 threads over 32 x 128 tiles of out (rows in grid.x); R is walked in steps of 32
+//   through shared memory; each thread owns a 4 x 4 piece of the tile.
+// rowmix (mid and step 5's dS): out[row] = in[row] Cm(row), Cm = C or C^T, per row slice C[task_ids[row]].
+//   in: (M, r_in), out: (M, r_out), C: (r_in, r_out) or (T, r_in, r_out); transposed: (r_out, r_in) slices.
+//   One thread per output element (r_in <= 128 products, the rows come from the L1 cache). A row whose task id
+//   is out of range gets NaN (see shrink.cu).
+// finalize: out[e] = round(scale * sum over parts p of buf[p][e]), summed in order p = 0, 1, ...: the fp32
+//   buffers of grad_dy.cu and token_reduce.cu to T.
+// Limits: M, N <= 2^32 with dropout (hashed indices are uint32), 1 <= R <= 128 (accumulate works for any R).
+// Checked by: tests/test_cuda_backend.py against the float64 reference on a GPU; compiled, not run, without one.
+#include <limits.h>
+#include <stdint.h>
+
+#include "tt_common.cuh"
+
+namespace ttkernels {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kAccRows = 32;
+constexpr int kAccCols = 128;
+constexpr int kAccK = 32;
+constexpr unsigned kMaxGridY = 65535;
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    accumulate_kernel(T* __restrict__ out, const T* __restrict__ U, const T* __restrict__ Bm, int64_t bsk,
+                      int64_t bsn, int64_t M, int64_t N, int R, float scaling, DropoutArgs drop) {
+  constexpr int kWarps = kThreads / 32;
+  constexpr int kRowsPerThread = kAccRows / kWarps;  // 4
+  constexpr int kColsPerThread = kAccCols / 32;      // 4
+  __shared__ float us[kAccRows * (kAccK + 1)];  // [i][k]
+  __shared__ float bs[kAccK * (kAccCols + 1)];  // [k][n]
+
+  const int tid = threadIdx.x;
+  const int lane = tid % 32;
+  const int warp = tid / 32;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kAccRows;
+  const int64_t col0 = static_cast<int64_t>(blockIdx.y) * kAccCols;
+
+  float acc[kRowsPerThread][kColsPerThread];
+#pragma unroll
+  for (int w = 0; w < kRowsPerThread; ++w)
+#pragma unroll
+    for (int q = 0; q < kColsPerThread; ++q) acc[w][q] = 0.0f;
+
+  for (int k0 = 0; k0 < R; k0 += kAccK) {
+    __syncthreads();
+    for (int e = tid; e < kAccRows * kAccK; e += kThreads) {
+      const int i = e / kAccK;
+      const int k = e % kAccK;
+      const int64_t row = row0 + i;
+      us[i * (kAccK + 1) + k] = (row < M && k0 + k < R) ? to_float(U[row * R + k0 + k]) : 0.0f;
+    }
+    for (int e = tid; e < kAccK * kAccCols; e += kThreads) {
+      // consecutive threads read consecutive addresses of Bm, whichever of its strides is 1
+      int k, n;
+      if (bsn == 1) {
+        k = e / kAccCols;
+        n = e % kAccCols;
+      } else {
+        n = e / kAccK;
+        k = e % kAccK;
+      }
+      const int64_t col = col0 + n;
+      bs[k * (kAccCols + 1) + n] = (k0 + k < R && col < N) ? to_float(Bm[(k0 + k) * bsk + col * bsn]) : 0.0f;
+    }
+    __syncthreads();
+    for (int k = 0; k < kAccK; ++k) {
+      float uv[kRowsPerThread];
+#pragma unroll
+      for (int w = 0; w < kRowsPerThread; ++w) uv[w] = us[(warp + kWarps * w) * (kAccK + 1) + k];
+#pragma unroll
+      for (int q = 0; q < kColsPerThread; ++q) {
+        const float bv = bs[k * (kAccCols + 1) + lane + 32 * q];
+#pragma unroll
+        for (int w = 0; w < kRowsPerThread; ++w) acc[w][q] = fmaf(uv[w], bv, acc[w][q]);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int w = 0; w < kRowsPerThread; ++w) {
+    const int64_t row = row0 + warp + kWarps * w;
+    if (row >= M) continue;
+    const uint32_t h = drop.enabled ? dropout_row_hash(drop.seed, static_cast<uint32_t>(row)) : 0u;
+#pragma unroll
+    for (int q = 0; q < kColsPerThread; ++q) {
+      const int64_t col = col0 + lane + 32 * q;
+      if (col >= N) continue;
+      float add = scaling * acc[w][q];
+      if (drop.enabled) add = dropout_keep(h, static_cast<uint32_t>(col), drop.threshold) ? add * drop.scale : 0.0f;
+      T* p = out + row * N + col;
+      *p = from_float<T>(to_float(*p) + add);
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    rowmix_kernel(const T* __restrict__ in, const T* __restrict__ C, const int64_t* __restrict__ task_ids,
+                  int64_t num_tasks, int transposed, T* __restrict__ out, int64_t M, int r_in, int r_out) {
+  const int64_t total = M * r_out;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t row = e / r_out;
+    const int j = static_cast<int>(e % r_out);
+    const T* c = C;
+    if (task_ids != nullptr) {
+      const int64_t t = task_ids[row];
+      if (t < 0 || t >= num_tasks) {
+        out[e] = from_float<T>(__int_as_float(0x7fc00000));
+        continue;
+      }
+      c = C + t * r_in * r_out;
+    }
+    const T* x = in + row * r_in;
+    float acc = 0.0f;
+    if (transposed) {
+      for (int k = 0; k < r_in; ++k) acc = fmaf(to_float(x[k]), to_float(c[j * r_in + k]), acc);
+    } else {
+      for (int k = 0; k < r_in; ++k) acc = fmaf(to_float(x[k]), to_float(c[k * r_out + j]), acc);
+    }
+    out[e] = from_float<T>(acc);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    finalize_kernel(const float* __restrict__ buf, int64_t parts, int64_t n, float scale, T* __restrict__ out) {
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < n;
+       e += static_cast<int64_t>(gridDim.x) * kThreads) {
+    float s = 0.0f;
+    for (int64_t p = 0; p < parts; ++p) s += buf[p * n + e];
+    out[e] = from_float<T>(scale * s);
+  }
+}
+
+unsigned grid_1d(int64_t n) {
+  const int64_t blocks = ceil_div(n, kThreads);
+  return static_cast<unsigned>(blocks < (int64_t{1} << 20) ? blocks : (int64_t{1} << 20));
+}
+
+}  // namespace
+}  // namespace ttkernels
+
+extern "C" cudaError_t ttk_accumulate_launch(ttk_dtype dtype, void* out, const void* U, const void* Bm, int64_t bsk,
+                                             int64_t bsn, int64_t M, int64_t N, int64_t R, float scaling, int dropout,
+                                             uint64_t seed, uint32_t threshold, float scale, cudaStream_t stream) {
+  using namespace ttkernels;
+  constexpr int64_t kMaxIndex = int64_t{1} << 32;
+  if (M <= 0 || N <= 0 || R < 1 || R > INT_MAX) return cudaErrorInvalidValue;
+  if (dropout && (M > kMaxIndex || N > kMaxIndex)) return cudaErrorInvalidValue;
+  if (ceil_div(M, kAccRows) > INT_MAX || ceil_div(N, kAccCols) > kMaxGridY) return cudaErrorInvalidValue;
+  const DropoutArgs drop = make_dropout(dropout, seed, threshold, scale);
+  const dim3 grid(static_cast<unsigned>(ceil_div(M, kAccRows)), static_cast<unsigned>(ceil_div(N, kAccCols)));
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    auto* kernel = accumulate_kernel<T>;
+    TTK_LAUNCH(kernel, grid, kThreads, stream, static_cast<T*>(out), static_cast<const T*>(U),
+               static_cast<const T*>(Bm), bsk, bsn, M, N, static_cast<int>(R), scaling, drop);
+    return TTK_LAST_ERROR();
+  });
+}
+
+extern "C" cudaError_t ttk_rowmix_launch(ttk_dtype dtype, const void* in, const void* C, const int64_t* task_ids,
+                                         int64_t num_tasks, int transposed, void* out, int64_t M, int64_t r_in,
+                                         int64_t r_out, cudaStream_t stream) {
+  using namespace ttkernels;
+  if (M <= 0 || r_in < 1 || r_in > kMaxRank || r_out < 1 || r_out > kMaxRank) return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    auto* kernel = rowmix_kernel<T>;
+    TTK_LAUNCH(kernel, grid_1d(M * r_out), kThreads, stream, static_cast<const T*>(in), static_cast<const T*>(C),
+               task_ids, num_tasks, transposed, static_cast<T*>(out), M, static_cast<int>(r_in),
+               static_cast<int>(r_out));
+    return TTK_LAST_ERROR();
+  });
+}
+
+extern "C" cudaError_t ttk_finalize_launch(ttk_dtype dtype, const float* buf, int64_t parts, int64_t n, float scale,
+                                           void* out, cudaStream_t stream) {
+  using namespace ttkernels;
+  if (n <= 0 || parts < 1) return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    auto* kernel = finalize_kernel<T>;
+    TTK_LAUNCH(kernel, grid_1d(n), kThreads, stream, buf, parts, n, scale, static_cast<T*>(out));
+    return TTK_LAST_ERROR();
+  });
+}

@@ -1,0 +1,106 @@
+// tt_common.cuh: device helpers shared by the adapter kernels (no torch headers).
+//
+// * element conversions between the storage types (float, __half, __nv_bfloat16) and float, rounding to
+//   nearest even like torch's .to(dtype);
+// * RankPad: the rank buckets the kernels are specialised for (16, 32, 64, 128) and the dispatch from a
+//   runtime rank to one of them;
+// * TTK_LAUNCH / TTK_LAST_ERROR: a kernel launch and its status, which host_emulation.h replaces to run the
+//   kernels on the CPU in tests (-DTTK_HOST_EMULATION);
+// * DropoutArgs: the seed, threshold and scale of csrc/dropout_hash.cuh, passed by value to kernels.
+// Every index that is hashed is a uint32 (the bindings refuse more than 2^32 rows or columns).
+#pragma once
+
+#include <stdint.h>
+
+#include <type_traits>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "dropout_hash.cuh"
+#include "ttkernels_kernels.h"
+
+#if defined(TTK_HOST_EMULATION) && !defined(__CUDACC__)
+#include "host_emulation.h"
+#else
+// kernel is a plain name or a function pointer (a template-id's commas would split the macro's arguments).
+#define TTK_LAUNCH(kernel, grid, block, stream, ...) kernel<<<(grid), (block), 0, (stream)>>>(__VA_ARGS__)
+#define TTK_LAST_ERROR() cudaGetLastError()
+#endif
+
+namespace ttkernels {
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// The value a storage element holds once rounded: what a kernel must compute with when the reference rounds
+// an intermediate (S) to the activation dtype before using it again.
+template <typename T>
+__device__ __forceinline__ float round_trip(float v) { return to_float(from_float<T>(v)); }
+
+struct DropoutArgs {
+  uint64_t seed;
+  uint32_t threshold;  // floor(p * 2^32); 0 means no dropout
+  float scale;         // fp32(1 / (1 - p))
+  int enabled;         // p > 0
+};
+
+inline DropoutArgs make_dropout(int enabled, uint64_t seed, uint32_t threshold, float scale) {
+  return DropoutArgs{seed, threshold, scale, enabled};
+}
+
+// The largest rank a kernel supports, and the padded ranks it is compiled for.
+constexpr int kMaxRank = 128;
+
+inline int rank_pad(int64_t r) {
+  if (r <= 16) return 16;
+  if (r <= 32) return 32;
+  if (r <= 64) return 64;
+  return 128;
+}
+
+// Calls f(std::integral_constant<int, RP>{}) for the bucket RP of r (the caller has checked
+// 1 <= r <= kMaxRank); a generic lambda reads RP back as decltype(arg)::value (C++14: no template lambdas, so
+// the files also build where torch's headers ask for C++17).
+template <typename F>
+cudaError_t dispatch_rank(int64_t r, F&& f) {
+  switch (rank_pad(r)) {
+    case 16:
+      return f(std::integral_constant<int, 16>{});
+    case 32:
+      return f(std::integral_constant<int, 32>{});
+    case 64:
+      return f(std::integral_constant<int, 64>{});
+    default:
+      return f(std::integral_constant<int, 128>{});
+  }
+}
+
+// Calls f(T{}) with the storage type of dtype; an unknown dtype gives cudaErrorInvalidValue.
+template <typename F>
+cudaError_t dispatch_dtype(ttk_dtype dtype, F&& f) {
+  switch (dtype) {
+    case TTK_DTYPE_FLOAT32:
+      return f(float{});
+    case TTK_DTYPE_FLOAT16:
+      return f(__half{});
+    case TTK_DTYPE_BFLOAT16:
+      return f(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace ttkernels

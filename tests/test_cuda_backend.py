@@ -1,0 +1,553 @@
+"""The ``cuda`` backend (csrc/ kernels, torch.ops.ttkernels_cuda.*): bindings, registry, and results.
+
+Without a GPU, what runs is what the binding layer promises before any launch: every op is registered with its
+schema, every bad argument raises an error naming the op and the argument (CPU tensors reach the same checks,
+and a CPU tensor that passes them all is refused as "must be a CUDA tensor"), the fake kernels give the shapes
+torch.compile traces with, and the registry refuses ``backend="cuda"`` without a GPU or without the extension.
+
+With a GPU, every step and the fused op run against the float64 reference (accuracy rule of
+tests/helpers.check_error_ratio) at awkward shapes (0, 1, prime token counts, per-bond ranks, every rank
+bucket), every dtype, dropout on and off, atomic and deterministic reductions, with outputs poisoned with NaN
+before the kernels write them; plus task-id checks, CUDA graph capture, torch.compile and opcheck.
+
+When the extension is not built, the tests that need it skip; with TTKERNELS_REQUIRE_CUDA_EXT=1 (CI) they fail.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+import helpers
+import ttkernels as tk
+from helpers import check_error_ratio as check
+from helpers import lora_spec, metatt_spec, random_cores, ttlora_spec
+from ttkernels import _cuda_backend as cb
+from ttkernels import _ext
+from ttkernels import reference as ref
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(scope="module")
+def ext():
+    try:
+        cb.load()
+    except _ext.CUDAExtensionNotBuiltError as e:
+        if os.environ.get("TTKERNELS_REQUIRE_CUDA_EXT") == "1":
+            pytest.fail(f"TTKERNELS_REQUIRE_CUDA_EXT=1 but the CUDA extension does not load: {e}")
+        pytest.skip(f"CUDA extension not built (set TTKERNELS_REQUIRE_CUDA_EXT=1 to fail instead): {e}")
+    return torch.ops.ttkernels_cuda
+
+
+# ---------------------------------------------------------------------------------------- registration
+SCHEMAS = {
+    "shrink": "ttkernels_cuda::shrink(Tensor x, Tensor A, Tensor? C, Tensor? task_ids, float p, int seed) "
+    "-> (Tensor, Tensor)",
+    "mid": "ttkernels_cuda::mid(Tensor S, Tensor C, Tensor? task_ids) -> Tensor",
+    "expand": "ttkernels_cuda::expand(Tensor x, Tensor weight, Tensor? bias, Tensor U, Tensor B, float scaling) "
+    "-> Tensor",
+    "grad_dy": "ttkernels_cuda::grad_dy(Tensor dy, Tensor U, Tensor B, float scaling) -> (Tensor, Tensor)",
+    "grad_mid": "ttkernels_cuda::grad_mid(Tensor S, Tensor dU, Tensor C, Tensor? task_ids) -> (Tensor, Tensor)",
+    "grad_x": "ttkernels_cuda::grad_x(Tensor dy, Tensor weight, Tensor dS, Tensor A, float p, int seed) -> Tensor",
+    "grad_a": "ttkernels_cuda::grad_a(Tensor x, Tensor dS, float p, int seed) -> Tensor",
+    "set_poison": "ttkernels_cuda::set_poison(bool on) -> bool",
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_ops_are_registered_with_their_schemas(ext, name):
+    assert str(getattr(ext, name).default._schema) == SCHEMAS[name]
+
+
+def test_set_poison_returns_the_previous_value(ext):
+    old = ext.set_poison(True)
+    try:
+        assert ext.set_poison(True) is True
+        assert ext.set_poison(False) is True
+        assert ext.set_poison(False) is False
+    finally:
+        ext.set_poison(old)
+
+
+# ---------------------------------------------------------------------------- argument checks (CPU too)
+M, D_IN, D_OUT, RA, RB, T = 5, 7, 6, 3, 4, 2
+
+
+def _valid(device="cpu"):
+    """Valid arguments of every op (float32), on ``device``; each case below changes one of them."""
+
+    def r(*shape):
+        return torch.randn(*shape, device=device)
+
+    ids = torch.tensor([0, 1, 1, 0, 1], device=device)
+    return {
+        "shrink": [r(M, D_IN), r(D_IN, RA), r(T, RA, RB), ids, 0.1, 3],
+        "mid": [r(M, RA), r(RA, RB), None],
+        "expand": [r(M, D_IN), r(D_OUT, D_IN), r(D_OUT), r(M, RB), r(RB, D_OUT), 0.5],
+        "grad_dy": [r(M, D_OUT), r(M, RB), r(RB, D_OUT), 0.5],
+        "grad_mid": [r(M, RA), r(M, RB), r(T, RA, RB), ids],
+        "grad_x": [r(M, D_OUT), r(D_OUT, D_IN), r(M, RA), r(D_IN, RA), 0.1, 3],
+        "grad_a": [r(M, D_IN), r(M, RA), 0.1, 3],
+    }
+
+
+# (op, argument position, replacement, exception type, message)
+BAD = [
+    ("shrink", 0, lambda: torch.randn(M, D_IN, dtype=torch.float64), TypeError,
+     r"shrink: x must have dtype float32, float16 or bfloat16, got Double"),
+    ("shrink", 0, lambda: torch.randn(M, D_IN, 2), RuntimeError, r"shrink: x must be 2-D \(M, d_in\)"),
+    ("shrink", 0, lambda: torch.randn(D_IN, M).t(), RuntimeError, r"shrink: x must be contiguous"),
+    ("shrink", 0, lambda: torch.randn(M, 0), RuntimeError, r"shrink: d_in \(x.shape\[1\]\) must be >= 1"),
+    ("shrink", 1, lambda: torch.randn(D_IN + 1, RA), RuntimeError,
+     r"shrink: A has shape \[8, 3\] but its dimension 0 must be 7 \(d_in"),
+    ("shrink", 1, lambda: torch.randn(D_IN, 0), RuntimeError, r"shrink: ra \(A.shape\[1\]\) must be in \[1, 128\], got 0"),
+    ("shrink", 1, lambda: torch.randn(D_IN, 129), RuntimeError, r"ra \(A.shape\[1\]\) must be in \[1, 128\], got 129"),
+    ("shrink", 1, lambda: torch.randn(D_IN, RA, dtype=torch.float16), TypeError,
+     r"shrink: A has dtype Half but x has dtype Float; all must match"),
+    ("shrink", 2, lambda: torch.randn(T, RA + 1, RB), RuntimeError, r"shrink: C has shape \[2, 4, 4\] but its dimension 1"),
+    ("shrink", 2, lambda: torch.randn(T, RA, 129), RuntimeError, r"C's last dimension \(rb\) must be in \[1, 128\]"),
+    ("shrink", 2, lambda: torch.randn(1, T, RA, RB), RuntimeError, r"shrink: C must be 2-D \(ra, rb\) or 3-D"),
+    ("shrink", 2, lambda: torch.randn(RA, RB), RuntimeError, r"task_ids was given but C has no per-sample"),
+    ("shrink", 2, lambda: None, RuntimeError, r"shrink: task_ids was given but C is None"),
+    ("shrink", 2, lambda: torch.randn(T, RB, RA).transpose(1, 2), RuntimeError, r"shrink: C must be contiguous"),
+    ("shrink", 3, lambda: None, RuntimeError, r"shrink: C has a per-sample axis of 2 tasks: pass task_ids"),
+    ("shrink", 3, lambda: torch.zeros(M, dtype=torch.int32), TypeError, r"shrink: task_ids must have dtype int64"),
+    ("shrink", 3, lambda: torch.zeros(M + 1, dtype=torch.int64), RuntimeError, r"task_ids must have shape \(5,\)"),
+    ("shrink", 4, lambda: 1.0, RuntimeError, r"shrink: p must satisfy 0 <= p < 1, got p = 1"),
+    ("shrink", 4, lambda: float("nan"), RuntimeError, r"shrink: p must satisfy 0 <= p < 1"),
+    ("shrink", 5, lambda: -1, RuntimeError, r"shrink: seed must be >= 0"),
+    ("mid", 0, lambda: torch.ones(M, RA, dtype=torch.int64), TypeError, r"mid: S must have dtype float32"),
+    ("mid", 1, lambda: torch.randn(RA + 2, RB), RuntimeError, r"mid: C has shape \[5, 4\] but its dimension 0 must be 3"),
+    ("mid", 1, lambda: torch.randn(RA, RB, dtype=torch.bfloat16), TypeError, r"mid: C has dtype BFloat16 but S"),
+    ("expand", 1, lambda: torch.randn(D_OUT, D_IN + 1), RuntimeError,
+     r"expand: weight has shape \[6, 8\] but its dimension 1 must be 7"),
+    ("expand", 1, lambda: torch.randn(D_OUT, D_IN, dtype=torch.float16), TypeError, r"expand: weight has dtype Half"),
+    ("expand", 2, lambda: torch.randn(D_OUT + 1), RuntimeError, r"expand: bias has shape \[7\] but its dimension 0"),
+    ("expand", 3, lambda: torch.randn(M + 1, RB), RuntimeError, r"expand: U has shape \[6, 4\] but its dimension 0 must be 5"),
+    ("expand", 3, lambda: torch.randn(M, RB + 1), RuntimeError, r"expand: U has shape \[5, 5\] but its dimension 1 must be 4"),
+    ("expand", 4, lambda: torch.randn(RB, D_OUT + 1), RuntimeError, r"expand: B has shape \[4, 7\] but its dimension 1"),
+    ("expand", 4, lambda: torch.randn(D_OUT, RB).t(), RuntimeError, r"expand: B must be contiguous"),
+    ("expand", 5, lambda: float("inf"), RuntimeError, r"expand: scaling must be finite, got inf"),
+    ("grad_dy", 0, lambda: torch.randn(M * D_OUT), RuntimeError, r"grad_dy: dy must be 2-D \(M, d_out\)"),
+    ("grad_dy", 1, lambda: torch.randn(M - 1, RB), RuntimeError, r"grad_dy: U has shape \[4, 4\] but its dimension 0"),
+    ("grad_dy", 2, lambda: torch.randn(RB, D_OUT - 1), RuntimeError, r"grad_dy: B has shape \[4, 5\] but its dimension 1"),
+    ("grad_dy", 2, lambda: torch.randn(200, D_OUT), RuntimeError, r"grad_dy: rb \(B.shape\[0\]\) must be in \[1, 128\]"),
+    ("grad_mid", 0, lambda: torch.randn(M, RA, dtype=torch.float64), TypeError, r"grad_mid: S must have dtype"),
+    ("grad_mid", 1, lambda: torch.randn(M, RB + 1), RuntimeError, r"grad_mid: dU has shape \[5, 5\] but its dimension 1"),
+    ("grad_mid", 3, lambda: torch.zeros(M, dtype=torch.float32), TypeError, r"grad_mid: task_ids must have dtype int64"),
+    ("grad_x", 1, lambda: torch.randn(D_OUT + 1, D_IN), RuntimeError,
+     r"grad_x: weight has shape \[7, 7\] but its dimension 0 must be 6"),
+    ("grad_x", 2, lambda: torch.randn(M, RA + 1), RuntimeError, r"grad_x: dS has shape \[5, 4\] but its dimension 1"),
+    ("grad_x", 3, lambda: torch.randn(D_IN - 1, RA), RuntimeError, r"grad_x: A has shape \[6, 3\] but its dimension 0"),
+    ("grad_x", 4, lambda: -0.5, RuntimeError, r"grad_x: p must satisfy 0 <= p < 1"),
+    ("grad_a", 0, lambda: torch.randn(M, D_IN).t().contiguous().t(), RuntimeError, r"grad_a: x must be contiguous"),
+    ("grad_a", 1, lambda: torch.randn(M + 2, RA), RuntimeError, r"grad_a: dS has shape \[7, 3\] but its dimension 0"),
+    ("grad_a", 1, lambda: torch.randn(M, 129), RuntimeError, r"grad_a: ra \(dS.shape\[1\]\) must be in \[1, 128\]"),
+    ("grad_a", 3, lambda: -3, RuntimeError, r"grad_a: seed must be >= 0"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+@pytest.mark.parametrize("case", range(len(BAD)), ids=[f"{c[0]}-arg{c[1]}-{i}" for i, c in enumerate(BAD)])
+def test_binding_names_the_bad_argument(ext, case, device):
+    op, pos, make, exc, message = BAD[case]
+    args = _valid(device)[op]
+    bad = make()
+    args[pos] = bad.to(device) if isinstance(bad, torch.Tensor) else bad
+    with pytest.raises(exc, match=message):
+        getattr(ext, op)(*args)
+    if device == "cuda":
+        torch.cuda.synchronize()  # nothing was launched, so nothing failed asynchronously
+
+
+@pytest.mark.parametrize("op", sorted(_valid()))
+def test_binding_refuses_cpu_tensors_after_every_other_check(ext, op):
+    first = {"shrink": "x", "mid": "S", "expand": "x", "grad_dy": "dy", "grad_mid": "S", "grad_x": "dy", "grad_a": "x"}
+    with pytest.raises(RuntimeError, match=rf"{op}: {first[op]} must be a CUDA tensor, got device cpu"):
+        getattr(ext, op)(*_valid("cpu")[op])
+
+
+@needs_cuda
+@pytest.mark.parametrize("op", sorted(_valid()))
+def test_binding_refuses_mixed_devices(ext, op):
+    args = _valid("cuda")[op]
+    pos = 1  # the second tensor of every op
+    args[pos] = args[pos].cpu()
+    with pytest.raises(RuntimeError, match=r"must be a CUDA tensor, got device cpu"):
+        getattr(ext, op)(*args)
+
+
+def test_fake_kernels_give_the_output_shapes(ext):
+    v = {op: [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args] for op, args in _valid().items()}
+    shapes = {
+        "shrink": [(M, RA), (M, RB)],
+        "mid": [(M, RB)],
+        "expand": [(M, D_OUT)],
+        "grad_dy": [(M, RB), (RB, D_OUT)],
+        "grad_mid": [(M, RA), (T, RA, RB)],
+        "grad_x": [(M, D_IN)],
+        "grad_a": [(D_IN, RA)],
+    }
+    for op, want in shapes.items():
+        out = getattr(ext, op)(*v[op])
+        out = list(out) if isinstance(out, (tuple, list)) else [out]
+        assert [tuple(o.shape) for o in out] == want, op
+        assert all(o.device.type == "meta" and o.dtype == torch.float32 for o in out), op
+    S, U = ext.shrink(v["shrink"][0], v["shrink"][1], None, None, 0.0, 0)
+    assert tuple(S.shape) == (M, RA) and U.numel() == 0
+
+
+# ------------------------------------------------------------------------------------------- registry
+def test_registry_refuses_cuda_on_the_cpu():
+    x = torch.randn(3, 8)
+    with pytest.raises(tk.BackendUnavailableError, match="backend='cuda' runs on CUDA tensors, but x is on cpu") as e:
+        tk.tt_adapter(x, torch.randn(6, 8), None, torch.randn(8, 2), None, torch.randn(2, 6), backend="cuda")
+    if not CUDA:
+        assert "this machine has no CUDA GPU" in str(e.value)
+    layer = tk.TTLinear(8, 6, ranks=2, backend="cuda")
+    with pytest.raises(tk.BackendUnavailableError, match="backend='cuda' runs on CUDA tensors"):
+        layer(x)
+
+
+def test_registry_says_how_to_build_a_missing_extension(monkeypatch):
+    from ttkernels import ops
+
+    monkeypatch.delitem(ops._IMPLEMENTED, "cuda", raising=False)
+    monkeypatch.setattr(_ext, "_loaded_path", None)
+    monkeypatch.setattr(_ext, "cuda_extension_path", lambda: None)
+    with pytest.raises(tk.BackendUnavailableError, match=r"needs the CUDA extension ttkernels\._C") as e:
+        ops.resolve_backend("cuda", torch.device("cuda", 0))
+    assert _ext.BUILD_COMMAND in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "call, exc, message",
+    [
+        (lambda: cb.shrink(torch.randn(3, 4, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64), None, None,
+                           0.0, 0), TypeError, r"backend='cuda' computes in float32, bfloat16 or float16, not torch.float64"),
+        (lambda: cb.grad_a(torch.randn(3, 4), torch.randn(3, 130), 0.0, 0), ValueError,
+         r"backend='cuda' supports ranks up to 128, but r_a = 130; use backend='torch'"),
+    ],
+)  # fmt: skip
+def test_backend_layer_points_to_the_torch_backend(call, exc, message):
+    with pytest.raises(exc, match=message):
+        call()
+
+
+# ------------------------------------------------------------------------------------ results (GPU)
+def rnd(*shape, **kw):
+    return helpers.rnd(*shape, device="cuda", **kw)
+
+
+def both(fn_name, *args):
+    """(cuda result, float64 reference on the CPU, torch backend in the inputs' dtype)."""
+    return helpers.against_reference(cb, fn_name, *args)
+
+
+def middle(kind, ra, rb, n_tasks, dtype, m):
+    return helpers.random_middle(kind, ra, rb, n_tasks, dtype, m, device="cuda", run=3)
+
+
+@pytest.fixture
+def poison(ext):
+    old = ext.set_poison(True)
+    yield
+    ext.set_poison(old)
+
+
+@pytest.fixture(params=[False, True], ids=["atomic", "deterministic"])
+def deterministic(request):
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(request.param, warn_only=True)
+    yield request.param
+    torch.use_deterministic_algorithms(old)
+
+
+# (M, d_in, d_out, ra, rb): empty, one token, primes, per-bond ranks, each rank bucket, a long K loop
+SHAPES = [
+    (0, 13, 11, 3, 3),
+    (1, 13, 11, 1, 1),
+    (7, 29, 31, 5, 3),
+    (37, 67, 131, 16, 19),
+    (97, 131, 67, 33, 64),
+    (61, 257, 263, 128, 100),
+    (1031, 509, 521, 8, 8),
+]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["none", "shared", "task"])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_shrink_and_mid(poison, shape, kind, p, dtype):
+    m, d_in, _, ra, rb = shape
+    rb = ra if kind == "none" else rb
+    x, A = rnd(m, d_in, dtype=dtype), rnd(d_in, ra, dtype=dtype, scale=d_in**-0.5)
+    C, ids = middle(kind, ra, rb, 4, dtype, m)
+    seed = int(torch.randint(0, 2**62, ()).item())
+    (S, U), (S64, U64), (St, Ut) = both("shrink", x, A, C, ids, p, seed)
+    check("S", S, S64, St, dtype)
+    check("U", U, U64, Ut, dtype)
+    U2, U64b, Utb = both("mid", S, C, ids)
+    check("mid", U2, U64b, Utb, dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_expand(poison, shape, bias, dtype):
+    m, d_in, d_out, _, rb = shape
+    x, W = rnd(m, d_in, dtype=dtype), rnd(d_out, d_in, dtype=dtype, scale=d_in**-0.5)
+    b = rnd(d_out, dtype=dtype) if bias else None
+    U, B = rnd(m, rb, dtype=dtype), rnd(rb, d_out, dtype=dtype, scale=rb**-0.5)
+    y, y64, yt = both("expand", x, W, b, U, B, 0.75)
+    check("y", y, y64, yt, dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_grad_dy(poison, deterministic, shape, dtype):
+    m, _, d_out, _, rb = shape
+    dy, U, B = rnd(m, d_out, dtype=dtype), rnd(m, rb, dtype=dtype), rnd(rb, d_out, dtype=dtype, scale=rb**-0.5)
+    (dU, dB), (dU64, dB64), (dUt, dBt) = both("grad_dy", dy, U, B, 0.5)
+    check("dU", dU, dU64, dUt, dtype)
+    check("dB", dB, dB64, dBt, dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["none", "shared", "task"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_grad_mid(poison, deterministic, shape, kind, dtype):
+    m, _, _, ra, rb = shape
+    rb = ra if kind == "none" else rb
+    C, ids = middle(kind, ra, rb, 5, dtype, m)
+    S, dU = rnd(m, ra, dtype=dtype), rnd(m, rb, dtype=dtype)
+    (dS, dC), (dS64, dC64), (dSt, dCt) = both("grad_mid", S, dU, C, ids)
+    check("dS", dS, dS64, dSt, dtype)
+    check("dC", dC, dC64, dCt, dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_grad_x(poison, shape, p, dtype):
+    m, d_in, d_out, ra, _ = shape
+    dy, W = rnd(m, d_out, dtype=dtype), rnd(d_out, d_in, dtype=dtype, scale=d_out**-0.5)
+    dS, A = rnd(m, ra, dtype=dtype), rnd(d_in, ra, dtype=dtype, scale=ra**-0.5)
+    dx, dx64, dxt = both("grad_x", dy, W, dS, A, p, int(torch.randint(0, 2**62, ()).item()))
+    check("dx", dx, dx64, dxt, dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES + [(4099, 64, 64, 16, 16)])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_grad_a(poison, deterministic, shape, p, dtype):
+    m, d_in, _, ra, _ = shape
+    x, dS = rnd(m, d_in, dtype=dtype), rnd(m, ra, dtype=dtype)
+    dA, dA64, dAt = both("grad_a", x, dS, p, int(torch.randint(0, 2**62, ()).item()))
+    check("dA", dA, dA64, dAt, dtype)
+
+
+@needs_cuda
+def test_dropout_mask_is_the_reference_hash(ext):
+    """With A = identity, S = drop(x) exactly: the shrink kernel's mask and scale are the reference's."""
+    x = rnd(37, 16)
+    x = torch.where(x == 0, torch.ones_like(x), x)
+    seed = int(torch.randint(2**32, 2**62, ()).item())
+    S, _ = cb.shrink(x, torch.eye(16, device="cuda"), None, None, 0.4, seed)
+    assert torch.equal(S.cpu(), ref.apply_dropout(x.cpu(), seed, 0.4))
+
+
+@needs_cuda
+def test_deterministic_mode_repeats_bit_for_bit():
+    m, d_in, d_out, r = 1031, 129, 67, 16
+    x, dy, U, dS = rnd(m, d_in), rnd(m, d_out), rnd(m, r), rnd(m, r)
+    C, ids = middle("task", r, r, 3, torch.float32, m)
+    B = rnd(r, d_out)
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = [cb.grad_a(x, dS, 0.2, 5), *cb.grad_dy(dy, U, B, 0.5), cb.grad_mid(U, dS, C, ids)[1]]
+        again = [cb.grad_a(x, dS, 0.2, 5), *cb.grad_dy(dy, U, B, 0.5), cb.grad_mid(U, dS, C, ids)[1]]
+    finally:
+        torch.use_deterministic_algorithms(old)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+
+
+@needs_cuda
+def test_out_of_range_task_ids_are_refused_before_launch(ext):
+    x, A, C = rnd(6, 8), rnd(8, 2), rnd(3, 2, 2)
+    for bad in ([0, 1, 2, 3, 0, 0], [0, -1, 0, 0, 0, 0]):
+        ids = torch.tensor(bad, device="cuda")
+        with pytest.raises(IndexError, match=r"shrink: task_ids must lie in \[0, 3\)"):
+            ext.shrink(x, A, C, ids, 0.0, 0)
+        with pytest.raises(IndexError, match=r"grad_mid: task_ids must lie in \[0, 3\)"):
+            ext.grad_mid(rnd(6, 2), rnd(6, 2), C, ids)
+        with pytest.raises(IndexError, match=r"task_ids must lie in \[0, 3\)"):
+            tk.tt_adapter(x, rnd(5, 8), None, A, C, rnd(2, 5), task_ids=ids, backend="cuda")
+    torch.cuda.synchronize()
+
+
+# -------------------------------------------------------------------------------- fused op, autograd
+SPECS = {
+    "lora": (lambda: lora_spec(13, 11, 4), None),
+    "ttlora": (ttlora_spec, None),
+    "metatt_tasks": (lambda: metatt_spec(12, 10, 3, 4, 3, tasks=4), {"layer": 2, "matrix": 1}),
+}
+
+
+def _run_tt_linear(spec, index, cores64, x64, W64, b64, dy64, ids, backend, dtype, device, **kw):
+    x = x64.to(dtype).to(device).clone().requires_grad_()
+    cores = [c.to(dtype).to(device).clone().requires_grad_() for c in cores64]
+    W, b = W64.to(dtype).to(device), b64.to(dtype).to(device)
+    task_ids = None if ids is None else ids.to(device)
+    y = tk.tt_linear(x, W, b, cores, spec, index=index, task_ids=task_ids, backend=backend, **kw)
+    y.backward(dy64.to(dtype).to(device))
+    return [y, x.grad, *[c.grad for c in cores]]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("spec_name", sorted(SPECS))
+@pytest.mark.parametrize("m", [0, 1, 13, 97])
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_tt_linear_forward_backward(poison, spec_name, m, dropout, dtype):
+    make, index = SPECS[spec_name]
+    spec = make()
+    cores64 = random_cores(spec)
+    x64 = torch.randn(m, spec.in_features, dtype=torch.float64)
+    W64 = torch.randn(spec.out_features, spec.in_features, dtype=torch.float64) * spec.in_features**-0.5
+    b64 = torch.randn(spec.out_features, dtype=torch.float64)
+    dy64 = torch.randn(m, spec.out_features, dtype=torch.float64)
+    ids = torch.randint(0, 4, (m,)) if spec.per_sample_mode is not None else None
+    args = (spec, index, cores64, x64, W64, b64, dy64, ids)
+    kw = dict(scaling=0.5, dropout=dropout, seed=int(torch.randint(0, 2**62, ()).item()))
+    got = _run_tt_linear(*args, "cuda", dtype, "cuda", **kw)
+    want64 = _run_tt_linear(*args, "torch", torch.float64, "cpu", **kw)
+    torch_lowp = _run_tt_linear(*args, "torch", dtype, "cuda", **kw)
+    names = ["y", "dx"] + [f"dcore{k}" for k in range(spec.num_cores)]
+    for name, g, w, t in zip(names, got, want64, torch_lowp):
+        check(name, g, w, t, dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 64, 4099])
+def test_real_shapes(m, dtype):
+    spec = metatt_spec(4096, 4096, 4, 4, 16, tasks=3)
+    torch.manual_seed(0)
+    cores64 = [c.cuda() for c in random_cores(spec)]
+    x64 = torch.randn(m, 4096, device="cuda", dtype=torch.float64)
+    W64 = torch.randn(4096, 4096, device="cuda", dtype=torch.float64) / 64
+    b64 = torch.zeros(4096, device="cuda", dtype=torch.float64) + 0.1
+    dy64 = torch.randn(m, 4096, device="cuda", dtype=torch.float64)
+    ids = torch.randint(0, 3, (m,), device="cuda")
+    args = (spec, {"layer": 1, "matrix": 2}, cores64, x64, W64, b64, dy64, ids)
+    kw = dict(scaling=2.0, dropout=0.1, seed=7)
+    got = _run_tt_linear(*args, "cuda", dtype, "cuda", **kw)
+    want64 = _run_tt_linear(*args, "torch", torch.float64, "cuda", **kw)
+    lowp = _run_tt_linear(*args, "torch", dtype, "cuda", **kw)
+    for name, g, w, t in zip(["y", "dx", "d0", "d1", "d2", "d3", "d4"], got, want64, lowp):
+        check(name, g, w.cpu(), t, dtype)
+
+
+@needs_cuda
+def test_saved_activations_are_x_plus_m_times_r():
+    from test_memory import per_token_ratio
+
+    d, r = 128, 16
+    for kw in (dict(ranks=r), dict(in_modes=2, out_modes=2, ranks=r)):
+        layer = tk.TTLinear(d, d, dropout=0.1, backend="cuda", **kw).cuda().train()
+        ratio = per_token_ratio(layer, lambda n: torch.randn(n, d, device="cuda", requires_grad=True), 8, 40, d)
+        assert 1.0 <= ratio <= 1 + r / d + 1e-9, ratio
+
+
+@needs_cuda
+def test_cuda_graph_capture_replays_the_eager_result():
+    spec = metatt_spec(64, 48, 2, 3, 8, tasks=3)
+    cores = [c.float().cuda().requires_grad_() for c in random_cores(spec)]
+    W = torch.randn(48, 64, device="cuda") / 8
+    x = torch.randn(33, 64, device="cuda")
+    ids = torch.randint(0, 3, (33,), device="cuda")
+    kw = dict(index={"layer": 1, "matrix": 2}, task_ids=ids, scaling=0.5, backend="cuda")
+
+    def step():
+        for c in cores:
+            c.grad = None
+        y = tk.tt_linear(x, W, None, cores, spec, **kw)
+        y.square().sum().backward()
+        return y
+
+    y_eager = step().detach().clone()
+    grads_eager = [c.grad.clone() for c in cores]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()  # warm-up on the capture stream
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_static = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(y_static, y_eager)
+    for c, g in zip(cores, grads_eager):
+        torch.testing.assert_close(c.grad, g)
+
+
+@needs_cuda
+def test_compiles_fullgraph():
+    layer = tk.TTLinear(64, 48, ranks=8, in_modes=2, out_modes=2, backend="cuda").cuda()
+    for core in layer.cores:
+        torch.nn.init.normal_(core, std=0.2)
+    x = torch.randn(2, 9, 64, device="cuda")
+    compiled = torch.compile(layer, fullgraph=True)
+    torch.testing.assert_close(compiled(x), layer(x))
+
+
+@needs_cuda
+@pytest.mark.parametrize("op", sorted(_valid()))
+def test_opcheck(ext, op):
+    args = _valid("cuda")[op]
+    torch.library.opcheck(getattr(ext, op), tuple(args), test_utils=("test_schema", "test_faketensor"))
+
+
+@needs_cuda
+def test_ttlinear_module_trains_with_cuda():
+    torch.manual_seed(0)
+    layer = tk.TTLinear(24, 20, ranks=4, in_modes=(4, 6), out_modes=(5, 4), dropout=0.1, backend="cuda")
+    for core in layer.cores:
+        torch.nn.init.normal_(core, std=0.3)
+    twin = tk.TTLinear(24, 20, ranks=4, in_modes=(4, 6), out_modes=(5, 4), dropout=0.1, backend="torch")
+    twin.load_state_dict(layer.state_dict())
+    layer.cuda()
+    twin.cuda()
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2)
+    x = torch.randn(3, 5, 24, device="cuda")
+    torch.manual_seed(1)
+    y = layer(x)
+    torch.manual_seed(1)
+    y2 = twin(x)  # the same seed draw: the same dropout mask
+    torch.testing.assert_close(y, y2, atol=1e-4, rtol=1e-4)
+    losses = []
+    for _ in range(5):
+        loss = layer(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert math.isfinite(losses[-1]) and losses[-1] < losses[0]

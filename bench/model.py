@@ -24,11 +24,12 @@ trainable parameters, ``zero_grad(set_to_none=True)``):
 * ``frozen``: no adapter, no optimizer; backward reaches ``inputs_embeds``.
 * ``peft-lora``: PEFT's LoRA on q/k/v/o/gate/up/down, ``r = lora_alpha = rank``, no dropout; the adapter
   dtype is PEFT's default (float32 on a bf16 base) and is recorded in the row.
-* ``metatt``: a MetaTT adapter built from ttkernels: one TT per (in_features, out_features) group of the
-  targeted projections, chained ``(in, layer, matrix, out)``; its index modes pick the layer and which matrix
-  of the group. Every targeted ``nn.Linear`` becomes a ``TTLinear.from_cores`` view of its group's shared
-  cores, ``alpha = rank``.
-* ``metatt-factored``: the same with ``d_in`` and ``d_out`` each split into two modes (``factorize(d, 2)``).
+* ``metatt``: ``ttkernels.get_metatt_model`` with ``MetaTTConfig(q/k/v/o/gate/up/down, rank, alpha=rank)``:
+  one TT per (in_features, out_features) group of the targeted projections, chained
+  ``(in, layer, matrix, out)``; its index modes pick the layer and which matrix of the group; every targeted
+  ``nn.Linear`` becomes a view of its group's shared cores.
+* ``metatt-factored``: the same layout built here with ``TTLinear.from_cores`` views and ``d_in`` and
+  ``d_out`` each split into two modes (``factorize(d, 2)``), which ``MetaTTConfig`` does not offer.
 
 **The correctness gate.** Before an adapted provider is timed, on a short input (one sample, at most 256
 tokens): (1) its trainable parameters are exactly the adapter's expected count (the base is frozen); (2) at
@@ -60,7 +61,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ttkernels import Mode, TTLinear, TTSpec, factorize
+from ttkernels import MetaTTConfig, Mode, TTLinear, TTSpec, factorize, get_metatt_model
 from ttkernels.modules import new_cores
 
 from . import harness
@@ -355,8 +356,12 @@ def _measure_provider(
         if provider == "peft-lora":
             model, llama = _attach_lora(base, rank)
             expected = _lora_params(base, rank)
+        elif provider == "metatt":  # the public API: ttkernels.get_metatt_model
+            wrapper = get_metatt_model(copy.deepcopy(base), MetaTTConfig(list(TARGETS), rank=rank, alpha=rank))
+            model, llama = wrapper, wrapper.model
+            expected = sum(g.spec.num_params for g in wrapper.groups.values())
         else:
-            model, specs = _attach_metatt(base, rank, factored=provider == "metatt-factored")
+            model, specs = _attach_metatt(base, rank, factored=True)
             llama, expected = model, sum(s.num_params for s in specs)
         model.train()
         check = _check_adapter(base, model, llama, x_check, y_frozen, expected)

@@ -145,4 +145,18 @@ def random_middle(kind, ra, rb, n_tasks, dtype, m, device="cpu", run=1):
     return rnd(n_tasks, ra, rb, dtype=dtype, scale=ra**-0.5, device=device), ids.to(device)
 
 
+def tiny_llama_config(layers: int = 2):
+    """A LLaMA config with grouped-query attention (4 heads, 2 key-value heads), d = 32, for tests."""
+    import transformers
+
+    return transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+
+
 __all__ = ["tk"]

@@ -4,6 +4,8 @@ Public API:
 
 * :class:`TTLinear` — a drop-in ``nn.Linear`` with a frozen base and a trainable TT adapter;
 * :class:`TTSpec`, :class:`Mode`, :func:`factorize` — the definition of an adapter;
+* :class:`MetaTTConfig`, :func:`get_metatt_model`, :class:`MetaTTModel` — one shared TT for a whole model;
+* :mod:`ttkernels.peft` — TT adapters through PEFT (imported on demand: it imports peft);
 * :func:`tt_linear`, :func:`tt_adapter` — the functional forms, backed by the ``torch.ops.ttkernels`` ops;
 * :mod:`ttkernels.reference` — the pure-torch ground truth (the ``torch`` backend).
 
@@ -11,6 +13,7 @@ Importing ttkernels needs no GPU and no compiled extension; the CUDA extension l
 """
 
 from . import ops, reference
+from .metatt import MetaTTConfig, MetaTTModel, get_metatt_model
 from .modules import TTLinear
 from .ops import BACKENDS, BackendUnavailableError, tt_adapter, tt_linear
 from .spec import Mode, TTSpec, factorize
@@ -20,11 +23,14 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "MetaTTConfig",
+    "MetaTTModel",
     "Mode",
     "TTLinear",
     "TTSpec",
     "__version__",
     "factorize",
+    "get_metatt_model",
     "ops",
     "reference",
     "tt_adapter",

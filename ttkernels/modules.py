@@ -178,6 +178,12 @@ class TTLinear(nn.Module):
         self._disabled = False
         self._owns_cores = True
 
+    @property
+    def base_weight(self) -> Tensor:
+        """The frozen weight as ``(out_features, in_features)`` (a transposed view for a Conv1D-style base,
+        whose ``weight`` is stored ``(in_features, out_features)``)."""
+        return self.weight.t() if getattr(self, "_weight_transposed", False) else self.weight
+
     # -------------------------------------------------------------------------------- parameters
     @torch.no_grad()
     def reset_adapter_parameters(self) -> None:
@@ -199,14 +205,14 @@ class TTLinear(nn.Module):
         if not per_sample and task_ids is not None:
             raise ValueError("task_ids was given but this TTLinear has no per-sample (task) mode")
         if self._disabled and not self.merged:
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, self.base_weight, self.bias)
         if self.merged and not self._disabled:
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, self.base_weight, self.bias)
         # Adapter on and unmerged, or merged but disabled: then subtract the merged adapter exactly.
         sign = -1.0 if self.merged else 1.0
         return ops.tt_linear(
             x,
-            self.weight,
+            self.base_weight,
             self.bias,
             list(self.cores),
             self.spec,
@@ -247,7 +253,7 @@ class TTLinear(nn.Module):
     def _add_delta(self, sign: float) -> None:
         if self.spec.per_sample_mode is not None:
             raise RuntimeError("an adapter with a per-sample (task) mode cannot be merged into one weight")
-        w = self.weight
+        w = self.base_weight  # a view: writing it writes the weight
         acc = torch.float64 if w.dtype == torch.float64 else torch.float32
         delta = self.delta_weight().to(device=w.device, dtype=acc)
         w.copy_((w.to(acc) + sign * delta).to(w.dtype))

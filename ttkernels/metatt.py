@@ -369,13 +369,12 @@ class MetaTTModel(nn.Module):
                 base,
                 self.metatt_cores[t.group],
                 groups[t.group].spec,
-                {"layer": t.layer, "matrix": t.matrix},
+                {k: v for k, v in (("layer", t.layer), ("matrix", t.matrix)) if k in config.modes},
                 alpha=self.alpha,
                 dropout=config.dropout,
                 backend=config.backend,
                 routing=self._routing,
             )
-            view.index = {k: v for k, v in view.index.items() if k in groups[t.group].spec.fixed_index_names}
             _set_submodule(model, t.name, view)
 
     # -------------------------------------------------------------------------------- forward
@@ -513,6 +512,10 @@ class MetaTTModel(nn.Module):
             raise ValueError("the first core must start and the last core end with a bond of 1")
         spec = dataclasses.replace(old_spec, ranks=tuple(ranks))
         old = self.metatt_cores[group]
+        if optimizer is not None and not any(
+            any(p is q for p in old for q in pg["params"]) for pg in optimizer.param_groups
+        ):
+            raise ValueError(f"the optimizer does not hold the cores of group {group}")
         ref = old[0]
         new = nn.ParameterList([nn.Parameter(c.detach().to(device=ref.device, dtype=ref.dtype).clone()) for c in cores])
         self.metatt_cores[group] = new
@@ -523,15 +526,9 @@ class MetaTTModel(nn.Module):
                 view = self.model.get_submodule(t.name)
                 view.cores, view.spec, view.scaling = new, spec, scaling
         if optimizer is not None:
-            old_ids = {id(p) for p in old}
-            for pg in optimizer.param_groups:
-                if any(id(p) in old_ids for p in pg["params"]):
-                    pg["params"] = [p for p in pg["params"] if id(p) not in old_ids] + list(new)
-                    break
-            else:
-                raise ValueError(f"the optimizer does not hold the cores of group {group}")
-            for p in old:
-                optimizer.state.pop(p, None)
+            from .rank import _swap_in_optimizer
+
+            _swap_in_optimizer(optimizer, list(old), list(new))
         return new
 
     # -------------------------------------------------------------------------------- save / load
@@ -545,6 +542,7 @@ class MetaTTModel(nn.Module):
             "format_version": FORMAT_VERSION,
             "config": self.config.to_dict(),
             "num_layers": self.num_layers,
+            "scaling": self.alpha / self.config.max_rank,
             "groups": {g.name: g.describe() for g in self.groups.values()},
             "targets": {t.name: [t.group, t.layer, t.matrix] for t in self.targets},
         }
@@ -574,8 +572,9 @@ class MetaTTModel(nn.Module):
         layout = _read_layout(pretrained_dir)
         config = MetaTTConfig.from_dict(dict(layout["config"]) | overrides)
         self = cls(model, config)
+        self._adopt_saved_ranks(layout, pretrained_dir)
         want = self._layout()
-        for key in ("num_layers", "targets", "groups"):
+        for key in ("num_layers", "targets", "scaling", "groups"):
             if layout.get(key) != want[key]:
                 raise ValueError(_mismatch(key, layout.get(key), want[key], pretrained_dir))
         tensors = _read_tensors(pretrained_dir)
@@ -603,6 +602,25 @@ class MetaTTModel(nn.Module):
                     raise ValueError(f"{key} holds non-finite values")
                 target.copy_(t)
         return self
+
+    def _adopt_saved_ranks(self, layout: dict, where: Any) -> None:
+        """Groups saved after a rank change (``replace_cores``, ``rank.compress_``) come back at their ranks."""
+        groups = layout.get("groups")
+        if not isinstance(groups, dict):
+            raise ValueError(f"the adapter config in {where} has no groups object")
+        for name, group in self.groups.items():
+            shapes = groups.get(name, {}).get("core_shapes") if isinstance(groups.get(name), dict) else None
+            if shapes == [list(s) for s in group.spec.core_shapes] or shapes is None:
+                continue
+            well_formed = isinstance(shapes, list) and all(
+                isinstance(x, list) and len(x) == 3 and all(type(v) is int and v > 0 for v in x) for x in shapes
+            )
+            if not well_formed:
+                raise ValueError(f"the adapter config in {where} gives group {name} malformed core_shapes {shapes!r}")
+            if len(shapes) != group.spec.num_cores or any(x[1] != m.size for x, m in zip(shapes, group.spec.modes)):
+                continue  # other modes, not other ranks: the layout comparison reports it
+            ref = self.metatt_cores[name][0]
+            self.replace_cores(name, [torch.zeros(s, dtype=ref.dtype, device=ref.device) for s in shapes])
 
     def extra_repr(self) -> str:
         return f"groups={list(self.groups)}, targets={len(self.targets)}, modes={self.config.modes}"

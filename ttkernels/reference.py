@@ -34,6 +34,7 @@ __all__ = [
     "apply_dropout",
     "factors",
     "dense_delta",
+    "task_factors",
     "shrink",
     "mid",
     "expand",
@@ -202,6 +203,29 @@ def factor_c(cores: Sequence[Tensor], spec: TTSpec, index: Mapping[str, int]) ->
     return C
 
 
+def task_factors(
+    cores: Sequence[Tensor],
+    spec: TTSpec,
+    index: Mapping[str, int] | None = None,
+    *,
+    task: int | None = None,
+    caller: str = "task_factors",
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """:func:`factors` with a per-sample mode's slice ``task`` chosen: ``C`` is None or ``(r_a, r_b)``."""
+    A, C, B = factors(cores, spec, index)
+    if spec.per_sample_mode is not None:
+        if task is None:
+            raise ValueError(f"this spec has a per-sample mode: {caller} needs task=")
+        T = spec.per_sample_mode.size
+        if not 0 <= int(task) < T:
+            raise IndexError(f"task = {task} is out of range for {T} tasks")
+        assert C is not None
+        C = C[int(task)]
+    elif task is not None:
+        raise ValueError("task= was given but the spec has no per-sample mode")
+    return A, C, B
+
+
 def dense_delta(
     cores: Sequence[Tensor],
     spec: TTSpec,
@@ -213,17 +237,7 @@ def dense_delta(
 
     With a per-sample mode, ``task`` picks its slice.
     """
-    A, C, B = factors(cores, spec, index)
-    if spec.per_sample_mode is not None:
-        if task is None:
-            raise ValueError("this spec has a per-sample mode: dense_delta needs task=")
-        T = spec.per_sample_mode.size
-        if not 0 <= int(task) < T:
-            raise IndexError(f"task = {task} is out of range for {T} tasks")
-        assert C is not None
-        C = C[int(task)]
-    elif task is not None:
-        raise ValueError("task= was given but the spec has no per-sample mode")
+    A, C, B = task_factors(cores, spec, index, task=task, caller="dense_delta")
     return A @ B if C is None else A @ C @ B
 
 

@@ -1,0 +1,219 @@
+"""TT-matrix (MPO) adapters: the reference sweep and its analytic backward against float64 ground truth."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ttkernels.ttm import TTMLinear, TTMSpec, ttm_apply, ttm_dense, ttm_plan
+
+
+def random_ttm(spec: TTMSpec, dtype=torch.float64, requires_grad=False):
+    cores = [torch.randn(s, dtype=dtype) / math.sqrt(s[0] * s[2]) for s in spec.core_shapes]
+    return [c.requires_grad_(requires_grad) for c in cores]
+
+
+def dense_einsum(cores):
+    """delta-W from the definition: dW[(o_1..o_K), (i_1..i_K)] = prod_k G_k[:, o_k, i_k, :] (an independent path)."""
+    letters = "abcdefgh"
+    terms, outs, ins = [], "", ""
+    for k, _ in enumerate(cores):
+        o, i = letters[k].upper(), letters[k]
+        terms.append(f"{'xyzuvw'[k]}{o}{i}{'xyzuvw'[k + 1]}")
+        outs, ins = outs + o, ins + i
+    expr = ",".join(terms) + "->" + outs + ins
+    t = torch.einsum(expr, *cores)
+    m = math.prod(c.shape[1] for c in cores)
+    return t.reshape(m, -1)
+
+
+SPECS = [
+    TTMSpec((3, 2), (2, 5), (2,)),
+    TTMSpec((2, 3, 2), (3, 1, 4), (3, 2)),
+    TTMSpec((5,), (7,), ()),
+    TTMSpec((4, 4, 4), (4, 4, 4), (1, 1)),
+]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_dense_is_the_definition(spec):
+    cores = random_ttm(spec)
+    torch.testing.assert_close(ttm_dense(cores), dense_einsum(cores))
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+@pytest.mark.parametrize("order", ["ltr", "rtl"])
+@pytest.mark.parametrize("tokens", [0, 1, 7])
+def test_sweep_equals_the_dense_product(spec, order, tokens):
+    cores = random_ttm(spec)
+    x = torch.randn(tokens, spec.in_features, dtype=torch.float64)
+    y = ttm_apply(x, cores, scaling=0.5, order=order)
+    torch.testing.assert_close(y, 0.5 * x @ dense_einsum(cores).t())
+
+
+@pytest.mark.parametrize("spec", SPECS[:3], ids=str)
+@pytest.mark.parametrize("order", ["ltr", "rtl"])
+def test_gradcheck_float64(spec, order):
+    cores = random_ttm(spec, requires_grad=True)
+    x = torch.randn(3, 2, spec.in_features, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, *c: ttm_apply(x, c, scaling=0.7, order=order), (x, *cores))
+
+
+def test_backward_matches_autograd_through_the_dense_matrix():
+    spec = TTMSpec((2, 3, 2), (3, 2, 2), (3, 4))
+    cores = random_ttm(spec, requires_grad=True)
+    x = torch.randn(11, spec.in_features, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(11, spec.out_features, dtype=torch.float64)
+    got = torch.autograd.grad(ttm_apply(x, cores, scaling=1.3), (x, *cores), dy)
+    want = torch.autograd.grad(1.3 * x @ dense_einsum(cores).t(), (x, *cores), dy)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def test_bond_rank_one_two_cores_is_a_kronecker_adapter():
+    A, B = torch.randn(3, 4, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    cores = [A.reshape(1, 3, 4, 1), B.reshape(1, 5, 2, 1)]
+    x = torch.randn(6, 8, dtype=torch.float64)
+    torch.testing.assert_close(ttm_apply(x, cores), x @ torch.kron(A, B).t())
+
+
+def test_plan_counts_and_picks_the_cheaper_order():
+    spec = TTMSpec((16, 16, 16), (16, 16, 16), (8, 8))
+    plan = ttm_plan(spec, 8192)
+    assert plan["ltr"]["flops"] == plan["rtl"]["flops"]  # symmetric spec
+    # asymmetric: a wide first core is cheaper absorbed last
+    spec2 = TTMSpec((64, 2), (2, 64), (8,))
+    p2 = ttm_plan(spec2, 100)
+    ltr = 2 * 100 * (1 * 64 * 1 * 2 * 64 * 8 + 64 * 1 * 8 * 64 * 2 * 1)
+    assert p2["ltr"]["flops"] == ltr
+    assert p2["order"] == (
+        "ltr" if (p2["ltr"]["flops"], p2["ltr"]["peak"]) <= (p2["rtl"]["flops"], p2["rtl"]["peak"]) else "rtl"
+    )
+
+
+def test_sweep_costs_against_opt_einsum():
+    """The sweep's FLOPs beside the optimal contraction path opt_einsum finds for the same network."""
+    oe = pytest.importorskip("opt_einsum")
+    for spec, tokens in [
+        (TTMSpec((16, 16, 16), (16, 16, 16), (8, 8)), 8192),
+        (TTMSpec((16, 16, 16), (16, 16, 16), (8, 8)), 1),
+        (TTMSpec((8, 8), (8, 8), (4,)), 64),
+    ]:
+        letters = "abcdefghijklmnop"
+        k = spec.num_cores
+        ins, outs, bonds = letters[:k], letters[k : 2 * k], letters[2 * k : 3 * k - 1]
+        terms = ["Z" + ins]
+        for j in range(k):
+            left = bonds[j - 1] if j else ""
+            right = bonds[j] if j < k - 1 else ""
+            terms.append(left + outs[j] + ins[j] + right)
+        expr = ",".join(terms) + "->Z" + outs
+        shapes = [(tokens, *spec.in_modes)]
+        for j, s in enumerate(spec.core_shapes):
+            shapes.append(tuple(([s[0]] if j else []) + [s[1], s[2]] + ([s[3]] if j < k - 1 else [])))
+        _, info = oe.contract_path(expr, *shapes, shapes=True, optimize="optimal")
+        plan = ttm_plan(spec, tokens)
+        # for these specs the optimal path is a sweep: the same count (multiply-adds as 2 FLOPs in both)
+        assert plan[plan["order"]]["flops"] == int(info.opt_cost), (spec, plan, info.opt_cost)
+
+
+# ------------------------------------------------------------------------------------------- module
+def test_ttmlinear_contract():
+    torch.manual_seed(0)
+    base = nn.Linear(24, 20, dtype=torch.float64)
+    layer = TTMLinear.from_linear(base, in_modes=(4, 6), out_modes=(5, 4), ranks=3, alpha=6)
+    assert layer.weight is base.weight and not base.weight.requires_grad
+    assert layer.num_adapter_params == sum(math.prod(s) for s in layer.spec.core_shapes)
+    assert layer.scaling == 2.0
+    x = torch.randn(3, 7, 24, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), base(x))  # delta-W starts at zero
+    with torch.no_grad():
+        layer.cores[-1].normal_()
+    y = layer(x)
+    torch.testing.assert_close(y, base(x) + x @ layer.delta_weight().t())
+    torch.testing.assert_close(layer.delta_weight(), 2.0 * ttm_dense(list(layer.cores)))
+    w0 = base.weight.clone()
+    layer.merge()
+    torch.testing.assert_close(layer(x), y)
+    torch.testing.assert_close(base.weight, w0 + layer.delta_weight())
+    with layer.adapter_disabled():
+        torch.testing.assert_close(layer(x), x @ w0.t() + base.bias)
+    layer.unmerge()
+    torch.testing.assert_close(base.weight, w0)
+    with layer.adapter_disabled():
+        torch.testing.assert_close(layer(x), base(x))
+
+
+def test_ttmlinear_trains():
+    torch.manual_seed(0)
+    layer = TTMLinear(16, 16, in_modes=2, ranks=4)
+    target = torch.randn(16, 16) * 0.1
+    x = torch.randn(64, 16)
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss = (layer(x) - (layer.weight @ x.t()).t() - layer.bias - x @ target.t()).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == [f"cores.{k}" for k in range(2)]
+
+
+def test_saved_activations_are_x_only():
+    from test_memory import per_token_ratio
+
+    d = 256
+    layer = TTMLinear(d, d, in_modes=2, ranks=8)
+    ratio = per_token_ratio(layer, lambda m: torch.randn(m, d, requires_grad=True), 8, 40, d)
+    assert 1.0 <= ratio <= 1.1, ratio
+
+
+@pytest.mark.parametrize(
+    "call, exc, message",
+    [
+        (lambda: TTMSpec((2, 2), (4,), ()), ValueError, "of the same length"),
+        (lambda: TTMSpec((2, 2), (2, 2), ()), ValueError, "2 cores need 1 bond ranks"),
+        (lambda: TTMSpec((2, 2), (2, 2), (0,)), ValueError, "ranks must be positive"),
+        (lambda: TTMSpec((2, 0), (2, 2), (1,)), ValueError, "mode sizes must be positive"),
+        (lambda: TTMSpec.build(12, 10, in_modes=(5, 3)), ValueError, "multiply to 15"),
+        (lambda: ttm_apply(torch.randn(2, 6), [torch.randn(1, 2, 2, 3), torch.randn(2, 3, 3, 1)]), ValueError, "has shape"),
+        (lambda: ttm_apply(torch.randn(2, 5), [torch.randn(1, 2, 2, 2), torch.randn(2, 3, 3, 1)]), ValueError, "last dimension 5"),
+        (lambda: ttm_apply(torch.randn(2, 6), [torch.randn(2, 3, 1)]), ValueError, "4-D tensors"),
+        (lambda: ttm_apply(torch.ones(2, 4, dtype=torch.long), [torch.randn(1, 2, 4, 1)]), TypeError, "floating-point"),
+        (lambda: ttm_apply(torch.randn(2, 4), [torch.randn(1, 2, 4, 1)], order="up"), ValueError, "order must be"),
+        (lambda: TTMLinear.from_linear(nn.Conv1d(2, 2, 1)), TypeError, "must be an nn.Linear"),
+    ],
+)  # fmt: skip
+def test_bad_input(call, exc, message):
+    with pytest.raises(exc, match=message):
+        call()
+
+
+@pytest.mark.parametrize("in_modes, out_modes, rank", [((4, 6), (5, 4), 3), ((2, 3, 4), (3, 2, 5), (3, 4))])
+def test_same_matrix_and_outputs_as_tensorly_torch_block_tt(in_modes, out_modes, rank):
+    """tltorch's block-TT layer keeps its cores as (rank, out_k, in_k, rank), out before in, as here."""
+    tltorch = pytest.importorskip("tltorch")
+    ranks = (1, rank, 1) if isinstance(rank, int) else (1, *rank, 1)
+    layer = tltorch.FactorizedLinear(
+        in_tensorized_features=in_modes,
+        out_tensorized_features=out_modes,
+        bias=True,
+        factorization="blocktt",
+        rank=ranks,
+        implementation="factorized",
+        dtype=torch.float64,
+    )
+    spec = TTMSpec(tuple(out_modes), tuple(in_modes), tuple(ranks[1:-1]))
+    assert [tuple(f.shape) for f in layer.weight.factors] == list(spec.core_shapes)
+    cores = random_ttm(spec)
+    with torch.no_grad():
+        for f, c in zip(layer.weight.factors, cores):
+            f.copy_(c)
+    torch.testing.assert_close(ttm_dense(cores), layer.weight.to_matrix())
+    x = torch.randn(7, 3, spec.in_features, dtype=torch.float64)
+    torch.testing.assert_close(ttm_apply(x, cores) + layer.bias, layer(x))

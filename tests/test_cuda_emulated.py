@@ -11,7 +11,8 @@ make them "run on a GPU": speed, the GPU memory model and code generation are on
 launchers are called as the binding calls them; outputs are filled with NaN before the kernels write them.
 
 Needs a C++20 compiler and the CUDA headers (CUDA_HOME, /usr/local/cuda, or the nvidia-cuda-runtime wheel);
-without them the tests skip, and with TTKERNELS_REQUIRE_CUDA_EXT=1 (CI) they fail.
+without them the tests skip, and with TTKERNELS_REQUIRE_CUDA_EXT=1 (CI) they fail. On a machine with a GPU they
+skip: there tests/test_cuda_backend.py runs the kernels themselves.
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ def _unavailable(why: str):
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU runs the kernels themselves (tests/test_cuda_backend.py); the emulation is for CPU machines")
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     inc = _cuda_include()
     if cxx is None or inc is None:

@@ -22,14 +22,15 @@ from datetime import timedelta
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+from helpers import require, tiny_llama_config
+
+transformers = require("transformers")
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
 import torch.multiprocessing as mp  # noqa: E402
 
-from helpers import tiny_llama_config  # noqa: E402
 from ttkernels import MetaTTConfig, get_metatt_model  # noqa: E402
 
 WORLD = 2

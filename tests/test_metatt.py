@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 import ttkernels as tk
-from helpers import load_minilm, tiny_llama_config
+from helpers import load_minilm, require, tiny_llama_config
 from ttkernels.metatt import CONFIG_NAME, WEIGHTS_NAME, MetaTTConfig, MetaTTLinear, MetaTTModel, get_metatt_model
 
-transformers = pytest.importorskip("transformers")
+transformers = require("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

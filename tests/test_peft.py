@@ -5,8 +5,9 @@ import torch
 from torch import nn
 
 import ttkernels as tk
+from helpers import require
 
-peft = pytest.importorskip("peft", reason="PEFT is a test dependency: pip install -e '.[test]'")
+peft = require("peft")
 
 
 class _Net(nn.Module):
@@ -115,7 +116,7 @@ def test_tt_lora_trains_saves_reloads_and_merges_through_peft(tmp_path, modes):
 
 
 def test_tt_lora_on_a_transformers_model():
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     from helpers import tiny_llama_config
 
     torch.manual_seed(0)
@@ -139,7 +140,7 @@ def test_tt_lora_refuses_what_it_does_not_support():
 
 
 def test_get_peft_model_entry_point_gives_metatt_for_a_metatt_config(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                   intermediate_size=40)  # fmt: skip
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import ttkernels as tk
-from helpers import metatt_spec, random_cores
+from helpers import metatt_spec, random_cores, require
 from ttkernels import rank as rk
 from ttkernels import reference as ref
 
@@ -206,7 +206,7 @@ def test_compress_a_trained_ttlinear_keeps_outputs_and_training_goes_on():
 
 
 def test_compress_metatt_and_the_rank_schedule():
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     from helpers import tiny_llama_config
 
     torch.manual_seed(0)
@@ -276,7 +276,7 @@ def test_sweep_on_the_pretrained_minilm_metatt():
 
 
 def test_a_compressed_metatt_adapter_saves_and_loads(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     from helpers import tiny_llama_config
 
     def make():
@@ -341,7 +341,7 @@ def test_bad_input_is_refused_by_name(call, exc, message):
 
 
 def test_a_trained_peft_lora_layer_becomes_a_tt_adapter_and_back():
-    peft = pytest.importorskip("peft")
+    peft = require("peft")
 
     class Net(nn.Module):
         def __init__(self):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import require
 from ttkernels.ttm import TTMLinear, TTMSpec, ttm_apply, ttm_dense, ttm_plan
 
 
@@ -96,7 +97,7 @@ def test_plan_counts_and_picks_the_cheaper_order():
 
 def test_sweep_costs_against_opt_einsum():
     """The sweep's FLOPs beside the optimal contraction path opt_einsum finds for the same network."""
-    oe = pytest.importorskip("opt_einsum")
+    oe = require("opt_einsum")
     for spec, tokens in [
         (TTMSpec((16, 16, 16), (16, 16, 16), (8, 8)), 8192),
         (TTMSpec((16, 16, 16), (16, 16, 16), (8, 8)), 1),
@@ -197,7 +198,7 @@ def test_bad_input(call, exc, message):
 @pytest.mark.parametrize("in_modes, out_modes, rank", [((4, 6), (5, 4), 3), ((2, 3, 4), (3, 2, 5), (3, 4))])
 def test_same_matrix_and_outputs_as_tensorly_torch_block_tt(in_modes, out_modes, rank):
     """tltorch's block-TT layer keeps its cores as (rank, out_k, in_k, rank), out before in, as here."""
-    tltorch = pytest.importorskip("tltorch")
+    tltorch = require("tltorch")
     ranks = (1, rank, 1) if isinstance(rank, int) else (1, *rank, 1)
     layer = tltorch.FactorizedLinear(
         in_tensorized_features=in_modes,

@@ -159,6 +159,53 @@ def tiny_llama_config(layers: int = 2):
     )
 
 
+# specs of the fused-op tests of every backend: (make spec, fixed index)
+FUSED_SPECS = {
+    "lora": (lambda: lora_spec(13, 11, 4), None),
+    "ttlora": (lambda: ttlora_spec(), None),
+    "metatt_tasks": (lambda: metatt_spec(12, 10, 3, 4, 3, tasks=4), {"layer": 2, "matrix": 1}),
+}
+
+
+class TTLinearCase:
+    """float64 inputs of a ``tt_linear`` forward and backward test (cores, x, W, b, dY, task ids), and
+    :meth:`run`, which computes ``[y, dx, *dcores]`` on a backend in a dtype on a device."""
+
+    def __init__(self, spec, index, m: int, device="cpu", n_tasks: int = 4):
+        self.spec, self.index = spec, index
+        f64 = dict(dtype=torch.float64, device=device)
+        self.cores = [c.to(device) for c in random_cores(spec)]
+        self.x = torch.randn(m, spec.in_features, **f64)
+        self.W = torch.randn(spec.out_features, spec.in_features, **f64) * spec.in_features**-0.5
+        self.b = torch.randn(spec.out_features, **f64)
+        self.dy = torch.randn(m, spec.out_features, **f64)
+        self.ids = torch.randint(0, n_tasks, (m,), device=device) if spec.per_sample_mode is not None else None
+
+    def run(self, backend, dtype, device, **kw):
+        x = self.x.to(device=device, dtype=dtype).clone().requires_grad_()
+        cores = [c.to(device=device, dtype=dtype).clone().requires_grad_() for c in self.cores]
+        W, b = self.W.to(device=device, dtype=dtype), self.b.to(device=device, dtype=dtype)
+        ids = None if self.ids is None else self.ids.to(device)
+        y = tk.tt_linear(x, W, b, cores, self.spec, index=self.index, task_ids=ids, backend=backend, **kw)
+        y.backward(self.dy.to(device=device, dtype=dtype))
+        return [y, x.grad, *[c.grad for c in cores]]
+
+    def names(self):
+        return ["y", "dx"] + [f"dcore{k}" for k in range(self.spec.num_cores)]
+
+
+def reductions_twice(backend, rnd, middle, m=97, d_in=21, d_out=19, r=4):
+    """The deterministic-mode reductions (dA, dU, dB, per-task dC) computed twice on the same inputs."""
+    x, dy, U, dS = rnd(m, d_in), rnd(m, d_out), rnd(m, r), rnd(m, r)
+    C, ids = middle("task", r, r, 3, torch.float32, m)
+    B = rnd(r, d_out)
+
+    def once():
+        return [backend.grad_a(x, dS, 0.2, 5), *backend.grad_dy(dy, U, B, 0.5), backend.grad_mid(U, dS, C, ids)[1]]
+
+    return once(), once()
+
+
 def require(module: str):
     """Import a test dependency of pyproject.toml's ``test`` extra: skip without it, but fail under
     ``TTKERNELS_REQUIRE_TEST_DEPS=1`` (CI installs them all)."""

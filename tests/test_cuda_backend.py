@@ -24,7 +24,7 @@ import torch
 import helpers
 import ttkernels as tk
 from helpers import check_error_ratio as check
-from helpers import lora_spec, metatt_spec, random_cores, ttlora_spec
+from helpers import metatt_spec, random_cores
 from ttkernels import _cuda_backend as cb
 from ttkernels import _ext
 from ttkernels import reference as ref
@@ -372,15 +372,10 @@ def test_dropout_mask_is_the_reference_hash(ext):
 
 @needs_cuda
 def test_deterministic_mode_repeats_bit_for_bit():
-    m, d_in, d_out, r = 1031, 129, 67, 16
-    x, dy, U, dS = rnd(m, d_in), rnd(m, d_out), rnd(m, r), rnd(m, r)
-    C, ids = middle("task", r, r, 3, torch.float32, m)
-    B = rnd(r, d_out)
     old = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        first = [cb.grad_a(x, dS, 0.2, 5), *cb.grad_dy(dy, U, B, 0.5), cb.grad_mid(U, dS, C, ids)[1]]
-        again = [cb.grad_a(x, dS, 0.2, 5), *cb.grad_dy(dy, U, B, 0.5), cb.grad_mid(U, dS, C, ids)[1]]
+        first, again = helpers.reductions_twice(cb, rnd, middle, m=1031, d_in=129, d_out=67, r=16)
     finally:
         torch.use_deterministic_algorithms(old)
     for a, b in zip(first, again):
@@ -402,44 +397,19 @@ def test_out_of_range_task_ids_are_refused_before_launch(ext):
 
 
 # -------------------------------------------------------------------------------- fused op, autograd
-SPECS = {
-    "lora": (lambda: lora_spec(13, 11, 4), None),
-    "ttlora": (ttlora_spec, None),
-    "metatt_tasks": (lambda: metatt_spec(12, 10, 3, 4, 3, tasks=4), {"layer": 2, "matrix": 1}),
-}
-
-
-def _run_tt_linear(spec, index, cores64, x64, W64, b64, dy64, ids, backend, dtype, device, **kw):
-    x = x64.to(dtype).to(device).clone().requires_grad_()
-    cores = [c.to(dtype).to(device).clone().requires_grad_() for c in cores64]
-    W, b = W64.to(dtype).to(device), b64.to(dtype).to(device)
-    task_ids = None if ids is None else ids.to(device)
-    y = tk.tt_linear(x, W, b, cores, spec, index=index, task_ids=task_ids, backend=backend, **kw)
-    y.backward(dy64.to(dtype).to(device))
-    return [y, x.grad, *[c.grad for c in cores]]
-
-
 @needs_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("spec_name", sorted(SPECS))
+@pytest.mark.parametrize("spec_name", sorted(helpers.FUSED_SPECS))
 @pytest.mark.parametrize("m", [0, 1, 13, 97])
 @pytest.mark.parametrize("dropout", [0.0, 0.25])
 def test_tt_linear_forward_backward(poison, spec_name, m, dropout, dtype):
-    make, index = SPECS[spec_name]
-    spec = make()
-    cores64 = random_cores(spec)
-    x64 = torch.randn(m, spec.in_features, dtype=torch.float64)
-    W64 = torch.randn(spec.out_features, spec.in_features, dtype=torch.float64) * spec.in_features**-0.5
-    b64 = torch.randn(spec.out_features, dtype=torch.float64)
-    dy64 = torch.randn(m, spec.out_features, dtype=torch.float64)
-    ids = torch.randint(0, 4, (m,)) if spec.per_sample_mode is not None else None
-    args = (spec, index, cores64, x64, W64, b64, dy64, ids)
+    make, index = helpers.FUSED_SPECS[spec_name]
+    case = helpers.TTLinearCase(make(), index, m)
     kw = dict(scaling=0.5, dropout=dropout, seed=int(torch.randint(0, 2**62, ()).item()))
-    got = _run_tt_linear(*args, "cuda", dtype, "cuda", **kw)
-    want64 = _run_tt_linear(*args, "torch", torch.float64, "cpu", **kw)
-    torch_lowp = _run_tt_linear(*args, "torch", dtype, "cuda", **kw)
-    names = ["y", "dx"] + [f"dcore{k}" for k in range(spec.num_cores)]
-    for name, g, w, t in zip(names, got, want64, torch_lowp):
+    got = case.run("cuda", dtype, "cuda", **kw)
+    want64 = case.run("torch", torch.float64, "cpu", **kw)
+    torch_lowp = case.run("torch", dtype, "cuda", **kw)
+    for name, g, w, t in zip(case.names(), got, want64, torch_lowp):
         check(name, g, w, t, dtype)
 
 
@@ -447,20 +417,13 @@ def test_tt_linear_forward_backward(poison, spec_name, m, dropout, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m", [1, 64, 4099])
 def test_real_shapes(m, dtype):
-    spec = metatt_spec(4096, 4096, 4, 4, 16, tasks=3)
     torch.manual_seed(0)
-    cores64 = [c.cuda() for c in random_cores(spec)]
-    x64 = torch.randn(m, 4096, device="cuda", dtype=torch.float64)
-    W64 = torch.randn(4096, 4096, device="cuda", dtype=torch.float64) / 64
-    b64 = torch.zeros(4096, device="cuda", dtype=torch.float64) + 0.1
-    dy64 = torch.randn(m, 4096, device="cuda", dtype=torch.float64)
-    ids = torch.randint(0, 3, (m,), device="cuda")
-    args = (spec, {"layer": 1, "matrix": 2}, cores64, x64, W64, b64, dy64, ids)
+    case = helpers.TTLinearCase(metatt_spec(4096, 4096, 4, 4, 16, tasks=3), {"layer": 1, "matrix": 2}, m, "cuda", 3)
     kw = dict(scaling=2.0, dropout=0.1, seed=7)
-    got = _run_tt_linear(*args, "cuda", dtype, "cuda", **kw)
-    want64 = _run_tt_linear(*args, "torch", torch.float64, "cuda", **kw)
-    lowp = _run_tt_linear(*args, "torch", dtype, "cuda", **kw)
-    for name, g, w, t in zip(["y", "dx", "d0", "d1", "d2", "d3", "d4"], got, want64, lowp):
+    got = case.run("cuda", dtype, "cuda", **kw)
+    want64 = case.run("torch", torch.float64, "cuda", **kw)
+    lowp = case.run("torch", dtype, "cuda", **kw)
+    for name, g, w, t in zip(case.names(), got, want64, lowp):
         check(name, g, w.cpu(), t, dtype)
 
 

@@ -323,13 +323,9 @@ def test_dropout_masks_are_the_reference_hash_bit_for_bit(lib, dtype):
 
 
 def test_deterministic_reductions_repeat_bit_for_bit(lib):
-    m, d_in, d_out, r = 700, 70, 40, 16
-    x, dy, U, dS = rnd(m, d_in), rnd(m, d_out), rnd(m, r), rnd(m, r)
-    C, ids = middle("task", r, r, 3, torch.float32, m)
-    B = rnd(r, d_out)
-    emu = Emulated(lib, deterministic=True)
-    first = [emu.grad_a(x, dS, 0.2, 5), *emu.grad_dy(dy, U, B, 0.5), emu.grad_mid(U, dS, C, ids)[1]]
-    again = [emu.grad_a(x, dS, 0.2, 5), *emu.grad_dy(dy, U, B, 0.5), emu.grad_mid(U, dS, C, ids)[1]]
+    first, again = helpers.reductions_twice(
+        Emulated(lib, deterministic=True), rnd, middle, m=700, d_in=70, d_out=40, r=16
+    )
     for a, b in zip(first, again):
         assert torch.equal(a, b)
 

@@ -17,7 +17,7 @@ import torch
 import helpers
 import ttkernels as tk
 from helpers import check_error_ratio as check
-from helpers import lora_spec, metatt_spec, random_cores, ttlora_spec
+from helpers import metatt_spec, random_cores
 from ttkernels import reference as ref
 
 tb = pytest.importorskip("ttkernels._triton_kernels.backend")
@@ -146,14 +146,9 @@ def test_grad_a(M, d_in, d_out, ra, rb, p, dtype, deterministic, monkeypatch):
 
 
 def test_deterministic_mode_repeats_bit_for_bit():
-    M, d_in, d_out, r = 97, 21, 19, 4
-    x, dy, U, dS = rnd(M, d_in), rnd(M, d_out), rnd(M, r), rnd(M, r)
-    C, ids = middle("task", r, r, 3, torch.float32, M)
-    B = rnd(r, d_out)
     torch.use_deterministic_algorithms(True)
     try:
-        first = [tb.grad_a(x, dS, 0.2, 5), *tb.grad_dy(dy, U, B, 0.5), tb.grad_mid(U, dS, C, ids)[1]]
-        again = [tb.grad_a(x, dS, 0.2, 5), *tb.grad_dy(dy, U, B, 0.5), tb.grad_mid(U, dS, C, ids)[1]]
+        first, again = helpers.reductions_twice(tb, rnd, middle)
     finally:
         torch.use_deterministic_algorithms(False)
     for a, b in zip(first, again):
@@ -161,42 +156,18 @@ def test_deterministic_mode_repeats_bit_for_bit():
 
 
 # -------------------------------------------------------------------------------- fused op, autograd
-SPECS = {
-    "lora": (lambda: lora_spec(13, 11, 4), None),
-    "ttlora": (ttlora_spec, None),
-    "metatt_tasks": (lambda: metatt_spec(12, 10, 3, 4, 3, tasks=4), {"layer": 2, "matrix": 1}),
-}
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("spec_name", sorted(SPECS))
+@pytest.mark.parametrize("spec_name", sorted(helpers.FUSED_SPECS))
 @pytest.mark.parametrize("M", [0, 1, 13])
 @pytest.mark.parametrize("dropout", [0.0, 0.25])
 def test_tt_linear_forward_backward(spec_name, M, dropout, dtype, plan):
-    make, index = SPECS[spec_name]
-    spec = make()
-    cores64 = random_cores(spec)
-    x64 = torch.randn(M, spec.in_features, dtype=torch.float64)
-    W64 = torch.randn(spec.out_features, spec.in_features, dtype=torch.float64) * spec.in_features**-0.5
-    b64 = torch.randn(spec.out_features, dtype=torch.float64)
-    dy64 = torch.randn(M, spec.out_features, dtype=torch.float64)
-    ids = torch.randint(0, 4, (M,)) if spec.per_sample_mode is not None else None
-    kw = dict(index=index, scaling=0.5, dropout=dropout, seed=4321)
-
-    def run(backend, dt, device):
-        x = x64.to(dt).to(device).clone().requires_grad_()
-        cores = [c.to(dt).to(device).clone().requires_grad_() for c in cores64]
-        W, b = W64.to(dt).to(device), b64.to(dt).to(device)
-        task_ids = None if ids is None else ids.to(device)
-        y = tk.tt_linear(x, W, b, cores, spec, task_ids=task_ids, backend=backend, **kw)
-        y.backward(dy64.to(dt).to(device))
-        return [y, x.grad, *[c.grad for c in cores]]
-
-    got = run("triton", dtype, DEVICE)
-    want64 = run("torch", torch.float64, "cpu")
-    torch_lowp = run("torch", dtype, DEVICE)
-    names = ["y", "dx"] + [f"dcore{k}" for k in range(spec.num_cores)]
-    for name, g, w, t in zip(names, got, want64, torch_lowp):
+    make, index = helpers.FUSED_SPECS[spec_name]
+    case = helpers.TTLinearCase(make(), index, M)
+    kw = dict(scaling=0.5, dropout=dropout, seed=4321)
+    got = case.run("triton", dtype, DEVICE, **kw)
+    want64 = case.run("torch", torch.float64, "cpu", **kw)
+    torch_lowp = case.run("torch", dtype, DEVICE, **kw)
+    for name, g, w, t in zip(case.names(), got, want64, torch_lowp):
         check(name, g, w, t, dtype)
 
 

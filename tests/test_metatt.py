@@ -495,3 +495,22 @@ def test_pretrained_minilm(tmp_path):
     torch.testing.assert_close(loaded(**batch).last_hidden_state, tuned, atol=0, rtol=0)
     merged = loaded.merge_and_unload()
     torch.testing.assert_close(merged(**batch).last_hidden_state, tuned, atol=2e-5, rtol=2e-5)
+
+
+def test_metatt_on_the_triton_backend_matches_torch():
+    """The views run on the Triton kernels (interpreted on a CPU machine) with per-sample tasks."""
+    pytest.importorskip("ttkernels._triton_kernels.backend")
+    ids, tasks = ids_batch(2, 3), torch.tensor([2, 0])
+    results = {}
+    for backend in ("torch", "triton"):
+        w = get_metatt_model(
+            fresh("llama"),
+            MetaTTConfig(["q_proj", "v_proj"], rank=4, modes=("layer", "matrix", "task"), num_tasks=3, backend=backend),
+        )
+        torch.manual_seed(1)
+        randomize(w)
+        y = output(w, ids, task_ids=tasks)
+        y.square().mean().backward()
+        results[backend] = [y.detach()] + [p.grad for p in w.shared_parameters()]
+    for got, want in zip(results["triton"], results["torch"]):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -193,17 +193,16 @@ def _metatt_groups(llama: nn.Module) -> dict[tuple[int, int], list[str]]:
     return groups
 
 
-def _attach_metatt(base: nn.Module, rank: int, factored: bool) -> tuple[nn.Module, list[TTSpec]]:
+def _attach_metatt_factored(base: nn.Module, rank: int) -> tuple[nn.Module, list[TTSpec]]:
+    """The ``metatt-factored`` provider: MetaTT's layout with d_in and d_out each split into two modes."""
     model = copy.deepcopy(base)
     n_layers = len(model.layers)
     device = next(model.parameters()).device
     specs = []
     for (d_in, d_out), names in _metatt_groups(model).items():
-        in_modes = factorize(d_in, 2) if factored else (d_in,)
-        out_modes = factorize(d_out, 2) if factored else (d_out,)
         spec = TTSpec.build(
-            in_modes,
-            out_modes,
+            factorize(d_in, 2),
+            factorize(d_out, 2),
             rank,
             index_modes=[Mode.index("layer", n_layers), Mode.index("matrix", len(names))],
         )
@@ -361,7 +360,7 @@ def _measure_provider(
             model, llama = wrapper, wrapper.model
             expected = sum(g.spec.num_params for g in wrapper.groups.values())
         else:
-            model, specs = _attach_metatt(base, rank, factored=True)
+            model, specs = _attach_metatt_factored(base, rank)
             llama, expected = model, sum(s.num_params for s in specs)
         model.train()
         check = _check_adapter(base, model, llama, x_check, y_frozen, expected)

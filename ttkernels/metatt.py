@@ -491,31 +491,20 @@ class MetaTTModel(nn.Module):
         """
         if group not in self.groups:
             raise KeyError(f"no group {group!r}; the groups are {sorted(self.groups)}")
+        from .rank import _check_chain, _group_holding, _swap_in_group
+
         old_spec = self.groups[group].spec
-        cores = list(cores)
+        cores = _check_chain(cores)
         if len(cores) != old_spec.num_cores:
             raise ValueError(f"group {group} has {old_spec.num_cores} cores, got {len(cores)}")
-        ranks = []
         for k, (core, mode) in enumerate(zip(cores, old_spec.modes)):
-            if not isinstance(core, Tensor) or core.dim() != 3 or core.shape[1] != mode.size:
-                shape = tuple(core.shape) if isinstance(core, Tensor) else type(core).__name__
+            if core.shape[1] != mode.size:
                 raise ValueError(
-                    f"cores[{k}] must be (r_prev, {mode.size}, r_next) for mode {mode.name!r}, got {shape}"
+                    f"cores[{k}] must be (r_prev, {mode.size}, r_next) for mode {mode.name!r}, got {tuple(core.shape)}"
                 )
-            if k:
-                if core.shape[0] != cores[k - 1].shape[2]:
-                    raise ValueError(
-                        f"cores[{k - 1}] and cores[{k}] do not chain: {cores[k - 1].shape[2]} != {core.shape[0]}"
-                    )
-                ranks.append(int(core.shape[0]))
-        if cores[0].shape[0] != 1 or cores[-1].shape[2] != 1:
-            raise ValueError("the first core must start and the last core end with a bond of 1")
-        spec = dataclasses.replace(old_spec, ranks=tuple(ranks))
+        spec = dataclasses.replace(old_spec, ranks=tuple(c.shape[0] for c in cores[1:]))
         old = self.metatt_cores[group]
-        if optimizer is not None and not any(
-            any(p is q for p in old for q in pg["params"]) for pg in optimizer.param_groups
-        ):
-            raise ValueError(f"the optimizer does not hold the cores of group {group}")
+        held = None if optimizer is None else _group_holding(optimizer, old, f"the cores of group {group}")
         ref = old[0]
         new = nn.ParameterList([nn.Parameter(c.detach().to(device=ref.device, dtype=ref.dtype).clone()) for c in cores])
         self.metatt_cores[group] = new
@@ -525,10 +514,8 @@ class MetaTTModel(nn.Module):
             if t.group == group:
                 view = self.model.get_submodule(t.name)
                 view.cores, view.spec, view.scaling = new, spec, scaling
-        if optimizer is not None:
-            from .rank import _swap_in_optimizer
-
-            _swap_in_optimizer(optimizer, list(old), list(new))
+        if held is not None:
+            _swap_in_group(optimizer, held, list(old), list(new))
         return new
 
     # -------------------------------------------------------------------------------- save / load
@@ -578,7 +565,7 @@ class MetaTTModel(nn.Module):
             if layout.get(key) != want[key]:
                 raise ValueError(_mismatch(key, layout.get(key), want[key], pretrained_dir))
         tensors = _read_tensors(pretrained_dir)
-        expected = {k: v for k, v in self.adapter_state_dict().items()}
+        expected = self.adapter_state_dict()
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))
         if missing or unexpected:

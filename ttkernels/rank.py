@@ -297,10 +297,7 @@ def from_lora(
     right_mat = join @ r @ (scaling * lora_B.t().to(dtype))  # (r_p, d_out)
     right = tt_svd(right_mat.reshape(right_mat.shape[0], *out_sizes))  # modes (r_p, *out); first core (1, r_p, s)
     first = right[0].reshape(right[0].shape[1], right[0].shape[2])  # (r_p, s)
-    last_in = left[-2] if len(left) > 1 else None
-    if last_in is None:  # cannot happen: left has len(in_sizes) + 1 >= 2 cores
-        raise AssertionError("in chain without cores")
-    joined = torch.einsum("anb,bc->anc", last_in, first)
+    joined = torch.einsum("anb,bc->anc", left[-2], first)  # left has len(in_sizes) + 1 >= 2 cores
     cores = tt_round([*left[:-2], joined, *right[1:]], max_rank, rel_eps)
     spec = TTSpec.build(in_sizes, out_sizes, [c.shape[2] for c in cores[:-1]])
     return [c.to(lora_A.dtype) for c in cores], spec
@@ -317,15 +314,19 @@ def to_lora(
 
 
 # ------------------------------------------------------------------------------------------------ training
-def _swap_in_optimizer(optimizer: torch.optim.Optimizer, old: Sequence[Tensor], new: Sequence[Tensor]) -> None:
-    """The old Parameters leave ``optimizer`` (state dropped), the new ones join their param group."""
-    old_ids = {id(p) for p in old}
+def _group_holding(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], what: str) -> dict:
+    """The param group of ``optimizer`` that holds ``params`` (found before anything is changed)."""
+    ids = {id(p) for p in params}
     for group in optimizer.param_groups:
-        if any(id(p) in old_ids for p in group["params"]):
-            group["params"] = [p for p in group["params"] if id(p) not in old_ids] + list(new)
-            break
-    else:
-        raise ValueError("the optimizer does not hold these cores")
+        if any(id(p) in ids for p in group["params"]):
+            return group
+    raise ValueError(f"the optimizer does not hold {what}")
+
+
+def _swap_in_group(optimizer: torch.optim.Optimizer, group: dict, old: Sequence[Tensor], new: Sequence[Tensor]) -> None:
+    """The old Parameters leave ``group`` (their state dropped), the new ones join it with fresh state."""
+    old_ids = {id(p) for p in old}
+    group["params"] = [p for p in group["params"] if id(p) not in old_ids] + list(new)
     for p in old:
         optimizer.state.pop(p, None)
 
@@ -361,12 +362,13 @@ def compress_(
         if not module._owns_cores:
             raise ValueError("this TTLinear is a view onto shared cores: compress their owner (e.g. the MetaTTModel)")
         old = list(module.cores)
+        held = None if optimizer is None else _group_holding(optimizer, old, "these cores")
         new = sweep(old, max_rank, rel_eps)
         params = nn.ParameterList([nn.Parameter(c) for c in new])
         module.cores = params
         module.spec = TTSpec(module.spec.modes, tuple(c.shape[2] for c in new[:-1]))
-        if optimizer is not None:
-            _swap_in_optimizer(optimizer, old, list(params))
+        if held is not None:
+            _swap_in_group(optimizer, held, old, list(params))
         return {"": module.spec.ranks}
     raise TypeError(f"compress_ takes a TTLinear or a MetaTTModel, got {type(module).__name__}")
 

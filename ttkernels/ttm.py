@@ -251,14 +251,7 @@ def ttm_apply(x: Tensor, cores: Sequence[Tensor], *, scaling: float = 1.0, order
     spec = _spec_of(cores) if all(isinstance(c, Tensor) and c.dim() == 4 for c in cores) and cores else None
     if spec is None:
         raise ValueError("cores must be a non-empty list of 4-D tensors (r_prev, m, n, r_next)")
-    spec.check_cores(cores)
-    if spec.bond_ranks[0] != cores[0].shape[0] or cores[-1].shape[3] != 1 or cores[0].shape[0] != 1:
-        raise ValueError("the first core must start and the last end with a bond of 1")
-    for j in range(1, len(cores)):
-        if cores[j].shape[0] != cores[j - 1].shape[3]:
-            raise ValueError(
-                f"cores[{j - 1}] and cores[{j}] do not chain: {cores[j - 1].shape[3]} != {cores[j].shape[0]}"
-            )
+    spec.check_cores(cores)  # the spec's bonds come from the cores: a broken chain or end fails here
     if x.shape[-1] != spec.in_features:
         raise ValueError(f"x has last dimension {x.shape[-1]} but the cores take {spec.in_features} inputs")
     if order not in (None, "ltr", "rtl"):

@@ -76,7 +76,7 @@ triton36: $(STAMP)
 	PYTHONPATH=$(abspath $(T36)) $(PY) -c "import numpy, triton; assert triton.__version__ == '3.6.0'; \
 	print('triton', triton.__version__, 'numpy', numpy.__version__)"
 	PYTHONPATH=$(abspath $(T36)) $(PY) -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning \
-	  tests/test_triton.py tests/test_triton_factors.py
+	  tests/test_triton.py tests/test_triton_factors.py tests/test_ttm_kernels.py
 	PYTHONPATH=$(abspath $(T36)) $(PY) -m ttkernels._triton_kernels.aot --arch 90 --dtypes bf16 --jobs 2
 
 clean:

@@ -10,7 +10,8 @@
 #    second extension build) when it is not yet, so ttkernels._triton_kernels resolves;
 # 4. runs the whole test suite with TTKERNELS_REQUIRE_CUDA_EXT=1, then the CUDA backend's small tests under
 #    compute-sanitizer's memcheck (when the toolkit has it);
-# 5. runs `python -m bench --preset layer` and `--preset model` on the GPU;
+# 5. runs `python -m bench --preset layer` and `--preset model` on the GPU, then `python -m bench.ttm` (the
+#    TT-matrix paths side by side);
 # 6. draws the figures and the README table with `python -m bench.plots` (the table only without
 #    matplotlib).
 #
@@ -159,12 +160,15 @@ else
 fi
 
 section "benchmark: layer preset"
-step bench-layer "$RESULTS/gpu-bench-layer-$STAMP.log" "$(limit 240 100)" \
+step bench-layer "$RESULTS/gpu-bench-layer-$STAMP.log" "$(limit 240 180)" \
 	"$PY" -m bench --preset layer --device cuda "${BENCH_EXTRA[@]}"
 
 section "benchmark: model preset"
-step bench-model "$RESULTS/gpu-bench-model-$STAMP.log" "$(limit 150 20)" \
+step bench-model "$RESULTS/gpu-bench-model-$STAMP.log" "$(limit 150 100)" \
 	"$PY" -m bench --preset model --device cuda "${BENCH_EXTRA[@]}"
+
+section "benchmark: TT-matrix adapters (python -m bench.ttm)"
+step bench-ttm "$RESULTS/gpu-bench-ttm-$STAMP.log" "$(limit 90 20)" "$PY" -m bench.ttm --device cuda
 
 section "figures and the README table (python -m bench.plots)"
 rm -f "$RESULTS/plots/"*-cuda.png "$RESULTS/plots/"*-cuda.md

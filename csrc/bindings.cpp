@@ -13,8 +13,15 @@
 //   grad_mid(S, dU, C, task_ids?) -> (dS, dC)                      step 5 (dC shaped like C)
 //   grad_x(dy, weight, dS, A, float p, int seed) -> dx             step 6: torch's mm, then dx += drop'(dS A^T)
 //   grad_a(x, dS, float p, int seed) -> dA                         step 7, a reduction over tokens
+//   kron_apply(x, q, p) -> y                                       TT-matrix Kronecker-sum apply (ttm.cu), small
+//                                                                   bond ranks: y[b] = sum_r q[r] x[b] p[r]
+//   kron_grad_q(dy, x, p) -> dq (fp32)                             its gradients for q and for p, deterministic
+//   kron_grad_p(dy, x, q) -> dp (fp32)                             (fixed-order sums of per-split pieces)
 //   set_poison(bool on) -> bool                                    tests: fill new outputs with NaN before the
 //                                                                   kernels write them; returns the old value
+//
+// The kron ops: x (M, NI, NJ) and dy (M, NA, NC) with any strides, q (R, NA, NI) and p (R, NJ, NC) contiguous, one
+// dtype; R <= 16 and NI, NA <= 64 (beyond: an error pointing to backend='triton' or 'torch').
 //
 // Every argument is checked before anything touches the GPU, with a message that names the op and the argument:
 // first what does not depend on the device (dims, shapes, dtypes, contiguity, ranks, p, seed), then devices, so
@@ -34,6 +41,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
@@ -222,6 +230,45 @@ void token_reduce(const char* op, const at::Tensor& X, const at::Tensor& Y, cons
                                            deterministic ? 1 : 0, M, I, R, d.enabled, d.seed, d.threshold, d.scale,
                                            stream_of(X)));
   finalize(op, buf, parts, out, 1.0f);
+}
+
+// ---------------------------------------------------------------------------------- kron (ttm.cu)
+constexpr int64_t kKronMaxRank = 16;
+constexpr int64_t kKronMaxKept = 64;
+
+void check_kron_limit(const char* op, const char* name, int64_t n, int64_t most) {
+  TTK_CHECK(n >= 1 && n <= most, name, " must be in [1, ", most, "] on the small-bond-rank CUDA path, got ", n,
+            "; use backend='triton' or backend='torch'");
+}
+
+void check_kron_size(const char* op, const char* name, int64_t n) {
+  TTK_CHECK(n >= 1, name, " must be >= 1, got ", n);
+  TTK_CHECK(n <= std::numeric_limits<int32_t>::max(), name, " must be < 2^31, got ", n);
+}
+
+// dq (R, NA, NI) when grad_q, else dp (R, NJ, NC), fp32, from the per-split pieces summed in order (deterministic:
+// no atomics). `factor` is p for dq, q for dp. M == 0: the sums over tokens are zero.
+at::Tensor kron_reduce(const char* op, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& factor,
+                       bool grad_q) {
+  const int64_t M = x.size(0), NI = x.size(1), NJ = x.size(2), R = factor.size(0), NA = dy.size(1),
+                NC = dy.size(2);
+  const at::TensorOptions f32 = x.options().dtype(at::kFloat);
+  const std::vector<int64_t> sizes = grad_q ? std::vector<int64_t>{R, NA, NI} : std::vector<int64_t>{R, NJ, NC};
+  if (M == 0) return at::zeros(sizes, f32);
+  at::Tensor out = new_output(sizes, f32);
+  const int sms = num_sms(x);
+  const int64_t parts = grad_q ? ttk_kron_grad_q_splits(M, R, sms) : ttk_kron_grad_p_splits(M, R, NJ, NC, sms);
+  // Every split writes its whole piece: no zeroing. One split writes the output itself.
+  at::Tensor buf = parts == 1 ? out : at::empty({parts * out.numel()}, f32);
+  const auto launch = grad_q ? ttk_kron_grad_q_launch : ttk_kron_grad_p_launch;
+  check_launch(op, launch(kernel_dtype(op, "x", x), dy.const_data_ptr(), dy.stride(0), dy.stride(1), dy.stride(2),
+                          x.const_data_ptr(), x.stride(0), x.stride(1), x.stride(2), factor.const_data_ptr(),
+                          buf.mutable_data_ptr<float>(), parts, M, R, NI, NJ, NA, NC, stream_of(x)));
+  if (parts > 1) {
+    check_launch(op, ttk_finalize_launch(TTK_DTYPE_FLOAT32, buf.const_data_ptr<float>(), parts, out.numel(), 1.0f,
+                                         out.mutable_data_ptr(), stream_of(x)));
+  }
+  return out;
 }
 
 // ------------------------------------------------------------------------------------------------ ops
@@ -489,6 +536,90 @@ at::Tensor grad_a(const at::Tensor& x, const at::Tensor& dS, double p, int64_t s
   return dA;
 }
 
+at::Tensor kron_apply(const at::Tensor& x, const at::Tensor& q, const at::Tensor& p) {
+  const char* op = "kron_apply";
+  check_dim(op, "x", x, 3, "(M, NI, NJ)");
+  check_dim(op, "q", q, 3, "(R, NA, NI)");
+  check_dim(op, "p", p, 3, "(R, NJ, NC)");
+  const int64_t M = x.size(0), NI = x.size(1), NJ = x.size(2), R = q.size(0), NA = q.size(1), NC = p.size(2);
+  check_kron_limit(op, "R (q.shape[0])", R, kKronMaxRank);
+  check_kron_limit(op, "NA (q.shape[1])", NA, kKronMaxKept);
+  check_kron_limit(op, "NI (x.shape[1])", NI, kKronMaxKept);
+  check_kron_size(op, "NJ (x.shape[2])", NJ);
+  check_kron_size(op, "NC (p.shape[2])", NC);
+  check_size(op, "q", q, 2, NI, "NI, x.shape[1]");
+  check_size(op, "p", p, 0, R, "R, q.shape[0]");
+  check_size(op, "p", p, 1, NJ, "NJ, x.shape[2]");
+  const ttk_dtype dtype = kernel_dtype(op, "x", x);
+  check_same_dtype(op, "q", q, "x", x);
+  check_same_dtype(op, "p", p, "x", x);
+  check_contiguous(op, "q", q);
+  check_contiguous(op, "p", p);
+  check_cuda(op, "x", x, x.device());
+  check_cuda(op, "q", q, x.device());
+  check_cuda(op, "p", p, x.device());
+
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  at::Tensor y = new_output({M, NA, NC}, x.options());
+  if (M == 0) return y;
+  check_launch(op, ttk_kron_apply_launch(dtype, x.const_data_ptr(), x.stride(0), x.stride(1), x.stride(2),
+                                         q.const_data_ptr(), p.const_data_ptr(), y.mutable_data_ptr(), M, R, NI, NJ,
+                                         NA, NC, stream_of(x)));
+  return y;
+}
+
+at::Tensor kron_grad_q(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& p) {
+  const char* op = "kron_grad_q";
+  check_dim(op, "dy", dy, 3, "(M, NA, NC)");
+  check_dim(op, "x", x, 3, "(M, NI, NJ)");
+  check_dim(op, "p", p, 3, "(R, NJ, NC)");
+  const int64_t M = dy.size(0), NA = dy.size(1), NC = dy.size(2), NI = x.size(1), NJ = x.size(2), R = p.size(0);
+  check_kron_limit(op, "R (p.shape[0])", R, kKronMaxRank);
+  check_kron_limit(op, "NA (dy.shape[1])", NA, kKronMaxKept);
+  check_kron_limit(op, "NI (x.shape[1])", NI, kKronMaxKept);
+  check_kron_size(op, "NC (dy.shape[2])", NC);
+  check_kron_size(op, "NJ (x.shape[2])", NJ);
+  check_size(op, "x", x, 0, M, "M, the tokens of dy");
+  check_size(op, "p", p, 1, NJ, "NJ, x.shape[2]");
+  check_size(op, "p", p, 2, NC, "NC, dy.shape[2]");
+  kernel_dtype(op, "dy", dy);
+  check_same_dtype(op, "x", x, "dy", dy);
+  check_same_dtype(op, "p", p, "dy", dy);
+  check_contiguous(op, "p", p);
+  check_cuda(op, "dy", dy, dy.device());
+  check_cuda(op, "x", x, dy.device());
+  check_cuda(op, "p", p, dy.device());
+
+  const c10::cuda::CUDAGuard device_guard(dy.device());
+  return kron_reduce(op, dy, x, p, true);
+}
+
+at::Tensor kron_grad_p(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& q) {
+  const char* op = "kron_grad_p";
+  check_dim(op, "dy", dy, 3, "(M, NA, NC)");
+  check_dim(op, "x", x, 3, "(M, NI, NJ)");
+  check_dim(op, "q", q, 3, "(R, NA, NI)");
+  const int64_t M = dy.size(0), NA = dy.size(1), NC = dy.size(2), NI = x.size(1), NJ = x.size(2), R = q.size(0);
+  check_kron_limit(op, "R (q.shape[0])", R, kKronMaxRank);
+  check_kron_limit(op, "NA (dy.shape[1])", NA, kKronMaxKept);
+  check_kron_limit(op, "NI (x.shape[1])", NI, kKronMaxKept);
+  check_kron_size(op, "NC (dy.shape[2])", NC);
+  check_kron_size(op, "NJ (x.shape[2])", NJ);
+  check_size(op, "x", x, 0, M, "M, the tokens of dy");
+  check_size(op, "q", q, 1, NA, "NA, dy.shape[1]");
+  check_size(op, "q", q, 2, NI, "NI, x.shape[1]");
+  kernel_dtype(op, "dy", dy);
+  check_same_dtype(op, "x", x, "dy", dy);
+  check_same_dtype(op, "q", q, "dy", dy);
+  check_contiguous(op, "q", q);
+  check_cuda(op, "dy", dy, dy.device());
+  check_cuda(op, "x", x, dy.device());
+  check_cuda(op, "q", q, dy.device());
+
+  const c10::cuda::CUDAGuard device_guard(dy.device());
+  return kron_reduce(op, dy, x, q, false);
+}
+
 bool set_poison(bool on) { return g_poison.exchange(on); }
 
 #undef TTK_CHECK
@@ -505,19 +636,25 @@ TORCH_LIBRARY(ttkernels_cuda, m) {
   m.def("grad_mid(Tensor S, Tensor dU, Tensor C, Tensor? task_ids) -> (Tensor, Tensor)");
   m.def("grad_x(Tensor dy, Tensor weight, Tensor dS, Tensor A, float p, int seed) -> Tensor");
   m.def("grad_a(Tensor x, Tensor dS, float p, int seed) -> Tensor");
+  m.def("kron_apply(Tensor x, Tensor q, Tensor p) -> Tensor");
+  m.def("kron_grad_q(Tensor dy, Tensor x, Tensor p) -> Tensor");
+  m.def("kron_grad_p(Tensor dy, Tensor x, Tensor q) -> Tensor");
   m.def("set_poison(bool on) -> bool", &ttkernels::set_poison);
 }
 
 // The same functions for CUDA and CPU: on the CPU they only ever raise (see the header).
-#define TTK_IMPLS(m)                           \
-  m.impl("dropout", &ttkernels::dropout);   \
-  m.impl("shrink", &ttkernels::shrink);     \
-  m.impl("mid", &ttkernels::mid);           \
-  m.impl("expand", &ttkernels::expand);     \
-  m.impl("grad_dy", &ttkernels::grad_dy);   \
-  m.impl("grad_mid", &ttkernels::grad_mid); \
-  m.impl("grad_x", &ttkernels::grad_x);     \
-  m.impl("grad_a", &ttkernels::grad_a)
+#define TTK_IMPLS(m)                                 \
+  m.impl("dropout", &ttkernels::dropout);         \
+  m.impl("shrink", &ttkernels::shrink);           \
+  m.impl("mid", &ttkernels::mid);                 \
+  m.impl("expand", &ttkernels::expand);           \
+  m.impl("grad_dy", &ttkernels::grad_dy);         \
+  m.impl("grad_mid", &ttkernels::grad_mid);       \
+  m.impl("grad_x", &ttkernels::grad_x);           \
+  m.impl("grad_a", &ttkernels::grad_a);           \
+  m.impl("kron_apply", &ttkernels::kron_apply);   \
+  m.impl("kron_grad_q", &ttkernels::kron_grad_q); \
+  m.impl("kron_grad_p", &ttkernels::kron_grad_p)
 
 TORCH_LIBRARY_IMPL(ttkernels_cuda, CUDA, m) { TTK_IMPLS(m); }
 

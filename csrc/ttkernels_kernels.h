@@ -71,6 +71,28 @@ cudaError_t ttk_rowmix_launch(ttk_dtype dtype, const void* in, const void* C, co
 cudaError_t ttk_finalize_launch(ttk_dtype dtype, const float* buf, int64_t parts, int64_t n, float scale, void* out,
                                 cudaStream_t stream);
 
+// ------------------------------------------------------------------------- TT-matrix Kronecker-sum apply
+// ttm.cu, the small-bond-rank path (1 <= R <= 16, 1 <= NI, NA <= 64, NJ, NC >= 1, M >= 1): x (M, NI, NJ) and dy
+// (M, NA, NC) read through element strides (sx*, sd*; any values >= 0), q (R, NA, NI) and p (R, NJ, NC) contiguous,
+// all of storage type `dtype`, fp32 accumulation.
+// y (M, NA, NC) contiguous = sum_r q[r] (x p[r]) per token.
+cudaError_t ttk_kron_apply_launch(ttk_dtype dtype, const void* x, int64_t sxb, int64_t sxi, int64_t sxj, const void* q,
+                                  const void* p, void* y, int64_t M, int64_t R, int64_t NI, int64_t NJ, int64_t NA,
+                                  int64_t NC, cudaStream_t stream);
+// dq = sum over tokens of dy^T (x p[r]): split s writes all of dq_buf[s] (R, NA, NI) fp32 (no zeroing needed);
+// the caller sums the `splits` pieces in order (ttk_finalize_launch), or passes dq itself when splits == 1.
+int64_t ttk_kron_grad_q_splits(int64_t M, int64_t R, int num_sms);
+cudaError_t ttk_kron_grad_q_launch(ttk_dtype dtype, const void* dy, int64_t sdb, int64_t sda, int64_t sdc,
+                                   const void* x, int64_t sxb, int64_t sxi, int64_t sxj, const void* p, float* dq_buf,
+                                   int64_t splits, int64_t M, int64_t R, int64_t NI, int64_t NJ, int64_t NA,
+                                   int64_t NC, cudaStream_t stream);
+// dp = sum over tokens of (q[r] x)^T dy: split s writes all of dp_buf[s] (R, NJ, NC) fp32, as for dq.
+int64_t ttk_kron_grad_p_splits(int64_t M, int64_t R, int64_t NJ, int64_t NC, int num_sms);
+cudaError_t ttk_kron_grad_p_launch(ttk_dtype dtype, const void* dy, int64_t sdb, int64_t sda, int64_t sdc,
+                                   const void* x, int64_t sxb, int64_t sxi, int64_t sxj, const void* q, float* dp_buf,
+                                   int64_t splits, int64_t M, int64_t R, int64_t NI, int64_t NJ, int64_t NA,
+                                   int64_t NC, cudaStream_t stream);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif

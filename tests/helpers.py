@@ -206,6 +206,52 @@ def reductions_twice(backend, rnd, middle, m=97, d_in=21, d_out=19, r=4):
     return once(), once()
 
 
+def kron_operand(m, n1, n2, dtype, layout, device="cpu"):
+    """A random ``(m, n1, n2)`` operand of the Kronecker-sum ops (x or dy) laid out as ``layout``: "contiguous",
+    "transposed" (a ``transpose(1, 2)`` view, as the callers pass) or "strided" (every other last-dim element, with
+    a storage offset)."""
+    if layout == "contiguous":
+        return rnd(m, n1, n2, dtype=dtype, device=device)
+    if layout == "transposed":
+        return rnd(m, n2, n1, dtype=dtype, device=device).transpose(1, 2)
+    assert layout == "strided", layout
+    return rnd(m, n1, 2 * n2 + 1, dtype=dtype, device=device)[:, :, 1::2]
+
+
+def kron_case(shape, dtype, layout, device="cpu"):
+    """``(x, dy, q, p)`` for ``shape = (M, R, NI, NJ, NA, NC)``, scaled so that y and the gradients are O(1)."""
+    m, r, ni, nj, na, nc = shape
+    x, dy = kron_operand(m, ni, nj, dtype, layout, device), kron_operand(m, na, nc, dtype, layout, device)
+    q = rnd(r, na, ni, dtype=dtype, scale=(r * ni) ** -0.5, device=device)
+    p = rnd(r, nj, nc, dtype=dtype, scale=nj**-0.5, device=device)
+    return x, dy, q, p
+
+
+def check_kron_ops(ops, x, dy, q, p, dtype):
+    """``ops``' kron_apply, kron_grad_q, kron_grad_p, and dx (kron_apply of dy with q and p transposed) against the
+    float64 references of ``ttkernels.ttm`` by :func:`check_error_ratio`: y against torch in ``dtype``, the float32
+    gradients against torch in float32 on the same inputs (the kernels accumulate in fp32 throughout)."""
+    from ttkernels import ttm
+
+    x64, dy64, q64, p64 = (d64(t) for t in (x, dy, q, p))
+    y = ops.kron_apply(x, q, p)
+    check_error_ratio("y", y, ttm.kron_apply_ref(x64, q64, p64), ttm.kron_apply_ref(x, q, p), dtype)
+    f32 = [t.float() for t in (x, dy, q, p)]
+    dq = ops.kron_grad_q(dy, x, p)
+    want = ttm.kron_grad_q_ref(dy64, x64, p64)
+    check_error_ratio("dq", dq, want, ttm.kron_grad_q_ref(f32[1], f32[0], f32[3]), torch.float32)
+    dp = ops.kron_grad_p(dy, x, q)
+    want = ttm.kron_grad_p_ref(dy64, x64, q64)
+    check_error_ratio("dp", dp, want, ttm.kron_grad_p_ref(f32[1], f32[0], f32[2]), torch.float32)
+    # dx: the vector-Jacobian product of y, as the callers compute it
+    x_req = x64.clone().requires_grad_()
+    ttm.kron_apply_ref(x_req, q64, p64).backward(dy64)
+    dx = ops.kron_apply(dy, q.transpose(1, 2).contiguous(), p.transpose(1, 2).contiguous())
+    lowp = ttm.kron_apply_ref(dy, q.transpose(1, 2), p.transpose(1, 2))
+    check_error_ratio("dx", dx, x_req.grad, lowp, dtype)
+    return y, dq, dp
+
+
 def require(module: str):
     """Import a test dependency of pyproject.toml's ``test`` extra: skip without it, but fail under
     ``TTKERNELS_REQUIRE_TEST_DEPS=1`` (CI installs them all)."""

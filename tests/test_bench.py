@@ -16,6 +16,7 @@ from bench.providers import (
     lora_rank_for_params,
     providers_for,
 )
+from helpers import require
 
 
 def test_layer_flops_and_bytes():
@@ -189,3 +190,23 @@ def test_an_interrupted_run_keeps_the_rows_it_measured(tmp_path, monkeypatch):
     rows = harness.read_rows(out)
     assert rows and {r["M"] for r in rows} == {1}
     assert all(r["ratio_to_base"] is not None for r in rows)
+
+
+def test_cli_ttm_quick(tmp_path, capsys):
+    """python -m bench.ttm --quick: every torch path checked against float64, timed, rows written."""
+    from bench import ttm as bench_ttm
+
+    require("tltorch")
+    out = tmp_path / "rows.jsonl"
+    assert bench_ttm.main("--quick --M 3 --modes 2 3 --rank 2 --reps 2".split() + ["--results", str(out)]) == 0
+    rows = harness.read_rows(out)
+    providers = {r["provider"] for r in rows}
+    assert {"dense", "sweep", "tltorch"} <= providers  # tensorly-torch is a test dependency
+    for r in rows:
+        assert r["preset"] == "ttm" and r["M"] == 3 and r["d_in"] == 6 and r["rank"] == 2
+        assert r["rel_error"] < 1e-2 and r["time_ms"] > 0
+    sweep = [r for r in rows if r["provider"] == "sweep"]
+    assert all(abs(r["saved_vs_x"] - 1.0) < 1e-9 for r in sweep)  # the sweep keeps x alone
+    dense = {r["phase"]: r for r in rows if r["provider"] == "dense"}
+    assert dense["forward"]["x_vs_dense"] == 1.0
+    assert "x_vs_tltorch" in capsys.readouterr().out

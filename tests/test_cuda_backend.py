@@ -56,6 +56,9 @@ SCHEMAS = {
     "grad_mid": "ttkernels_cuda::grad_mid(Tensor S, Tensor dU, Tensor C, Tensor? task_ids) -> (Tensor, Tensor)",
     "grad_x": "ttkernels_cuda::grad_x(Tensor dy, Tensor weight, Tensor dS, Tensor A, float p, int seed) -> Tensor",
     "grad_a": "ttkernels_cuda::grad_a(Tensor x, Tensor dS, float p, int seed) -> Tensor",
+    "kron_apply": "ttkernels_cuda::kron_apply(Tensor x, Tensor q, Tensor p) -> Tensor",
+    "kron_grad_q": "ttkernels_cuda::kron_grad_q(Tensor dy, Tensor x, Tensor p) -> Tensor",
+    "kron_grad_p": "ttkernels_cuda::kron_grad_p(Tensor dy, Tensor x, Tensor q) -> Tensor",
     "set_poison": "ttkernels_cuda::set_poison(bool on) -> bool",
 }
 
@@ -77,6 +80,7 @@ def test_set_poison_returns_the_previous_value(ext):
 
 # ---------------------------------------------------------------------------- argument checks (CPU too)
 M, D_IN, D_OUT, RA, RB, T = 5, 7, 6, 3, 4, 2
+KR, KNI, KNJ, KNA, KNC = 2, 3, 4, 5, 6  # the Kronecker-sum ops: x (M, NI, NJ), q (R, NA, NI), p (R, NJ, NC)
 
 
 def _valid(device="cpu"):
@@ -94,6 +98,9 @@ def _valid(device="cpu"):
         "grad_mid": [r(M, RA), r(M, RB), r(T, RA, RB), ids],
         "grad_x": [r(M, D_OUT), r(D_OUT, D_IN), r(M, RA), r(D_IN, RA), 0.1, 3],
         "grad_a": [r(M, D_IN), r(M, RA), 0.1, 3],
+        "kron_apply": [r(M, KNI, KNJ), r(KR, KNA, KNI), r(KR, KNJ, KNC)],
+        "kron_grad_q": [r(M, KNA, KNC), r(M, KNI, KNJ), r(KR, KNJ, KNC)],
+        "kron_grad_p": [r(M, KNA, KNC), r(M, KNI, KNJ), r(KR, KNA, KNI)],
     }
 
 
@@ -150,6 +157,60 @@ BAD = [
     ("grad_a", 1, lambda: torch.randn(M + 2, RA), RuntimeError, r"grad_a: dS has shape \[7, 3\] but its dimension 0"),
     ("grad_a", 1, lambda: torch.randn(M, 129), RuntimeError, r"grad_a: ra \(dS.shape\[1\]\) must be in \[1, 128\]"),
     ("grad_a", 3, lambda: -3, RuntimeError, r"grad_a: seed must be >= 0"),
+    ("kron_apply", 0, lambda: torch.randn(M, KNI), RuntimeError, r"kron_apply: x must be 3-D \(M, NI, NJ\)"),
+    ("kron_apply", 0, lambda: torch.randn(M, KNI, KNJ, dtype=torch.float64), TypeError,
+     r"kron_apply: x must have dtype float32, float16 or bfloat16, got Double"),
+    ("kron_apply", 0, lambda: torch.randn(M, 65, KNJ), RuntimeError,
+     r"kron_apply: NI \(x.shape\[1\]\) must be in \[1, 64\] on the small-bond-rank CUDA path, got 65; "
+     r"use backend='triton' or backend='torch'"),
+    ("kron_apply", 0, lambda: torch.randn(M, KNI, 0), RuntimeError, r"kron_apply: NJ \(x.shape\[2\]\) must be >= 1"),
+    ("kron_apply", 1, lambda: torch.randn(KNA, KNI), RuntimeError, r"kron_apply: q must be 3-D \(R, NA, NI\)"),
+    ("kron_apply", 1, lambda: torch.randn(17, KNA, KNI), RuntimeError,
+     r"kron_apply: R \(q.shape\[0\]\) must be in \[1, 16\] .*, got 17; use backend='triton' or backend='torch'"),
+    ("kron_apply", 1, lambda: torch.randn(0, KNA, KNI), RuntimeError, r"kron_apply: R \(q.shape\[0\]\) must be in \[1, 16\]"),
+    ("kron_apply", 1, lambda: torch.randn(KR, 65, KNI), RuntimeError, r"kron_apply: NA \(q.shape\[1\]\) must be in \[1, 64\]"),
+    ("kron_apply", 1, lambda: torch.randn(KR, KNA, KNI + 1), RuntimeError,
+     r"kron_apply: q has shape \[2, 5, 4\] but its dimension 2 must be 3 \(NI, x.shape\[1\]\)"),
+    ("kron_apply", 1, lambda: torch.randn(KR, KNA, KNI, dtype=torch.float16), TypeError,
+     r"kron_apply: q has dtype Half but x has dtype Float; all must match"),
+    ("kron_apply", 1, lambda: torch.randn(KR, KNI, KNA).transpose(1, 2), RuntimeError, r"kron_apply: q must be contiguous"),
+    ("kron_apply", 2, lambda: torch.randn(KR + 1, KNJ, KNC), RuntimeError,
+     r"kron_apply: p has shape \[3, 4, 6\] but its dimension 0 must be 2 \(R, q.shape\[0\]\)"),
+    ("kron_apply", 2, lambda: torch.randn(KR, KNJ + 1, KNC), RuntimeError,
+     r"kron_apply: p has shape \[2, 5, 6\] but its dimension 1 must be 4 \(NJ, x.shape\[2\]\)"),
+    ("kron_apply", 2, lambda: torch.randn(KR, KNJ, 0), RuntimeError, r"kron_apply: NC \(p.shape\[2\]\) must be >= 1"),
+    ("kron_apply", 2, lambda: torch.randn(KR, KNC, KNJ).transpose(1, 2), RuntimeError, r"kron_apply: p must be contiguous"),
+    ("kron_apply", 2, lambda: torch.randn(KR, KNJ, KNC, dtype=torch.bfloat16), TypeError,
+     r"kron_apply: p has dtype BFloat16 but x has dtype Float"),
+    ("kron_grad_q", 0, lambda: torch.randn(M, KNA, KNC, 1), RuntimeError, r"kron_grad_q: dy must be 3-D \(M, NA, NC\)"),
+    ("kron_grad_q", 0, lambda: torch.randn(M, 65, KNC), RuntimeError, r"kron_grad_q: NA \(dy.shape\[1\]\) must be in \[1, 64\]"),
+    ("kron_grad_q", 0, lambda: torch.ones(M, KNA, KNC, dtype=torch.int32), TypeError, r"kron_grad_q: dy must have dtype float32"),
+    ("kron_grad_q", 1, lambda: torch.randn(M + 1, KNI, KNJ), RuntimeError,
+     r"kron_grad_q: x has shape \[6, 3, 4\] but its dimension 0 must be 5 \(M, the tokens of dy\)"),
+    ("kron_grad_q", 1, lambda: torch.randn(M, 65, KNJ), RuntimeError, r"kron_grad_q: NI \(x.shape\[1\]\) must be in \[1, 64\]"),
+    ("kron_grad_q", 1, lambda: torch.randn(M, KNI, KNJ, dtype=torch.bfloat16), TypeError,
+     r"kron_grad_q: x has dtype BFloat16 but dy has dtype Float"),
+    ("kron_grad_q", 2, lambda: torch.randn(17, KNJ, KNC), RuntimeError,
+     r"kron_grad_q: R \(p.shape\[0\]\) must be in \[1, 16\] .*use backend='triton' or backend='torch'"),
+    ("kron_grad_q", 2, lambda: torch.randn(KR, KNJ + 1, KNC), RuntimeError,
+     r"kron_grad_q: p has shape \[2, 5, 6\] but its dimension 1 must be 4 \(NJ, x.shape\[2\]\)"),
+    ("kron_grad_q", 2, lambda: torch.randn(KR, KNJ, KNC + 1), RuntimeError,
+     r"kron_grad_q: p has shape \[2, 4, 7\] but its dimension 2 must be 6 \(NC, dy.shape\[2\]\)"),
+    ("kron_grad_q", 2, lambda: torch.randn(KR, KNC, KNJ).transpose(1, 2), RuntimeError, r"kron_grad_q: p must be contiguous"),
+    ("kron_grad_p", 0, lambda: torch.randn(M, KNA, 0), RuntimeError, r"kron_grad_p: NC \(dy.shape\[2\]\) must be >= 1"),
+    ("kron_grad_p", 0, lambda: torch.randn(M, KNA, KNC, dtype=torch.float64), TypeError, r"kron_grad_p: dy must have dtype"),
+    ("kron_grad_p", 1, lambda: torch.randn(M - 1, KNI, KNJ), RuntimeError,
+     r"kron_grad_p: x has shape \[4, 3, 4\] but its dimension 0 must be 5 \(M, the tokens of dy\)"),
+    ("kron_grad_p", 1, lambda: torch.randn(M, 65, KNJ), RuntimeError, r"kron_grad_p: NI \(x.shape\[1\]\) must be in \[1, 64\]"),
+    ("kron_grad_p", 1, lambda: torch.randn(M, KNI), RuntimeError, r"kron_grad_p: x must be 3-D \(M, NI, NJ\)"),
+    ("kron_grad_p", 2, lambda: torch.randn(17, KNA, KNI), RuntimeError, r"kron_grad_p: R \(q.shape\[0\]\) must be in \[1, 16\]"),
+    ("kron_grad_p", 2, lambda: torch.randn(KR, KNA + 1, KNI), RuntimeError,
+     r"kron_grad_p: q has shape \[2, 6, 3\] but its dimension 1 must be 5 \(NA, dy.shape\[1\]\)"),
+    ("kron_grad_p", 2, lambda: torch.randn(KR, KNA, KNI + 2), RuntimeError,
+     r"kron_grad_p: q has shape \[2, 5, 5\] but its dimension 2 must be 3 \(NI, x.shape\[1\]\)"),
+    ("kron_grad_p", 2, lambda: torch.randn(KR, KNA, KNI, dtype=torch.float16), TypeError,
+     r"kron_grad_p: q has dtype Half but dy has dtype Float"),
+    ("kron_grad_p", 2, lambda: torch.randn(KR, KNI, KNA).transpose(1, 2), RuntimeError, r"kron_grad_p: q must be contiguous"),
 ]  # fmt: skip
 
 
@@ -169,8 +230,22 @@ def test_binding_names_the_bad_argument(ext, case, device):
 @pytest.mark.parametrize("op", sorted(_valid()))
 def test_binding_refuses_cpu_tensors_after_every_other_check(ext, op):
     first = {"shrink": "x", "mid": "S", "expand": "x", "grad_dy": "dy", "grad_mid": "S", "grad_x": "dy", "grad_a": "x"}
+    first.update(kron_apply="x", kron_grad_q="dy", kron_grad_p="dy")
     with pytest.raises(RuntimeError, match=rf"{op}: {first[op]} must be a CUDA tensor, got device cpu"):
         getattr(ext, op)(*_valid("cpu")[op])
+
+
+@pytest.mark.parametrize("m", [0, M])
+@pytest.mark.parametrize("op", ["kron_apply", "kron_grad_q", "kron_grad_p"])
+def test_kron_binding_takes_strided_x_and_dy(ext, op, m):
+    """Transposed and strided views of x and dy (and M = 0) pass every check: a CPU tensor is refused only as such."""
+    args = _valid("cpu")[op]
+    x = torch.randn(m, KNJ, KNI).transpose(1, 2)
+    dy = torch.randn(m, KNA, 2 * KNC)[:, :, ::2]
+    args[0:2] = [x, args[1]] if op == "kron_apply" else [dy, x]
+    first = "x" if op == "kron_apply" else "dy"
+    with pytest.raises(RuntimeError, match=rf"{op}: {first} must be a CUDA tensor, got device cpu"):
+        getattr(ext, op)(*args)
 
 
 @needs_cuda
@@ -193,6 +268,9 @@ def test_fake_kernels_give_the_output_shapes(ext):
         "grad_mid": [(M, RA), (T, RA, RB)],
         "grad_x": [(M, D_IN)],
         "grad_a": [(D_IN, RA)],
+        "kron_apply": [(M, KNA, KNC)],
+        "kron_grad_q": [(KR, KNA, KNI)],
+        "kron_grad_p": [(KR, KNJ, KNC)],
     }
     for op, want in shapes.items():
         out = getattr(ext, op)(*v[op])
@@ -233,6 +311,15 @@ def test_registry_says_how_to_build_a_missing_extension(monkeypatch):
                            0.0, 0), TypeError, r"backend='cuda' computes in float32, bfloat16 or float16, not torch.float64"),
         (lambda: cb.grad_a(torch.randn(3, 4), torch.randn(3, 130), 0.0, 0), ValueError,
          r"backend='cuda' supports ranks up to 128, but r_a = 130; use backend='torch'"),
+        (lambda: cb.kron_apply(torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(1, 2, 3, dtype=torch.float64),
+                               torch.randn(1, 4, 5, dtype=torch.float64)), TypeError,
+         r"backend='cuda' computes in float32, bfloat16 or float16, not torch.float64; use backend='torch'"),
+        (lambda: cb.kron_apply(torch.randn(2, 3, 4), torch.randn(17, 2, 3), torch.randn(17, 4, 5)), ValueError,
+         r"Kronecker-sum kernels support the rank R up to 16, got 17; use backend='triton' or backend='torch'"),
+        (lambda: cb.kron_grad_q(torch.randn(2, 65, 5), torch.randn(2, 3, 4), torch.randn(1, 4, 5)), ValueError,
+         r"support NA up to 64, got 65; use backend='triton'"),
+        (lambda: cb.kron_grad_p(torch.randn(2, 2, 5), torch.randn(2, 70, 4), torch.randn(1, 2, 70)), ValueError,
+         r"support NI up to 64, got 70; use backend='triton'"),
     ],
 )  # fmt: skip
 def test_backend_layer_points_to_the_torch_backend(call, exc, message):
@@ -514,3 +601,38 @@ def test_ttlinear_module_trains_with_cuda():
         opt.step()
         losses.append(loss.item())
     assert math.isfinite(losses[-1]) and losses[-1] < losses[0]
+
+
+# ------------------------------------------------------------------ Kronecker-sum ops (ttm.cu), GPU results
+# (M, R, NI, NJ, NA, NC): empty, one token, primes, NJ / NC over several tiles, the R = 16 / NI = NA = 64 edge,
+# lopsided kept sizes, real sizes (d = 4096 as 64 x 64) with several token splits.
+KRON_SHAPES = [
+    (0, 3, 3, 7, 5, 11),
+    (1, 1, 3, 7, 5, 11),
+    (7, 3, 3, 7, 5, 11),
+    (13, 3, 5, 70, 7, 130),
+    (37, 16, 64, 9, 64, 17),
+    (97, 2, 2, 130, 1, 70),
+    (61, 4, 1, 33, 64, 5),
+    (61, 4, 64, 3, 1, 20),
+    (1031, 16, 64, 64, 64, 64),
+    (4099, 4, 16, 256, 32, 131),
+]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
+@pytest.mark.parametrize("shape", KRON_SHAPES, ids=["x".join(map(str, s)) for s in KRON_SHAPES])
+def test_kron_apply_and_grads(poison, shape, layout, dtype):
+    x, dy, q, p = helpers.kron_case(shape, dtype, layout, device="cuda")
+    helpers.check_kron_ops(cb, x, dy, q, p, dtype)
+
+
+@needs_cuda
+def test_kron_grads_repeat_bit_for_bit(ext):
+    x, dy, q, p = helpers.kron_case((4099, 4, 16, 40, 32, 70), torch.float32, "transposed", device="cuda")
+    first = (cb.kron_apply(x, q, p), cb.kron_grad_q(dy, x, p), cb.kron_grad_p(dy, x, q))
+    again = (cb.kron_apply(x, q, p), cb.kron_grad_q(dy, x, p), cb.kron_grad_p(dy, x, q))
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)

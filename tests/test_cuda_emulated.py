@@ -30,10 +30,11 @@ import torch
 import helpers
 from helpers import check_error_ratio as check
 from ttkernels import reference as ref
+from ttkernels import ttm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(REPO, "csrc")
-SOURCES = ["shrink.cu", "grad_dy.cu", "token_reduce.cu", "lowrank.cu", "dropout.cu"]
+SOURCES = ["shrink.cu", "grad_dy.cu", "token_reduce.cu", "lowrank.cu", "dropout.cu", "ttm.cu"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 NUM_SMS = 3  # a small "device": several row splits even for small M
@@ -56,6 +57,11 @@ SIGNATURES = {
     "ttk_rowmix_launch": [cint, vp, vp, vp, i64, cint, vp, i64, i64, i64, vp],
     "ttk_finalize_launch": [cint, vp, i64, i64, f32, vp, vp],
     "ttk_dropout_launch": [cint, vp, vp, i64, i64, u64, u32, f32, vp],
+    "ttk_kron_apply_launch": [cint, vp, i64, i64, i64, vp, vp, vp, i64, i64, i64, i64, i64, i64, vp],
+    "ttk_kron_grad_q_splits": [i64, i64, cint],
+    "ttk_kron_grad_q_launch": [cint, vp, i64, i64, i64, vp, i64, i64, i64, vp, vp, i64, *[i64] * 6, vp],
+    "ttk_kron_grad_p_splits": [i64, i64, i64, i64, cint],
+    "ttk_kron_grad_p_launch": [cint, vp, i64, i64, i64, vp, i64, i64, i64, vp, vp, i64, *[i64] * 6, vp],
 }
 
 
@@ -207,6 +213,39 @@ class Emulated:
             return torch.zeros(x.shape[1], dS.shape[1], dtype=x.dtype)
         return self._reduce(x, dS, None, 1, p, seed, poisoned(x.shape[1], dS.shape[1], dtype=x.dtype))
 
+    # The Kronecker-sum ops (ttm.cu); x and dy keep their strides, q and p are contiguous (the binding checks it).
+    def kron_apply(self, x, q, p):
+        (m, ni, nj), (r, na, _), nc = x.shape, q.shape, p.shape[2]
+        y = poisoned(m, na, nc, dtype=x.dtype)
+        if m:
+            self._ok(self.lib.ttk_kron_apply_launch(CODE[x.dtype], ptr(x), *x.stride(), ptr(q), ptr(p), ptr(y), m, r,
+                                                    ni, nj, na, nc, None))  # fmt: skip
+        return y
+
+    def _kron_reduce(self, dy, x, factor, grad_q):
+        (m, ni, nj), (_, na, nc), r = x.shape, dy.shape, factor.shape[0]
+        sizes = (r, na, ni) if grad_q else (r, nj, nc)
+        if m == 0:
+            return torch.zeros(sizes)
+        out = poisoned(*sizes, dtype=torch.float32)
+        if grad_q:
+            parts, launch = self.lib.ttk_kron_grad_q_splits(m, r, NUM_SMS), self.lib.ttk_kron_grad_q_launch
+        else:
+            parts, launch = self.lib.ttk_kron_grad_p_splits(m, r, nj, nc, NUM_SMS), self.lib.ttk_kron_grad_p_launch
+        buf = out if parts == 1 else poisoned(parts * out.numel(), dtype=torch.float32)
+        self._ok(launch(CODE[x.dtype], ptr(dy), *dy.stride(), ptr(x), *x.stride(), ptr(factor), ptr(buf), parts, m, r,
+                        ni, nj, na, nc, None))  # fmt: skip
+        if parts > 1:
+            self._ok(self.lib.ttk_finalize_launch(CODE[torch.float32], ptr(buf), parts, out.numel(), 1.0, ptr(out),
+                                                  None))  # fmt: skip
+        return out
+
+    def kron_grad_q(self, dy, x, p):
+        return self._kron_reduce(dy, x, p, True)
+
+    def kron_grad_p(self, dy, x, q):
+        return self._kron_reduce(dy, x, q, False)
+
 
 rnd = helpers.rnd
 
@@ -344,6 +383,74 @@ def test_out_of_range_task_ids_give_nan_rows_not_out_of_bounds_reads(lib):
     assert torch.isnan(dS[bad]).all() and torch.isfinite(dC).all()
 
 
+# ------------------------------------------------------------------------------ Kronecker-sum ops (ttm.cu)
+# (M, R, NI, NJ, NA, NC): empty, one token, primes at R = 1 and 3, NJ and NC over several tiles (16 j per chunk,
+# 16 c per apply / grad_q tile, 64 c per grad_p tile), the R = 16 / NI = NA = 64 edge, lopsided kept sizes (the
+# token tile follows the larger), and enough tokens for several grad_q / grad_p splits.
+KRON_SHAPES = [(0, 3, 3, 7, 5, 11), (1, 1, 3, 7, 5, 11), (7, 3, 3, 7, 5, 11), (13, 3, 5, 70, 7, 130),
+               (5, 16, 64, 9, 64, 17), (37, 2, 2, 130, 1, 70), (9, 4, 1, 33, 64, 5), (9, 4, 64, 3, 1, 20),
+               (150, 1, 4, 5, 3, 6)]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
+@pytest.mark.parametrize("shape", KRON_SHAPES, ids=["x".join(map(str, s)) for s in KRON_SHAPES])
+def test_kron_apply_and_grads(lib, shape, layout, dtype):
+    x, dy, q, p = helpers.kron_case(shape, dtype, layout)
+    helpers.check_kron_ops(Emulated(lib), x, dy, q, p, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "spec",
+    [
+        ttm.TTMSpec((3, 4), (2, 5), (3,)),
+        ttm.TTMSpec((2, 3, 2), (3, 2, 5), (2, 3)),
+        ttm.TTMSpec((70, 2), (66, 2), (2,)),  # only the right factor fits the kernels' 64 per side
+    ],
+    ids=lambda s: s.describe(),
+)
+def test_ttm_apply_on_the_emulated_cuda_kernels(lib, spec, dtype, monkeypatch):
+    """ttm_apply(backend="cuda") end to end (the cut, the views, the autograd function, dx through transposed
+    factors) with the op calls answered by the emulated kernels, against the float64 sweep."""
+    emulated = ttm._CudaKernels.__new__(ttm._CudaKernels)
+    emulated.k = Emulated(lib)
+    monkeypatch.setattr(ttm, "_kernels", lambda name, device: emulated)
+    m = 9
+    x = rnd(m, spec.in_features, dtype=dtype)
+    cores = [rnd(*s, scale=(s[0] * s[2]) ** -0.5) for s in spec.core_shapes]
+    dy = rnd(m, spec.out_features, dtype=dtype)
+
+    def run(x, cores, dy, backend):
+        x = x.detach().requires_grad_()
+        cores = [c.detach().requires_grad_() for c in cores]
+        y = ttm.ttm_apply(x, cores, scaling=0.5, backend=backend)
+        return (y, *torch.autograd.grad(y, (x, *cores), dy))
+
+    got = run(x, cores, dy, "cuda")
+    want = run(x.double(), [c.double() for c in cores], dy.double(), "torch")
+    base = run(x, cores, dy, "torch")
+    for name, g, w, b in zip(["y", "dx"] + [f"dG{k}" for k in range(len(cores))], got, want, base):
+        check(name, g, w, b, g.dtype)
+    # a chain with no cut inside the limits is refused, not computed another way
+    wide = ttm.TTMSpec((70, 2), (2, 66), (2,))
+    with pytest.raises(ValueError, match="bond rank <= 16 and sides <= 64"):
+        ttm.ttm_apply(rnd(2, wide.in_features, dtype=dtype), [rnd(*s) for s in wide.core_shapes], backend="cuda")
+
+
+def test_kron_grads_split_and_repeat_bit_for_bit(lib):
+    """Several token splits (summed in order by finalize); two runs give the same bits."""
+    shape = (400, 1, 5, 13, 7, 50)
+    m, r, _, nj, _, nc = shape
+    assert lib.ttk_kron_grad_q_splits(m, r, NUM_SMS) > 1 and lib.ttk_kron_grad_p_splits(m, r, nj, nc, NUM_SMS) > 1
+    x, dy, q, p = helpers.kron_case(shape, torch.float32, "transposed")
+    emu = Emulated(lib)
+    first = helpers.check_kron_ops(emu, x, dy, q, p, torch.float32)
+    again = (emu.kron_apply(x, q, p), emu.kron_grad_q(dy, x, p), emu.kron_grad_p(dy, x, q))
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize(
     "name, args",
     [
@@ -355,6 +462,15 @@ def test_out_of_range_task_ids_give_nan_rows_not_out_of_bounds_reads(lib):
         ("ttk_accumulate_launch", [0, None, None, None, 1, 1, 4, 0, 2, 1.0, 0, 0, 0, 1.0, None]),
         ("ttk_rowmix_launch", [0, None, None, None, 0, 0, None, 4, 0, 2, None]),
         ("ttk_finalize_launch", [0, None, 0, 4, 1.0, None, None]),
+        ("ttk_kron_apply_launch", [0, None, 1, 1, 1, None, None, None, 0, 1, 1, 1, 1, 1, None]),
+        ("ttk_kron_apply_launch", [0, None, 1, 1, 1, None, None, None, 4, 17, 1, 1, 1, 1, None]),
+        ("ttk_kron_apply_launch", [0, None, 1, 1, 1, None, None, None, 4, 1, 65, 1, 1, 1, None]),
+        ("ttk_kron_apply_launch", [0, None, 1, 1, -1, None, None, None, 4, 1, 1, 1, 1, 1, None]),
+        ("ttk_kron_apply_launch", [7, None, 1, 1, 1, None, None, None, 4, 1, 1, 1, 1, 1, None]),
+        ("ttk_kron_grad_q_launch", [0, None, 1, 1, 1, None, 1, 1, 1, None, None, 0, 4, 1, 1, 1, 1, 1, None]),
+        ("ttk_kron_grad_q_launch", [0, None, 1, 1, 1, None, 1, 1, 1, None, None, 1, 4, 1, 1, 1, 65, 1, None]),
+        ("ttk_kron_grad_p_launch", [0, None, 1, 1, 1, None, 1, 1, 1, None, None, 1, 4, 1, 1, 0, 1, 1, None]),
+        ("ttk_kron_grad_p_launch", [0, None, 1, 1, 1, None, 1, 1, 1, None, None, 1, 4, 1, 1, 1, 1, 0, None]),
     ],
 )  # fmt: skip
 def test_launchers_refuse_out_of_range_sizes(lib, name, args):

@@ -36,6 +36,7 @@ from .factors import side_backward, side_forward
 from .gemm import GEMM
 from .grads import GRAD_A, GRAD_DY
 from .shrink import SHRINK
+from .ttm import kron_apply, kron_grad_p, kron_grad_q, tuned_for_launch
 
 # Largest dynamic shared memory per block, bytes (CUDA programming guide, compute capabilities table).
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
@@ -90,6 +91,15 @@ def _scenarios(dtype: torch.dtype) -> Iterator[None]:
         backend.grad_x(t(M, d_out), W, t(M, r), A, p, 5)
         yield
     backend.BASE_GEMM = "fused"
+    # TT-matrix Kronecker sums: kept sides 16 (a 16^3 chain's cut), and 128 (the limit) in bf16; a transposed x
+    kron_cases = [(16, 16, 256, 256, 8)] + ([(5, 128, 9, 7, 2)] if dtype == torch.bfloat16 else [])
+    for ni, na, nj, nc, rank in kron_cases:
+        x3, q, p = t(M, nj, ni).transpose(1, 2), t(rank, na, ni), t(rank, nj, nc)
+        dy3 = t(M, na, nc)
+        kron_apply(x3, q, p)
+        kron_grad_q(dy3, x3, p, q)
+        kron_grad_p(dy3, x3, p, q)
+    yield
     spec = TTSpec.linear(60, 48, in_modes=3, out_modes=2, ranks=16)
     cores = [t(*shape, dt=torch.float32) for shape in spec.core_shapes]
     for det in (False, True):
@@ -142,7 +152,7 @@ def _compile(kernel: Any, args: tuple, kwargs: dict, arch: int) -> int:
 
 
 def _configs_for(kernel: Any, kwargs: dict, arch: int, which: str) -> list[dict]:
-    tuned = _TUNED.get(id(kernel))
+    tuned = _TUNED.get(id(kernel)) or tuned_for_launch(kernel, kwargs)
     if tuned is None:
         return [kwargs]
     cfgs = tuned.configs(arch >= 90)

@@ -9,6 +9,11 @@ The base GEMMs of steps 3 and 6 are torch's (cuBLAS): ``addmm`` / ``mm``, then a
 term in place (beta = 1), one rounding. The reductions (dB, dC, dA) use fp32 atomics, or, under
 ``torch.use_deterministic_algorithms(True)``, per-block buffers summed in a fixed order.
 
+The TT-matrix Kronecker-sum ops (:func:`kron_apply`, :func:`kron_grad_q`, :func:`kron_grad_p`; csrc/ttm.cu) are the
+small-bond-rank path of ``ttkernels.ttm``'s contract (``kron_apply_ref`` and its gradients): rank up to
+:data:`KRON_MAX_RANK`, the kept modes ``NI``, ``NA`` up to :data:`KRON_MAX_KEPT`; their gradients are always
+deterministic.
+
 Importing this module loads nothing; the registry calls :func:`load` on the first ``backend="cuda"`` call on a
 CUDA tensor, which loads the extension and registers fake kernels of its ops (for ``torch.compile``).
 """
@@ -24,6 +29,8 @@ from . import _ext
 
 __all__ = [
     "MAX_RANK",
+    "KRON_MAX_RANK",
+    "KRON_MAX_KEPT",
     "load",
     "shrink",
     "mid",
@@ -32,9 +39,14 @@ __all__ = [
     "grad_mid",
     "grad_x",
     "grad_a",
+    "kron_apply",
+    "kron_grad_q",
+    "kron_grad_p",
 ]
 
 MAX_RANK = 128
+KRON_MAX_RANK = 16  # bond rank R of the Kronecker-sum ops (csrc/ttm.cu)
+KRON_MAX_KEPT = 64  # NI and NA: the modes of q, the factor applied second, kept whole in a block
 
 _fakes_registered = False
 
@@ -85,6 +97,18 @@ def _register_fakes() -> None:
     @reg("grad_a")
     def _(x, dS, p, seed):
         return x.new_empty((x.shape[1], dS.shape[1]))
+
+    @reg("kron_apply")
+    def _(x, q, p):
+        return x.new_empty((x.shape[0], q.shape[1], p.shape[2]))
+
+    @reg("kron_grad_q")
+    def _(dy, x, p):
+        return x.new_empty((p.shape[0], dy.shape[1], x.shape[1]), dtype=torch.float32)
+
+    @reg("kron_grad_p")
+    def _(dy, x, q):
+        return x.new_empty((q.shape[0], x.shape[2], dy.shape[2]), dtype=torch.float32)
 
 
 def _check(dtype: torch.dtype, **ranks: int) -> None:
@@ -146,3 +170,43 @@ def grad_x(dy, weight, dS, A, p: float, seed: int):
 def grad_a(x, dS, p: float, seed: int):
     _check(x.dtype, r_a=dS.shape[1])
     return _cuda_ops().grad_a(x.contiguous(), dS.contiguous(), float(p), int(seed))
+
+
+def _check_kron(dtype: torch.dtype, rank: int, ni: int, na: int) -> None:
+    from .ops import KERNEL_DTYPES
+
+    if dtype not in KERNEL_DTYPES:
+        raise TypeError(f"backend='cuda' computes in float32, bfloat16 or float16, not {dtype}; use backend='torch'")
+    for name, n, most in (("the rank R", rank, KRON_MAX_RANK), ("NI", ni, KRON_MAX_KEPT), ("NA", na, KRON_MAX_KEPT)):
+        if n > most:
+            raise ValueError(
+                f"the CUDA Kronecker-sum kernels support {name} up to {most}, got {n}; "
+                "use backend='triton' or backend='torch'"
+            )
+
+
+def _size(t: Tensor, dim: int) -> int:
+    """``t.shape[dim]`` of a 3-D operand, else 0 (the binding then names the bad shape)."""
+    return t.shape[dim] if t.dim() == 3 else 0
+
+
+def kron_apply(x3: Tensor, q: Tensor, p: Tensor) -> Tensor:
+    """``y[b, a, c] = sum_{r, i, j} q[r, a, i] x3[b, i, j] p[r, j, c]`` (``ttm.kron_apply_ref``): x3 ``(M, NI, NJ)``
+    with any strides (a transposed view is read in place), q ``(R, NA, NI)``, p ``(R, NJ, NC)``; y ``(M, NA, NC)``
+    in x3's dtype, fp32 accumulation."""
+    _check_kron(x3.dtype, _size(q, 0), _size(x3, 1), _size(q, 1))
+    return _cuda_ops().kron_apply(x3, q.contiguous(), p.contiguous())
+
+
+def kron_grad_q(dy3: Tensor, x3: Tensor, p: Tensor) -> Tensor:
+    """``dq[r, a, i] = sum_{b, c} dy3[b, a, c] sum_j x3[b, i, j] p[r, j, c]`` (``ttm.kron_grad_q_ref``), float32;
+    dy3 and x3 with any strides. Deterministic."""
+    _check_kron(dy3.dtype, _size(p, 0), _size(x3, 1), _size(dy3, 1))
+    return _cuda_ops().kron_grad_q(dy3, x3, p.contiguous())
+
+
+def kron_grad_p(dy3: Tensor, x3: Tensor, q: Tensor) -> Tensor:
+    """``dp[r, j, c] = sum_{b, a} (sum_i q[r, a, i] x3[b, i, j]) dy3[b, a, c]`` (``ttm.kron_grad_p_ref``), float32;
+    dy3 and x3 with any strides. Deterministic."""
+    _check_kron(dy3.dtype, _size(q, 0), _size(x3, 1), _size(dy3, 1))
+    return _cuda_ops().kron_grad_p(dy3, x3, q.contiguous())

@@ -39,7 +39,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 PROVIDERS = ("triton", "cuda", "dense", "sweep", "tltorch")
 
 
-def _tltorch_layer(spec: TTMSpec, cores: list[torch.Tensor], device: torch.device):
+def tltorch_layer(spec: TTMSpec, cores: list[torch.Tensor], device: torch.device):
+    """tensorly-torch's block-TT layer (factorized forward, no bias) holding ``cores`` (its layout is ours)."""
     import tltorch
 
     layer = tltorch.FactorizedLinear(
@@ -62,7 +63,7 @@ def _providers(spec, cores, device, wanted) -> dict[str, Callable[[torch.Tensor]
     for name in wanted:
         if name == "tltorch":
             try:
-                layer = _tltorch_layer(spec, cores, device)
+                layer = tltorch_layer(spec, cores, device)
             except Exception as err:  # not installed here, or a version that does not take these arguments
                 print(f"tltorch: not measured ({type(err).__name__}: {err})")
                 continue

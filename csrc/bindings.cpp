@@ -568,56 +568,45 @@ at::Tensor kron_apply(const at::Tensor& x, const at::Tensor& q, const at::Tensor
   return y;
 }
 
-at::Tensor kron_grad_q(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& p) {
-  const char* op = "kron_grad_q";
+// kron_grad_q (factor p, (R, NJ, NC)) and kron_grad_p (factor q, (R, NA, NI)): the same checks, then the reduction.
+at::Tensor kron_grad(const char* op, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& factor, bool grad_q) {
+  const char* name = grad_q ? "p" : "q";
   check_dim(op, "dy", dy, 3, "(M, NA, NC)");
   check_dim(op, "x", x, 3, "(M, NI, NJ)");
-  check_dim(op, "p", p, 3, "(R, NJ, NC)");
-  const int64_t M = dy.size(0), NA = dy.size(1), NC = dy.size(2), NI = x.size(1), NJ = x.size(2), R = p.size(0);
-  check_kron_limit(op, "R (p.shape[0])", R, kKronMaxRank);
+  check_dim(op, name, factor, 3, grad_q ? "(R, NJ, NC)" : "(R, NA, NI)");
+  const int64_t M = dy.size(0), NA = dy.size(1), NC = dy.size(2), NI = x.size(1), NJ = x.size(2),
+                R = factor.size(0);
+  check_kron_limit(op, grad_q ? "R (p.shape[0])" : "R (q.shape[0])", R, kKronMaxRank);
   check_kron_limit(op, "NA (dy.shape[1])", NA, kKronMaxKept);
   check_kron_limit(op, "NI (x.shape[1])", NI, kKronMaxKept);
   check_kron_size(op, "NC (dy.shape[2])", NC);
   check_kron_size(op, "NJ (x.shape[2])", NJ);
   check_size(op, "x", x, 0, M, "M, the tokens of dy");
-  check_size(op, "p", p, 1, NJ, "NJ, x.shape[2]");
-  check_size(op, "p", p, 2, NC, "NC, dy.shape[2]");
+  if (grad_q) {
+    check_size(op, name, factor, 1, NJ, "NJ, x.shape[2]");
+    check_size(op, name, factor, 2, NC, "NC, dy.shape[2]");
+  } else {
+    check_size(op, name, factor, 1, NA, "NA, dy.shape[1]");
+    check_size(op, name, factor, 2, NI, "NI, x.shape[1]");
+  }
   kernel_dtype(op, "dy", dy);
   check_same_dtype(op, "x", x, "dy", dy);
-  check_same_dtype(op, "p", p, "dy", dy);
-  check_contiguous(op, "p", p);
+  check_same_dtype(op, name, factor, "dy", dy);
+  check_contiguous(op, name, factor);
   check_cuda(op, "dy", dy, dy.device());
   check_cuda(op, "x", x, dy.device());
-  check_cuda(op, "p", p, dy.device());
+  check_cuda(op, name, factor, dy.device());
 
   const c10::cuda::CUDAGuard device_guard(dy.device());
-  return kron_reduce(op, dy, x, p, true);
+  return kron_reduce(op, dy, x, factor, grad_q);
+}
+
+at::Tensor kron_grad_q(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& p) {
+  return kron_grad("kron_grad_q", dy, x, p, true);
 }
 
 at::Tensor kron_grad_p(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& q) {
-  const char* op = "kron_grad_p";
-  check_dim(op, "dy", dy, 3, "(M, NA, NC)");
-  check_dim(op, "x", x, 3, "(M, NI, NJ)");
-  check_dim(op, "q", q, 3, "(R, NA, NI)");
-  const int64_t M = dy.size(0), NA = dy.size(1), NC = dy.size(2), NI = x.size(1), NJ = x.size(2), R = q.size(0);
-  check_kron_limit(op, "R (q.shape[0])", R, kKronMaxRank);
-  check_kron_limit(op, "NA (dy.shape[1])", NA, kKronMaxKept);
-  check_kron_limit(op, "NI (x.shape[1])", NI, kKronMaxKept);
-  check_kron_size(op, "NC (dy.shape[2])", NC);
-  check_kron_size(op, "NJ (x.shape[2])", NJ);
-  check_size(op, "x", x, 0, M, "M, the tokens of dy");
-  check_size(op, "q", q, 1, NA, "NA, dy.shape[1]");
-  check_size(op, "q", q, 2, NI, "NI, x.shape[1]");
-  kernel_dtype(op, "dy", dy);
-  check_same_dtype(op, "x", x, "dy", dy);
-  check_same_dtype(op, "q", q, "dy", dy);
-  check_contiguous(op, "q", q);
-  check_cuda(op, "dy", dy, dy.device());
-  check_cuda(op, "x", x, dy.device());
-  check_cuda(op, "q", q, dy.device());
-
-  const c10::cuda::CUDAGuard device_guard(dy.device());
-  return kron_reduce(op, dy, x, q, false);
+  return kron_grad("kron_grad_p", dy, x, q, false);
 }
 
 bool set_poison(bool on) { return g_poison.exchange(on); }

@@ -214,19 +214,11 @@ def test_auto_dispatch_measures_once_and_matches(monkeypatch):
 
 
 def test_same_outputs_as_tensorly_torch_block_tt():
-    tltorch = helpers.require("tltorch")
+    helpers.require("tltorch")
+    from bench.ttm import tltorch_layer
+
     spec = TTMSpec((5, 4), (4, 6), (3,))
-    layer = tltorch.FactorizedLinear(
-        in_tensorized_features=spec.in_modes,
-        out_tensorized_features=spec.out_modes,
-        bias=False,
-        factorization="blocktt",
-        rank=spec.bond_ranks,
-        implementation="factorized",
-    ).to(DEVICE)
     x, cores = _inputs(spec, 7, torch.float32)
     with torch.no_grad():
-        for f, c in zip(layer.weight.factors, cores):
-            f.copy_(c)
-        want = layer(x)
+        want = tltorch_layer(spec, cores, DEVICE)(x)
     torch.testing.assert_close(ttm_apply(x, cores, backend="triton"), want, rtol=1e-4, atol=1e-4)

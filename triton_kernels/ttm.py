@@ -290,49 +290,41 @@ def _splits(M: int, programs: int, device: torch.device) -> tuple[int, int]:
     return (M + per - 1) // per, per
 
 
-def kron_grad_q(dy3: torch.Tensor, x3: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """``dq[r, a, i] = sum_{b, c} dy3[b, a, c] sum_j x3[b, i, j] p[r, j, c]``, float32, q's shape."""
+def _kron_reduce(kind: str, dy3: torch.Tensor, x3: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """dq (``kind == "grad_q"``, q's shape) or dp (p's shape), float32: per-split partial sums, added in order."""
     check(x3, q, p)
     R, NA, NI = q.shape
     M, _, NJ = x3.shape
     NC = p.shape[2]
+    shape = tuple(q.shape if kind == "grad_q" else p.shape)
     if M == 0:
-        return torch.zeros(q.shape, dtype=torch.float32, device=x3.device)
-    splits, per = _splits(M, R, x3.device)
-    part = empty((splits, R, NA, NI), torch.float32, x3.device)
+        return torch.zeros(shape, dtype=torch.float32, device=x3.device)
     ni_p, na_p = kept(NI), kept(NA)
-    tuned("grad_q", ni_p, na_p).launch(
-        x3.device,
-        lambda meta: (R, splits),
-        dy3, x3, p, part,
+    t = tuned(kind, ni_p, na_p)
+    if kind == "grad_q":  # a program per (r, split)
+        splits, per = _splits(M, R, x3.device)
+        grid = lambda meta: (R, splits)
+    else:  # a program per (r, j tile, c tile, split); the split count sizes the buffer before tiles are tuned
+        fixed = t.fixed_meta(x3.device)
+        tiles = R * triton.cdiv(NJ, fixed["BLOCK_J"]) * triton.cdiv(NC, fixed["BLOCK_C"])
+        splits, per = _splits(M, tiles, x3.device)
+        grid = lambda meta: (R * triton.cdiv(NJ, meta["BLOCK_J"]), triton.cdiv(NC, meta["BLOCK_C"]), splits)
+    part = empty((splits, *shape), torch.float32, x3.device)
+    t.launch(
+        x3.device, grid,
+        dy3, x3, p if kind == "grad_q" else q, part,
         M, NI, NJ, NA, NC, R, per, m_bucket(M),
         *dy3.stride(), *x3.stride(),
         PRECISION=precision(x3.dtype), NI_P=ni_p, NA_P=na_p,
     )  # fmt: skip
     return part[0] if splits == 1 else part.sum(0)
+
+
+def kron_grad_q(dy3: torch.Tensor, x3: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``dq[r, a, i] = sum_{b, c} dy3[b, a, c] sum_j x3[b, i, j] p[r, j, c]``, float32, q's shape."""
+    return _kron_reduce("grad_q", dy3, x3, p, q)
 
 
 def kron_grad_p(dy3: torch.Tensor, x3: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """``dp[r, j, c] = sum_{b, a} (sum_i q[r, a, i] x3[b, i, j]) dy3[b, a, c]``, float32, p's shape."""
-    check(x3, q, p)
-    R, NA, NI = q.shape
-    M, _, NJ = x3.shape
-    NC = p.shape[2]
-    if M == 0:
-        return torch.zeros(p.shape, dtype=torch.float32, device=x3.device)
-    ni_p, na_p = kept(NI), kept(NA)
-    t = tuned("grad_p", ni_p, na_p)
-    # The split count sizes the partial buffer before autotuning picks tiles: count programs by the fixed one.
-    meta = t.fixed_meta(x3.device)
-    tiles = R * triton.cdiv(NJ, meta["BLOCK_J"]) * triton.cdiv(NC, meta["BLOCK_C"])
-    splits, per = _splits(M, tiles, x3.device)
-    part = empty((splits, R, NJ, NC), torch.float32, x3.device)
-    t.launch(
-        x3.device,
-        lambda meta: (R * triton.cdiv(NJ, meta["BLOCK_J"]), triton.cdiv(NC, meta["BLOCK_C"]), splits),
-        dy3, x3, q, part,
-        M, NI, NJ, NA, NC, R, per, m_bucket(M),
-        *dy3.stride(), *x3.stride(),
-        PRECISION=precision(x3.dtype), NI_P=ni_p, NA_P=na_p,
-    )  # fmt: skip
-    return part[0] if splits == 1 else part.sum(0)
+    return _kron_reduce("grad_p", dy3, x3, p, q)

@@ -80,6 +80,33 @@ inline int tile_tokens_p(int64_t NI, int64_t NA) {
   return static_cast<int>(kPRows / kept);
 }
 
+// Copies t[b0 + b, k, col0 + c] (k < K, b < bm, c < width; t 3-D with element strides s) to
+// dst[k * ld_k + b * ld_b + c * ld_c] as float, zero past token t_end or column cols. Consecutive threads take
+// consecutive addresses of t along its unit-stride dimension (the last when s.s2 == 1, else k).
+template <typename T>
+__device__ __forceinline__ void stage_tile(float* __restrict__ dst, int ld_k, int ld_b, int ld_c,
+                                           const T* __restrict__ t, Strides3 s, int64_t b0, int64_t t_end, int K,
+                                           int bm, int64_t col0, int64_t cols, int width) {
+  const int n = K * bm * width;
+  for (int e = threadIdx.x; e < n; e += kThreads) {
+    int k, b, c;
+    if (s.s2 == 1) {
+      c = e % width;
+      const int rest = e / width;
+      b = rest % bm;
+      k = rest / bm;
+    } else {
+      k = e % K;
+      const int rest = e / K;
+      b = rest % bm;
+      c = rest / bm;
+    }
+    const int64_t tok = b0 + b;
+    dst[k * ld_k + b * ld_b + c * ld_c] =
+        (tok < t_end && col0 + c < cols) ? to_float(t[tok * s.s0 + k * s.s1 + (col0 + c) * s.s2]) : 0.0f;
+  }
+}
+
 // Stage A of one (token tile b0 .. b0 + bm, column tile c0 .. c0 + 16, r): acc[k][cc] = T_r[b, i, c0 + cq + cc]
 // for the thread's rows row = tid / 4 + 64 k = i * bm + b (row < bm * NI) and cq = 4 (tid % 4). Starts with a
 // barrier, so the caller may still be reading `stage` (which holds the x chunk here) when it calls this.
@@ -99,24 +126,7 @@ __device__ __forceinline__ void stage_a(const T* __restrict__ x, Strides3 sx, in
   for (int j0 = 0; j0 < NJ; j0 += kBJ) {
     const int jn = NJ - j0 < kBJ ? NJ - j0 : kBJ;
     __syncthreads();  // the previous chunk, or the caller's use of `stage` and `ps`, is done
-    const int n = jn * rows;
-    for (int e = tid; e < n; e += kThreads) {
-      // consecutive threads read consecutive addresses when j's stride is 1, else they walk i
-      int i, b, j;
-      if (sx.s2 == 1) {
-        j = e % jn;
-        const int rest = e / jn;
-        i = rest % NI;
-        b = rest / NI;
-      } else {
-        i = e % NI;
-        const int rest = e / NI;
-        b = rest % bm;
-        j = rest / bm;
-      }
-      const int64_t tok = b0 + b;
-      stage[j * kRows + i * bm + b] = tok < M ? to_float(x[tok * sx.s0 + i * sx.s1 + (j0 + j) * sx.s2]) : 0.0f;
-    }
+    stage_tile(stage, bm, 1, kRows, x, sx, b0, M, NI, bm, j0, NJ, jn);  // [j][i * bm + b]
     {
       const int j = tid / kBC;
       const int c = tid % kBC;
@@ -261,24 +271,7 @@ __global__ void __launch_bounds__(kThreads)
       stage_a(x, sx, b0, M, NI, NJ, bm, pr, NC, c0, stage, ps, tacc);
       __syncthreads();  // every thread is done with the last x chunk
       store_t(tacc, bm, NI, ldt, stage);
-      const int n = NA * nbc;
-      for (int e = tid; e < n; e += kThreads) {
-        int a, b, c;
-        if (sd.s2 == 1) {
-          c = e % kBC;
-          const int rest = e / kBC;
-          b = rest % bm;
-          a = rest / bm;
-        } else {
-          a = e % NA;
-          const int rest = e / NA;
-          b = rest % bm;
-          c = rest / bm;
-        }
-        const int64_t tok = b0 + b;
-        dys[a * ldt + b * kBC + c] =
-            (tok < t_end && c0 + c < NC) ? to_float(dy[tok * sd.s0 + a * sd.s1 + (c0 + c) * sd.s2]) : 0.0f;
-      }
+      stage_tile(dys, ldt, kBC, 1, dy, sd, b0, t_end, NA, bm, c0, NC, kBC);  // [a][b * 16 + c]
       __syncthreads();
       for (int bc = 0; bc < nbc; ++bc) {
         float dv[4], tv[4];
@@ -328,7 +321,6 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t t_begin = split * tokens_per_split;
   const int64_t t_end = t_begin + tokens_per_split < M ? t_begin + tokens_per_split : M;
   const int rows_w = bm * NA;
-  const int rows_x = bm * NI;
   const int jn = NJ - j0 < kPJ ? NJ - j0 : kPJ;
 
   const T* qr = q + static_cast<int64_t>(r) * NA * NI;
@@ -341,40 +333,8 @@ __global__ void __launch_bounds__(kThreads)
 
   for (int64_t b0 = t_begin; b0 < t_end; b0 += bm) {
     __syncthreads();  // the previous tile is consumed
-    for (int e = tid; e < rows_x * kPJ; e += kThreads) {
-      int i, b, j;
-      if (sx.s2 == 1) {
-        j = e % kPJ;
-        const int rest = e / kPJ;
-        b = rest % bm;
-        i = rest / bm;
-      } else {
-        i = e % NI;
-        const int rest = e / NI;
-        b = rest % bm;
-        j = rest / bm;
-      }
-      const int64_t tok = b0 + b;
-      xs[(i * bm + b) * kPJ + j] =
-          (tok < t_end && j < jn) ? to_float(x[tok * sx.s0 + i * sx.s1 + static_cast<int64_t>(j0 + j) * sx.s2]) : 0.0f;
-    }
-    for (int e = tid; e < rows_w * kPC; e += kThreads) {
-      int a, b, c;
-      if (sd.s2 == 1) {
-        c = e % kPC;
-        const int rest = e / kPC;
-        b = rest % bm;
-        a = rest / bm;
-      } else {
-        a = e % NA;
-        const int rest = e / NA;
-        b = rest % bm;
-        c = rest / bm;
-      }
-      const int64_t tok = b0 + b;
-      dys[(a * bm + b) * kPC + c] =
-          (tok < t_end && c0 + c < NC) ? to_float(dy[tok * sd.s0 + a * sd.s1 + (c0 + c) * sd.s2]) : 0.0f;
-    }
+    stage_tile(xs, bm * kPJ, kPJ, 1, x, sx, b0, t_end, NI, bm, j0, NJ, kPJ);  // [i * bm + b][j]
+    stage_tile(dys, bm * kPC, kPC, 1, dy, sd, b0, t_end, NA, bm, c0, NC, kPC);  // [a * bm + b][c]
     __syncthreads();
 #pragma unroll
     for (int k = 0; k < 4; ++k) {

@@ -430,8 +430,6 @@ class _RefKernels:
     """The kernels' contract in torch (any dtype): lets the Kronecker-sum autograd function run on the CPU in
     float64 (gradcheck) with the same plumbing as the kernels."""
 
-    name = "kron-torch"
-
     @staticmethod
     def apply(x3, q, p, out3):
         out3.copy_(kron_apply_ref(x3, q, p))
@@ -446,8 +444,6 @@ class _RefKernels:
 
 
 class _TritonKernels:
-    name = "triton"
-
     def __init__(self) -> None:
         from ._triton_kernels import ttm as k
 
@@ -464,8 +460,6 @@ class _TritonKernels:
 
 
 class _CudaKernels:
-    name = "cuda"
-
     def __init__(self) -> None:
         from . import _cuda_backend
 

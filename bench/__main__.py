@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -117,15 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     g = plan(args, device)
     backends = ["torch"] if args.quick else available_backends(device)
     presets = ("micro", "layer", "model") if args.preset == "all" else (args.preset,)
-    run_id = time.strftime("%Y-%m-%dT%H:%M:%S") + f"-{device.type}"
-    env: dict[str, Any] = {
-        "run": run_id,
-        "device": harness.device_name(device),
-        "versions": harness.versions(),
-        "quick": args.quick,
-    }
-    print(f"ttkernels bench {run_id}: {env['device']}")
-    print("versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v))
+    env = harness.run_env(device, args.quick, "ttkernels bench")
+    run_id = env["run"]
     if device.type == "cpu":
         print("CPU figures: these times say nothing about GPU speed; GPU figures need a GPU (bench/gpu.sh).")
     print(f"backends measured: {', '.join(backends)}")

@@ -180,6 +180,20 @@ def saved_bytes(fn: Callable[[], Any], exclude: Iterable[torch.Tensor] = ()) -> 
     return total
 
 
+def run_env(device: torch.device, quick: bool, label: str, suffix: str = "") -> dict[str, Any]:
+    """A run's identity for :func:`make_row` (``run``, ``device``, ``versions``, ``quick``), printed as a header
+    that starts with ``label``."""
+    env: dict[str, Any] = {
+        "run": time.strftime("%Y-%m-%dT%H:%M:%S") + f"-{device.type}{suffix}",
+        "device": device_name(device),
+        "versions": versions(),
+        "quick": quick,
+    }
+    print(f"{label} {env['run']}: {env['device']}")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v))
+    return env
+
+
 # ------------------------------------------------------------------------------------------ ceilings
 def ceilings(device: torch.device, dtype: torch.dtype, quick: bool = False) -> dict[str, float]:
     """Measured on this device now: ``copy_gbps`` (a large copy, bytes read + written) and ``matmul_tflops``

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -79,14 +78,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     d_modes = tuple(args.modes)
     spec = TTMSpec(d_modes, d_modes, (args.rank,) * (len(d_modes) - 1))
     wanted = [p for p in args.providers if device.type == "cuda" or p in ("dense", "sweep", "tltorch")]
-    env = {
-        "run": time.strftime("%Y-%m-%dT%H:%M:%S") + f"-{device.type}-ttm",
-        "device": harness.device_name(device),
-        "versions": harness.versions(),
-        "quick": args.quick,
-    }
-    print(f"bench.ttm {env['run']}: {env['device']}; spec {spec.describe()}, {spec.num_params} parameters")
-    print("versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v))
+    env = harness.run_env(device, args.quick, "bench.ttm", "-ttm")
+    print(f"spec {spec.describe()}, {spec.num_params} parameters")
     if device.type == "cpu":
         print("CPU figures: these times say nothing about GPU speed.")
     gen = torch.Generator().manual_seed(0)

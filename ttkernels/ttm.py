@@ -374,11 +374,18 @@ def kron_splits(spec: TTMSpec) -> list[KronSplit]:
     return out
 
 
-def choose_split(spec: TTMSpec, *, max_kept: int = 128, pad: int = 16) -> Optional[KronSplit]:
+def choose_split(
+    spec: TTMSpec, *, max_kept: int = 128, pad: int = 16, max_rank: Optional[int] = None
+) -> Optional[KronSplit]:
     """The split with the fewest forward FLOPs (kept sizes padded to ``pad``) among those whose kept sizes
-    (``ni``, ``na``) are at most ``max_kept``; None when no split qualifies (one core, or every cut keeps a side
-    too large for a program: the staged plan runs then)."""
-    ok = [s for s in kron_splits(spec) if _pad(s.ni, pad) <= max_kept and _pad(s.na, pad) <= max_kept]
+    (``ni``, ``na``) are at most ``max_kept`` after padding, and whose bond rank is at most ``max_rank`` (when
+    given); None when no split qualifies (one core, or every cut keeps a side too large for a program: the staged
+    plan runs then). The defaults are the Triton kernels' limits."""
+    ok = [
+        s
+        for s in kron_splits(spec)
+        if _pad(s.ni, pad) <= max_kept and _pad(s.na, pad) <= max_kept and (max_rank is None or s.rank <= max_rank)
+    ]
     if not ok:
         return None
     return min(ok, key=lambda s: (s.flops_per_token(pad), s.rank * (s.ni * s.na + s.nj * s.nc), s.cut, s.order))
@@ -533,14 +540,8 @@ def _kron_split_for(spec: TTMSpec, backend: str) -> Optional[KronSplit]:
     if backend == "cuda":
         from . import _cuda_backend
 
-        ok = [
-            s
-            for s in kron_splits(spec)
-            if s.rank <= _cuda_backend.KRON_MAX_RANK
-            and s.ni <= _cuda_backend.KRON_MAX_KEPT
-            and s.na <= _cuda_backend.KRON_MAX_KEPT
-        ]
-        return min(ok, key=lambda s: (s.flops_per_token(), s.cut, s.order), default=None)
+        kb = _cuda_backend
+        return choose_split(spec, max_kept=kb.KRON_MAX_KEPT, pad=1, max_rank=kb.KRON_MAX_RANK)
     return choose_split(spec)
 
 

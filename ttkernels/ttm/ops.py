@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .spec import _as_int, factorize
+from ..spec import _as_int, factorize
 
 __all__ = [
     "TTMLinear",
@@ -452,7 +452,7 @@ class _RefKernels:
 
 class _TritonKernels:
     def __init__(self) -> None:
-        from ._triton_kernels import ttm as k
+        from .._triton_kernels import ttm as k
 
         self.k = k
 
@@ -468,7 +468,7 @@ class _TritonKernels:
 
 class _CudaKernels:
     def __init__(self) -> None:
-        from . import _cuda_backend
+        from .. import _cuda_backend
 
         _cuda_backend.load()
         self.k = _cuda_backend
@@ -524,11 +524,11 @@ def _kernels(name: str, device: torch.device):
     if name == "kron-torch":
         return _RefKernels
     if name == "triton":
-        from .ops import _triton_backend
+        from ..ops import _triton_backend
 
         _triton_backend(device)  # raises BackendUnavailableError with the reason (no GPU, no interpreter)
     if name == "cuda":
-        from .ops import _cuda_backend
+        from ..ops import _cuda_backend
 
         _cuda_backend(device)
     if name not in _KERNEL_OBJECTS:
@@ -538,7 +538,7 @@ def _kernels(name: str, device: torch.device):
 
 def _kron_split_for(spec: TTMSpec, backend: str) -> Optional[KronSplit]:
     if backend == "cuda":
-        from . import _cuda_backend
+        from .. import _cuda_backend
 
         kb = _cuda_backend
         return choose_split(spec, max_kept=kb.KRON_MAX_KEPT, pad=1, max_rank=kb.KRON_MAX_RANK)

@@ -134,7 +134,7 @@ def test_fallbacks_use_the_reference(monkeypatch):
 def test_opcheck_factor_ops():
     spec = TTSpec.linear(60, 24, in_modes=3, out_modes=2, ranks=(3, 5, 4, 2))
     cores = [c.float().to(DEVICE) for c in random_cores(spec)]
-    plans = tk.ops._side_plans(spec, {})
+    plans = tk.ops.side_plans(spec, {})
     for order, divisors, fixed, transposed, rows, r_out in plans:
         chain = [cores[k].requires_grad_() for k in order]
         args = (chain, divisors, fixed, transposed, rows, r_out, torch.float32)

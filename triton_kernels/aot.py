@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ttkernels.ops import _side_plans
+from ttkernels.ops import side_plans
 from ttkernels.spec import TTSpec
 
 from . import _common, backend
@@ -104,7 +104,7 @@ def _scenarios(dtype: torch.dtype) -> Iterator[None]:
     cores = [t(*shape, dt=torch.float32) for shape in spec.core_shapes]
     for det in (False, True):
         with _deterministic(det):
-            for order, divisors, fixed, transposed, rows, r_out in _side_plans(spec, {}):
+            for order, divisors, fixed, transposed, rows, r_out in side_plans(spec, {}):
                 chain = [cores[k] for k in order]
                 side_forward(chain, divisors, fixed, transposed, rows, r_out, dtype)
                 dout = t(*((r_out, rows) if transposed else (rows, r_out)))

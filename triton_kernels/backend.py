@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from ttkernels.ops import check_kernel_limits
+from ttkernels.checks import check_kernel_limits
 
 from ._common import INTERPRET, MAX_RANK, empty
 from .gemm import gemm_lowrank

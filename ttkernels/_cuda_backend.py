@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from . import _ext
+from .checks import KERNEL_DTYPES, check_kernel_limits
 
 __all__ = [
     "MAX_RANK",
@@ -112,8 +113,6 @@ def _register_fakes() -> None:
 
 
 def _check(dtype: torch.dtype, **ranks: int) -> None:
-    from .ops import check_kernel_limits
-
     check_kernel_limits("cuda", dtype, MAX_RANK, **ranks)
 
 
@@ -173,8 +172,6 @@ def grad_a(x, dS, p: float, seed: int):
 
 
 def _check_kron(dtype: torch.dtype, rank: int, ni: int, na: int) -> None:
-    from .ops import KERNEL_DTYPES
-
     if dtype not in KERNEL_DTYPES:
         raise TypeError(f"backend='cuda' computes in float32, bfloat16 or float16, not {dtype}; use backend='torch'")
     for name, n, most in (("the rank R", rank, KRON_MAX_RANK), ("NI", ni, KRON_MAX_KEPT), ("NA", na, KRON_MAX_KEPT)):

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from .layer import is_conv1d as _is_conv1d
 from .modules import TTLinear, new_cores
 from .spec import Mode, TTSpec
 
@@ -170,16 +171,6 @@ class _Routing:
         self.task_ids: Optional[Tensor] = None
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    # transformers.pytorch_utils.Conv1D (GPT-2): weight (in, out), y = x W + b; not imported, so transformers
-    # stays optional.
-    return (
-        type(module).__name__ == "Conv1D"
-        and hasattr(module, "nf")
-        and isinstance(getattr(module, "weight", None), Tensor)
-    )
-
-
 class MetaTTLinear(TTLinear):
     """A :class:`TTLinear` view onto a group's shared cores at fixed ``(layer, matrix)``; the task ids of a
     multi-task adapter come from the wrapper's call (``MetaTTModel.forward(..., task_ids=)``)."""
@@ -197,28 +188,13 @@ class MetaTTLinear(TTLinear):
         backend: str,
         routing: _Routing,
     ) -> MetaTTLinear:
-        if isinstance(base, nn.Linear):
-            self = cls.from_cores(base, cores, spec, index=index, alpha=alpha, dropout=dropout, backend=backend)
-        elif _is_conv1d(base):
-            d_in, d_out = base.weight.shape
-            shim = nn.Linear(d_in, d_out, bias=False, device="meta")
-            self = cls.from_cores(shim, cores, spec, index=index, alpha=alpha, dropout=dropout, backend=backend)
-            # the Conv1D's own Parameters, under the names it gives them (state dicts keep their keys)
-            base.weight.requires_grad_(False)
-            self.weight = base.weight
-            self._weight_transposed = True
-            if base.bias is not None:
-                base.bias.requires_grad_(False)
-            self.bias = base.bias
-        else:
+        if not isinstance(base, nn.Linear) and not _is_conv1d(base):
             raise TypeError(f"cannot adapt a {type(base).__name__}: MetaTT targets nn.Linear or Conv1D layers")
-        self.__dict__["_base_module"] = base  # what unload() puts back (its Parameters are self's)
+        # the base's own Parameters, under the names it gives them (state dicts keep their keys); a Conv1D's
+        # weight is stored (in, out): the view's weight_transposed says so
+        self = cls.from_cores(base, cores, spec, index=index, alpha=alpha, dropout=dropout, backend=backend)
         self.__dict__["_routing"] = routing
         return self
-
-    @property
-    def base_module(self) -> nn.Module:
-        return self.__dict__["_base_module"]
 
     def forward(self, x: Tensor, task_ids: Optional[Tensor] = None) -> Tensor:
         if task_ids is None and self.spec.per_sample_mode is not None:

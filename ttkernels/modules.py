@@ -12,16 +12,15 @@ then non-zero from the first step, and the other cores move once it has.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops, reference
+from .layer import AdapterLayer, base_features, is_conv1d
 from .spec import TTSpec
 
 __all__ = ["TTLinear", "init_cores_", "new_cores"]
@@ -35,7 +34,7 @@ def _adapter_dtype(dtype: Optional[torch.dtype], adapter_dtype: Optional[torch.d
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-class TTLinear(nn.Module):
+class TTLinear(AdapterLayer):
     """A frozen linear layer plus a tensor-train adapter.
 
     Args:
@@ -44,7 +43,8 @@ class TTLinear(nn.Module):
             an int asking for that many near-balanced factors, or None for a single mode (the
             LoRA-shaped two-core chain).
         ranks: one bond rank for every bond, or one per bond (``len(in_modes) + len(out_modes) - 1``).
-        alpha: the scale numerator; ``scaling = alpha / max(ranks)``. None: ``alpha = max(ranks)``.
+        alpha: the scale numerator, a finite number >= 0; ``scaling = alpha / max(ranks)``. None:
+            ``alpha = max(ranks)``.
         dropout: dropout probability on the adapter's input, in ``[0, 1)``; no mask is stored.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"`` (see :mod:`ttkernels.ops`).
         device, dtype: of the base weight; the cores follow ``device``.
@@ -112,7 +112,7 @@ class TTLinear(nn.Module):
     @classmethod
     def from_cores(
         cls,
-        linear: nn.Linear,
+        linear: nn.Module,
         cores: nn.ParameterList,
         spec: TTSpec,
         *,
@@ -123,36 +123,31 @@ class TTLinear(nn.Module):
     ) -> TTLinear:
         """A view onto cores this module does not own (shared with other modules), at fixed ``index``.
 
+        ``linear`` is an ``nn.Linear`` or a transformers ``Conv1D`` (weight stored ``(in, out)``: the view's
+        ``weight_transposed`` is True).
+
         ``cores`` is registered as-is (not copied): every view that holds it accumulates its gradients into
         the same Parameters. ``index`` gives a value for every fixed index mode of ``spec`` (e.g.
         ``{"layer": 3, "matrix": 1}``); a per-sample mode takes ``task_ids`` at call time.
         """
-        _check_linear(linear)
+        if not isinstance(linear, nn.Linear) and not is_conv1d(linear):
+            raise TypeError(f"linear must be an nn.Linear or a Conv1D, got {type(linear).__name__}")
         if not isinstance(spec, TTSpec):
             raise TypeError(f"spec must be a TTSpec, got {type(spec).__name__}")
         if not isinstance(cores, nn.ParameterList):
             raise TypeError(f"cores must be an nn.ParameterList, got {type(cores).__name__}")
-        if (spec.in_features, spec.out_features) != (linear.in_features, linear.out_features):
+        d_in, d_out, _ = base_features(linear)
+        if (spec.in_features, spec.out_features) != (d_in, d_out):
             raise ValueError(
-                f"spec maps {spec.in_features} -> {spec.out_features} features but linear is "
-                f"{linear.in_features} -> {linear.out_features}"
+                f"spec maps {spec.in_features} -> {spec.out_features} features but linear is {d_in} -> {d_out}"
             )
-        reference._check_cores(list(cores), spec)
+        reference.check_cores(list(cores), spec)
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._attach_base(linear)
         self._attach_adapter(spec, cores, index, alpha, dropout, backend)
         self._owns_cores = False
         return self
-
-    def _attach_base(self, linear: nn.Linear) -> None:
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
-        linear.weight.requires_grad_(False)
-        self.weight = linear.weight
-        if linear.bias is not None:
-            linear.bias.requires_grad_(False)
-        self.bias = linear.bias
 
     def _attach_adapter(
         self,
@@ -165,24 +160,19 @@ class TTLinear(nn.Module):
     ) -> None:
         dropout = ops.check_dropout(dropout)
         ops.check_backend_name(backend)
-        if alpha is not None and (not isinstance(alpha, (int, float)) or not math.isfinite(alpha)):
-            raise ValueError(f"alpha must be a finite number or None, got {alpha!r}")
+        index = spec.check_index(index)
+        self._set_alpha(alpha, spec.max_rank)
         self.spec = spec
         self.cores = cores
-        self.index = spec.check_index(index)
-        self.alpha = float(spec.max_rank if alpha is None else alpha)
-        self.scaling = self.alpha / spec.max_rank
+        self.index = index
         self.dropout = dropout
         self.backend = backend
-        self.merged = False
-        self._disabled = False
         self._owns_cores = True
 
     @property
-    def base_weight(self) -> Tensor:
-        """The frozen weight as ``(out_features, in_features)`` (a transposed view for a Conv1D-style base,
-        whose ``weight`` is stored ``(in_features, out_features)``)."""
-        return self.weight.t() if getattr(self, "_weight_transposed", False) else self.weight
+    def owns_cores(self) -> bool:
+        """False for a view onto shared cores (:meth:`from_cores`): their owner initializes and compresses them."""
+        return self._owns_cores
 
     # -------------------------------------------------------------------------------- parameters
     @torch.no_grad()
@@ -193,23 +183,31 @@ class TTLinear(nn.Module):
             raise RuntimeError("this TTLinear is a view onto shared cores; initialize them where they are owned")
         init_cores_(self.cores, self.spec)
 
-    @property
-    def num_adapter_params(self) -> int:
-        return self.spec.num_params
+    def spec_for_cores(self, cores: Sequence[Tensor]) -> TTSpec:
+        """The spec of ``cores`` (same modes as this layer's, any bond ranks), checked as a chain."""
+        cores = list(cores)
+        if len(cores) != self.spec.num_cores:
+            raise ValueError(f"cores has {len(cores)} tensors but this adapter has {self.spec.num_cores} cores")
+        for k, (core, mode) in enumerate(zip(cores, self.spec.modes)):
+            if not isinstance(core, Tensor) or core.dim() != 3 or core.shape[1] != mode.size:
+                raise ValueError(
+                    f"cores[{k}] must be a tensor (r_prev, {mode.size}, r_next) for mode {mode.name!r}, got "
+                    f"{tuple(core.shape) if isinstance(core, Tensor) else type(core).__name__}"
+                )
+        spec = TTSpec(self.spec.modes, tuple(c.shape[2] for c in cores[:-1]))
+        reference.check_cores(cores, spec)
+        return spec
 
     # -------------------------------------------------------------------------------- forward
     def forward(self, x: Tensor, task_ids: Optional[Tensor] = None) -> Tensor:
         per_sample = self.spec.per_sample_mode is not None
-        if per_sample and task_ids is None and not (self._disabled and not self.merged):
+        if per_sample and task_ids is None and not self._disabled:
             raise ValueError("this TTLinear has a per-sample (task) mode: pass task_ids")
         if not per_sample and task_ids is not None:
             raise ValueError("task_ids was given but this TTLinear has no per-sample (task) mode")
-        if self._disabled and not self.merged:
-            return F.linear(x, self.base_weight, self.bias)
-        if self.merged and not self._disabled:
-            return F.linear(x, self.base_weight, self.bias)
-        # Adapter on and unmerged, or merged but disabled: then subtract the merged adapter exactly.
-        sign = -1.0 if self.merged else 1.0
+        return super().forward(x, task_ids=task_ids)
+
+    def adapter_forward(self, x: Tensor, task_ids: Optional[Tensor] = None) -> Tensor:
         return ops.tt_linear(
             x,
             self.base_weight,
@@ -218,8 +216,8 @@ class TTLinear(nn.Module):
             self.spec,
             index=self.index,
             task_ids=task_ids,
-            scaling=sign * self.scaling,
-            dropout=self.dropout if (self.training and not self.merged) else 0.0,
+            scaling=self.scaling,
+            dropout=self.dropout if self.training else 0.0,
             backend=self.backend,
         )
 
@@ -234,39 +232,9 @@ class TTLinear(nn.Module):
         dW = reference.dense_delta(list(self.cores), self.spec, self.index, task=task).t()
         return dW * self.scaling if scaled else dW
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Add delta-W into the base weight (no-op when already merged). Not for per-sample adapters."""
-        if self.merged:
-            return
-        self._add_delta(+1.0)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Subtract delta-W from the base weight again (no-op when not merged)."""
-        if not self.merged:
-            return
-        self._add_delta(-1.0)
-        self.merged = False
-
-    def _add_delta(self, sign: float) -> None:
+    def _check_mergeable(self) -> None:
         if self.spec.per_sample_mode is not None:
             raise RuntimeError("an adapter with a per-sample (task) mode cannot be merged into one weight")
-        w = self.base_weight  # a view: writing it writes the weight
-        acc = torch.float64 if w.dtype == torch.float64 else torch.float32
-        delta = self.delta_weight().to(device=w.device, dtype=acc)
-        w.copy_((w.to(acc) + sign * delta).to(w.dtype))
-
-    @contextlib.contextmanager
-    def adapter_disabled(self) -> Iterator[TTLinear]:
-        """Within the block the layer computes the base ``x W^T + b`` only (merged or not)."""
-        previous = self._disabled
-        self._disabled = True
-        try:
-            yield self
-        finally:
-            self._disabled = previous
 
     def extra_repr(self) -> str:
         text = (

@@ -40,6 +40,14 @@ import torch
 from torch import Tensor
 
 from . import reference
+from .checks import (
+    BACKENDS,
+    KERNEL_DTYPES,
+    BackendUnavailableError,
+    check_backend_name,
+    check_dropout,
+    check_kernel_limits,  # noqa: F401  (still importable from here)
+)
 from .spec import TTSpec
 
 __all__ = [
@@ -52,12 +60,6 @@ __all__ = [
     "tt_adapter",
     "tt_linear",
 ]
-
-BACKENDS = ("auto", "torch", "triton", "cuda")
-
-
-class BackendUnavailableError(RuntimeError):
-    """The requested backend cannot run here (not built, not implemented, or no suitable device)."""
 
 
 @dataclass(frozen=True)
@@ -91,34 +93,6 @@ def register_backend(backend: Backend) -> None:
     if backend.name not in BACKENDS or backend.name == "auto":
         raise ValueError(f"backend name must be one of {BACKENDS[1:]}, got {backend.name!r}")
     _IMPLEMENTED[backend.name] = backend
-
-
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def check_kernel_limits(backend: str, dtype: torch.dtype, max_rank: int, **ranks: int) -> None:
-    """What a kernel backend (``triton``, ``cuda``) cannot compute, refused with a pointer to ``torch``."""
-    if dtype not in KERNEL_DTYPES:
-        raise TypeError(
-            f"backend={backend!r} computes in float32, bfloat16 or float16, not {dtype}; use backend='torch' for it"
-        )
-    for name, r in ranks.items():
-        if r > max_rank:
-            raise ValueError(
-                f"backend={backend!r} supports ranks up to {max_rank}, but {name} = {r}; use backend='torch'"
-            )
-
-
-def check_dropout(dropout: object) -> float:
-    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
-    return float(dropout)
-
-
-def check_backend_name(backend: object) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return backend  # type: ignore[return-value]
 
 
 def _triton_backend(device: torch.device) -> Backend:
@@ -416,7 +390,7 @@ class _FactorSideFunction(torch.autograd.Function):
         return (None,) * 6 + tuple(g.view(c.shape).to(c.dtype) for g, c in zip(grads, cores))
 
 
-def _side_plans(spec: TTSpec, index: Mapping[str, int]) -> list[tuple]:
+def side_plans(spec: TTSpec, index: Mapping[str, int]) -> list[tuple]:
     """Per side: (core positions in chain order, divisors, fixed indices, transposed, rows, r_out).
 
     Row ``i`` of A takes in-core ``k``'s slice ``(i // prod(later in sizes)) % size_k`` (C order); a fixed
@@ -472,9 +446,9 @@ def factors(
         and max(spec.bond_ranks) <= _MAX_FACTOR_RANK
     )
     if fast:
-        reference._check_cores(cores, spec)
+        reference.check_cores(cores, spec)
         index = spec.check_index(index)
-        plans = _side_plans(spec, index)
+        plans = side_plans(spec, index)
         fast = all(len(plan[0]) <= _MAX_SIDE_CORES for plan in plans)
     if not fast:
         A, C, B = reference.factors(cores, spec, index)
@@ -612,7 +586,7 @@ def tt_adapter(
         if seed is None:
             seed_t = torch.randint(0, 2**62, (), dtype=torch.int64)
         else:
-            seed_t = torch.as_tensor(reference._check_seed(int(seed)), dtype=torch.int64)
+            seed_t = torch.as_tensor(reference.check_seed(int(seed)), dtype=torch.int64)
     x2 = x.reshape(-1, d_in)
     y, _ = torch.ops.ttkernels.tt_adapter_fwd(x2, weight, bias, A, C, B, task_ids, float(scaling), p, seed_t, backend)
     return y.reshape(*lead, d_out)

@@ -201,7 +201,7 @@ def load_tt_lora(
     for module in loaded.modules():
         if isinstance(module, TTLoraLinear):
             for a, cores in module.lora_tt_cores.items():
-                reference._check_cores(list(cores), module.tt_spec[a])
+                reference.check_cores(list(cores), module.tt_spec[a])
     return loaded
 
 

@@ -75,7 +75,7 @@ def _mix32(h: Tensor) -> Tensor:
     return h ^ (h >> 16)
 
 
-def _check_seed(seed: int) -> int:
+def check_seed(seed: int) -> int:
     seed = int(seed)
     if not 0 <= seed < 2**63:
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
@@ -98,7 +98,7 @@ def dropout_keep(
     ``mix32`` is a xorshift-multiply finalizer and rows are taken mod 2^32; an element is kept when
     ``u >= floor(p * 2^32)``, so it is kept with probability ``1 - p`` (to within 2^-32).
     """
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     threshold = dropout_threshold(p)
     hi = _mix32_int(seed >> 32)
     r = (torch.arange(rows, dtype=torch.int64, device=device) + row_offset) & _U32
@@ -129,7 +129,7 @@ def apply_dropout(t: Tensor, seed: int, p: float) -> Tensor:
     """
     if p == 0.0:
         return t
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     out = torch.empty_like(t)
     for i, j in _row_blocks(*t.shape):
         out[i:j] = _drop_rows(t[i:j], seed, p, i)
@@ -137,7 +137,7 @@ def apply_dropout(t: Tensor, seed: int, p: float) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------- factors
-def _check_cores(cores: Sequence[Tensor], spec: TTSpec) -> None:
+def check_cores(cores: Sequence[Tensor], spec: TTSpec) -> None:
     if len(cores) != spec.num_cores:
         raise ValueError(f"cores has {len(cores)} tensors but the spec has {spec.num_cores} modes")
     for k, (core, shape) in enumerate(zip(cores, spec.core_shapes)):
@@ -165,7 +165,7 @@ def factors(
     between: None when there are none, ``(r_a, r_b)`` when they are all fixed, ``(T, r_a, r_b)`` with a
     per-sample mode of size T. Cost ``O((d_in + d_out) r^2)``; differentiable by torch autograd.
     """
-    _check_cores(cores, spec)
+    check_cores(cores, spec)
     index = spec.check_index(index)
     p, q = spec.last_in, spec.first_out
 
@@ -258,7 +258,7 @@ def shrink(
     if p == 0.0:
         S = x @ A
     else:
-        seed = _check_seed(seed)
+        seed = check_seed(seed)
         S = x.new_empty((x.shape[0], A.shape[1]))
         for i, j in _row_blocks(*x.shape):
             S[i:j] = _drop_rows(x[i:j], seed, p, i) @ A
@@ -298,7 +298,7 @@ def grad_a(x: Tensor, dS: Tensor, p: float, seed: int) -> Tensor:
     """Step 7: ``dA = drop(x)^T dS``, a reduction over tokens."""
     if p == 0.0:
         return x.t() @ dS
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     dA = x.new_zeros((x.shape[1], dS.shape[1]))
     for i, j in _row_blocks(*x.shape):
         dA.addmm_(_drop_rows(x[i:j], seed, p, i).t(), dS[i:j])

@@ -22,7 +22,7 @@ import operator
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Mode", "TTSpec", "factorize"]
+__all__ = ["ChainSpec", "Mode", "TTSpec", "as_int", "factorize"]
 
 _ROLES = ("in", "out", "index")
 
@@ -56,7 +56,7 @@ class Mode:
         return cls(size=num_tasks, role="index", name=name, per_sample=True)
 
 
-def _as_int(value: object, what: str) -> int:
+def as_int(value: object, what: str) -> int:
     """``value`` as an int (numpy integers included); floats and bools are refused."""
     if not isinstance(value, bool):
         try:
@@ -66,8 +66,55 @@ def _as_int(value: object, what: str) -> int:
     raise TypeError(f"{what} must be an int, got {type(value).__name__} ({value!r})")
 
 
+_as_int = as_int
+
+
+class ChainSpec:
+    """What every adapter chain has, whatever its cores carry: ``K`` cores ``(r_{k-1}, *sites[k], r_k)`` with
+    ``r_0 = r_K = 1``. :class:`TTSpec` (one mode per core) and :class:`~ttkernels.ttm.TTMSpec` (an out and an in
+    mode per core) build on it.
+
+    Constructor names mean the same on every chain spec: ``build(in_modes, out_modes, ranks, ...)`` takes mode
+    sizes, ``linear(in_features, out_features, *, in_modes=, out_modes=, ranks=)`` takes a layer's features and
+    factors them.
+    """
+
+    ranks: tuple[int, ...]
+
+    @property
+    def site_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """The mode sizes each core carries between its two bonds, one tuple per core."""
+        raise NotImplementedError
+
+    @property
+    def num_cores(self) -> int:
+        return len(self.site_shapes)
+
+    @property
+    def bond_ranks(self) -> tuple[int, ...]:
+        """All K+1 bond ranks including the boundary ones: ``(1, r_1, ..., r_{K-1}, 1)``."""
+        return (1, *self.ranks, 1)
+
+    def core_shape(self, k: int) -> tuple[int, ...]:
+        b = self.bond_ranks
+        return (b[k], *self.site_shapes[k], b[k + 1])
+
+    @property
+    def core_shapes(self) -> tuple[tuple[int, ...], ...]:
+        return tuple(self.core_shape(k) for k in range(self.num_cores))
+
+    @property
+    def max_rank(self) -> int:
+        """The largest bond rank (1 for a single core): the ``rank`` of ``scaling = alpha / rank``."""
+        return max(self.ranks, default=1)
+
+    @property
+    def num_params(self) -> int:
+        return sum(math.prod(s) for s in self.core_shapes)
+
+
 @dataclass(frozen=True)
-class TTSpec:
+class TTSpec(ChainSpec):
     """Modes and bond ranks of a TT adapter in bottleneck form (immutable: derived facts are cached).
 
     ``ranks`` holds the K-1 internal bond ranks ``r_1 .. r_{K-1}``; pass one int to :meth:`build` for all
@@ -190,21 +237,8 @@ class TTSpec:
 
     # ------------------------------------------------------------------ derived facts
     @property
-    def num_cores(self) -> int:
-        return len(self.modes)
-
-    @functools.cached_property
-    def bond_ranks(self) -> tuple[int, ...]:
-        """All K+1 bond ranks including the boundary ones: ``(1, r_1, ..., r_{K-1}, 1)``."""
-        return (1, *self.ranks, 1)
-
-    def core_shape(self, k: int) -> tuple[int, int, int]:
-        b = self.bond_ranks
-        return (b[k], self.modes[k].size, b[k + 1])
-
-    @functools.cached_property
-    def core_shapes(self) -> tuple[tuple[int, int, int], ...]:
-        return tuple(self.core_shape(k) for k in range(self.num_cores))
+    def site_shapes(self) -> tuple[tuple[int], ...]:
+        return tuple((m.size,) for m in self.modes)
 
     @functools.cached_property
     def in_sizes(self) -> tuple[int, ...]:
@@ -249,14 +283,6 @@ class TTSpec:
         """``(r_a, r_b)``: the widths of A's columns and B's rows."""
         b = self.bond_ranks
         return b[self.last_in + 1], b[self.first_out]
-
-    @functools.cached_property
-    def max_rank(self) -> int:
-        return max(self.ranks) if self.ranks else 1
-
-    @functools.cached_property
-    def num_params(self) -> int:
-        return sum(math.prod(s) for s in self.core_shapes)
 
     def lora_params(self, rank: int | None = None) -> int:
         """Parameters of a LoRA adapter on the same layer (rank defaults to :attr:`max_rank`)."""

@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -41,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from .layer import adapter_scaling, check_alpha
 from .layer import is_conv1d as _is_conv1d
 from .modules import TTLinear, new_cores
 from .spec import Mode, TTSpec
@@ -130,14 +130,7 @@ class MetaTTConfig:
                     raise ValueError(f"modes has {mode!r}: {name} must be a positive int, got {field!r}")
             elif field is not None:
                 raise ValueError(f"{name} = {field!r} was given but modes {self.modes} has no {mode!r}")
-        if self.alpha is not None:
-            if (
-                isinstance(self.alpha, bool)
-                or not isinstance(self.alpha, (int, float))
-                or not math.isfinite(self.alpha)
-            ):
-                raise ValueError(f"alpha must be a finite number or None, got {self.alpha!r}")
-            self.alpha = float(self.alpha)
+        self.alpha = check_alpha(self.alpha)
         self.dropout = ops.check_dropout(self.dropout)
         ops.check_backend_name(self.backend)
         if self.adapter_dtype is not None and self.adapter_dtype not in _DTYPES:
@@ -388,7 +381,7 @@ class MetaTTModel(nn.Module):
             yield t.name, self.model.get_submodule(t.name)
 
     def _views_disabled(self) -> bool:
-        return all(v._disabled for _, v in self.views())
+        return all(v.disabled for _, v in self.views())
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[MetaTTModel]:
@@ -433,7 +426,7 @@ class MetaTTModel(nn.Module):
         if self.config.num_tasks is not None:
             raise RuntimeError("a MetaTT adapter with a 'task' mode cannot be merged into one set of weights")
         for _, view in self.views():
-            view.merge()
+            view.merge_and_unload()  # no copy of the weight is kept: the views go
         return self._put_back_bases()
 
     def unload(self) -> nn.Module:
@@ -467,31 +460,15 @@ class MetaTTModel(nn.Module):
         """
         if group not in self.groups:
             raise KeyError(f"no group {group!r}; the groups are {sorted(self.groups)}")
-        from .rank import _check_chain, _group_holding, _swap_in_group
-
-        old_spec = self.groups[group].spec
-        cores = _check_chain(cores)
-        if len(cores) != old_spec.num_cores:
-            raise ValueError(f"group {group} has {old_spec.num_cores} cores, got {len(cores)}")
-        for k, (core, mode) in enumerate(zip(cores, old_spec.modes)):
-            if core.shape[1] != mode.size:
-                raise ValueError(
-                    f"cores[{k}] must be (r_prev, {mode.size}, r_next) for mode {mode.name!r}, got {tuple(core.shape)}"
-                )
-        spec = dataclasses.replace(old_spec, ranks=tuple(c.shape[0] for c in cores[1:]))
-        old = self.metatt_cores[group]
-        held = None if optimizer is None else _group_holding(optimizer, old, f"the cores of group {group}")
-        ref = old[0]
-        new = nn.ParameterList([nn.Parameter(c.detach().to(device=ref.device, dtype=ref.dtype).clone()) for c in cores])
+        views = [self.model.get_submodule(t.name) for t in self.targets if t.group == group]
+        if not views:
+            raise RuntimeError("this MetaTT model was unloaded: it has no views whose cores could be replaced")
+        # the first view checks the cores, makes the new Parameters and tells the optimizer; the others share them
+        new = views[0].replace_cores(cores, optimizer=optimizer)
+        for view in views[1:]:
+            view.replace_cores(new)
         self.metatt_cores[group] = new
-        self.groups[group].spec = spec
-        scaling = self.alpha / self.config.max_rank
-        for t in self.targets:
-            if t.group == group:
-                view = self.model.get_submodule(t.name)
-                view.cores, view.spec, view.scaling = new, spec, scaling
-        if held is not None:
-            _swap_in_group(optimizer, held, list(old), list(new))
+        self.groups[group].spec = views[0].spec
         return new
 
     # -------------------------------------------------------------------------------- save / load
@@ -505,7 +482,7 @@ class MetaTTModel(nn.Module):
             "format_version": FORMAT_VERSION,
             "config": self.config.to_dict(),
             "num_layers": self.num_layers,
-            "scaling": self.alpha / self.config.max_rank,
+            "scaling": adapter_scaling(self.alpha, self.config.max_rank),
             "groups": {g.name: g.describe() for g in self.groups.values()},
             "targets": {t.name: [t.group, t.layer, t.matrix] for t in self.targets},
         }

@@ -186,17 +186,15 @@ class TTLinear(AdapterLayer):
     def spec_for_cores(self, cores: Sequence[Tensor]) -> TTSpec:
         """The spec of ``cores`` (same modes as this layer's, any bond ranks), checked as a chain."""
         cores = list(cores)
+        reference.check_chain(cores)
         if len(cores) != self.spec.num_cores:
             raise ValueError(f"cores has {len(cores)} tensors but this adapter has {self.spec.num_cores} cores")
         for k, (core, mode) in enumerate(zip(cores, self.spec.modes)):
-            if not isinstance(core, Tensor) or core.dim() != 3 or core.shape[1] != mode.size:
+            if core.shape[1] != mode.size:
                 raise ValueError(
-                    f"cores[{k}] must be a tensor (r_prev, {mode.size}, r_next) for mode {mode.name!r}, got "
-                    f"{tuple(core.shape) if isinstance(core, Tensor) else type(core).__name__}"
+                    f"cores[{k}] must be (r_prev, {mode.size}, r_next) for mode {mode.name!r}, got {tuple(core.shape)}"
                 )
-        spec = TTSpec(self.spec.modes, tuple(c.shape[2] for c in cores[:-1]))
-        reference.check_cores(cores, spec)
-        return spec
+        return TTSpec(self.spec.modes, tuple(c.shape[2] for c in cores[:-1]))
 
     # -------------------------------------------------------------------------------- forward
     def forward(self, x: Tensor, task_ids: Optional[Tensor] = None) -> Tensor:

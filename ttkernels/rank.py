@@ -34,6 +34,8 @@ import torch
 from torch import Tensor, nn
 
 from . import reference
+from .metatt import MetaTTModel
+from .modules import TTLinear
 from .spec import TTSpec
 
 __all__ = [
@@ -59,31 +61,6 @@ def _check_limits(max_rank: Optional[int], rel_eps: Optional[float]) -> None:
             raise ValueError(f"rel_eps must be in (0, 1) or None, got {rel_eps!r}")
 
 
-def _check_chain(cores: Sequence[Tensor]) -> list[Tensor]:
-    cores = list(cores)
-    if not cores:
-        raise ValueError("cores is empty")
-    for k, c in enumerate(cores):
-        if not isinstance(c, Tensor):
-            raise TypeError(f"cores[{k}] must be a torch.Tensor, got {type(c).__name__}")
-        if c.dim() != 3 or min(c.shape) < 1:
-            raise ValueError(f"cores[{k}] must be 3-D (r_prev, n, r_next) with positive sizes, got {tuple(c.shape)}")
-        if not c.is_floating_point():
-            raise TypeError(f"cores[{k}] must be floating point, got {c.dtype}")
-        if c.device != cores[0].device:
-            raise ValueError(f"cores[{k}] is on {c.device} but cores[0] is on {cores[0].device}")
-        if k and c.shape[0] != cores[k - 1].shape[2]:
-            raise ValueError(
-                f"cores[{k - 1}] and cores[{k}] do not chain: bond {cores[k - 1].shape[2]} != {c.shape[0]}"
-            )
-    if cores[0].shape[0] != 1 or cores[-1].shape[2] != 1:
-        raise ValueError(
-            f"the first core must start with a bond of 1 and the last end with one, got {cores[0].shape[0]} and "
-            f"{cores[-1].shape[2]}"
-        )
-    return [c.detach() for c in cores]  # the rank tools are not differentiable
-
-
 def _work_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
@@ -99,7 +76,7 @@ def _keep(s: Tensor, delta: float, max_rank: Optional[int]) -> int:
 # ------------------------------------------------------------------------------------------------ basics
 def tt_full(cores: Sequence[Tensor]) -> Tensor:
     """The dense tensor of a TT (for tests and small problems)."""
-    cores = _check_chain(cores)
+    cores = reference.check_chain(cores)
     t = cores[0].reshape(cores[0].shape[1], -1)
     for c in cores[1:]:
         t = (t @ c.reshape(c.shape[0], -1)).reshape(-1, c.shape[2])
@@ -121,7 +98,7 @@ def _right_orthogonalize(cores: list[Tensor]) -> list[Tensor]:
 
 def tt_norm(cores: Sequence[Tensor]) -> Tensor:
     """``||T||_F`` without forming T."""
-    cores = _check_chain(cores)
+    cores = reference.check_chain(cores)
     return torch.linalg.vector_norm(_right_orthogonalize(cores)[0])
 
 
@@ -144,7 +121,7 @@ def _difference(a: list[Tensor], b: list[Tensor]) -> list[Tensor]:
 def relative_error(cores: Sequence[Tensor], approx: Sequence[Tensor]) -> float:
     """``||T - T'||_F / ||T||_F`` of two TTs with the same mode sizes, without forming either (the norm of the
     difference's TT, by orthogonalization: no cancellation)."""
-    cores, approx = _check_chain(cores), _check_chain(approx)
+    cores, approx = reference.check_chain(cores), reference.check_chain(approx)
     if [c.shape[1] for c in cores] != [c.shape[1] for c in approx]:
         raise ValueError("the two TTs have different mode sizes")
     num = float(tt_norm(_difference(cores, approx)))
@@ -205,7 +182,7 @@ def tt_round(cores: Sequence[Tensor], max_rank: Optional[int] = None, rel_eps: O
     (unless ``max_rank`` cuts further). Both None: exact recompression (ranks drop only where the TT is
     over-parameterized to working precision). Returns new cores in the input's dtype.
     """
-    cores = _check_chain(cores)
+    cores = reference.check_chain(cores)
     _check_limits(max_rank, rel_eps)
     dtype = cores[0].dtype
     work = _right_orthogonalize(cores)
@@ -235,7 +212,7 @@ def sweep(cores: Sequence[Tensor], max_rank: Optional[int] = None, rel_eps: Opti
     into ``(r_{k-1} n_k, n_{k+1} r_{k+1})``, truncate its SVD (``max_rank``, ``rel_eps``: the bound of the
     module docstring) and split it (left factor orthonormal); then right to left re-split each pair exactly, so
     the norm ends in the first core as it started. Returns new cores in the input's dtype."""
-    cores = _check_chain(cores)
+    cores = reference.check_chain(cores)
     _check_limits(max_rank, rel_eps)
     dtype = cores[0].dtype
     work = _right_orthogonalize(cores)
@@ -314,23 +291,6 @@ def to_lora(
 
 
 # ------------------------------------------------------------------------------------------------ training
-def _group_holding(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], what: str) -> dict:
-    """The param group of ``optimizer`` that holds ``params`` (found before anything is changed)."""
-    ids = {id(p) for p in params}
-    for group in optimizer.param_groups:
-        if any(id(p) in ids for p in group["params"]):
-            return group
-    raise ValueError(f"the optimizer does not hold {what}")
-
-
-def _swap_in_group(optimizer: torch.optim.Optimizer, group: dict, old: Sequence[Tensor], new: Sequence[Tensor]) -> None:
-    """The old Parameters leave ``group`` (their state dropped), the new ones join it with fresh state."""
-    old_ids = {id(p) for p in old}
-    group["params"] = [p for p in group["params"] if id(p) not in old_ids] + list(new)
-    for p in old:
-        optimizer.state.pop(p, None)
-
-
 @torch.no_grad()
 def compress_(
     module: nn.Module,
@@ -345,9 +305,6 @@ def compress_(
     The scaling stays as it was, so the outputs move only by the truncation. Returns the new ranks per TT
     (``""`` for a TTLinear, the group names for MetaTT).
     """
-    from .metatt import MetaTTModel
-    from .modules import TTLinear
-
     _check_limits(max_rank, rel_eps)
     if max_rank is None and rel_eps is None:
         raise ValueError("give max_rank, rel_eps or both")
@@ -359,16 +316,9 @@ def compress_(
             out[name] = module.groups[name].spec.ranks
         return out
     if isinstance(module, TTLinear):
-        if not module._owns_cores:
+        if not module.owns_cores:
             raise ValueError("this TTLinear is a view onto shared cores: compress their owner (e.g. the MetaTTModel)")
-        old = list(module.cores)
-        held = None if optimizer is None else _group_holding(optimizer, old, "these cores")
-        new = sweep(old, max_rank, rel_eps)
-        params = nn.ParameterList([nn.Parameter(c) for c in new])
-        module.cores = params
-        module.spec = TTSpec(module.spec.modes, tuple(c.shape[2] for c in new[:-1]))
-        if held is not None:
-            _swap_in_group(optimizer, held, old, list(params))
+        module.replace_cores(sweep(list(module.cores), max_rank, rel_eps), optimizer=optimizer)
         return {"": module.spec.ranks}
     raise TypeError(f"compress_ takes a TTLinear or a MetaTTModel, got {type(module).__name__}")
 
@@ -405,8 +355,6 @@ class RankSchedule:
         self.done = 0
 
     def _specs(self) -> list[TTSpec]:
-        from .metatt import MetaTTModel
-
         if isinstance(self.module, MetaTTModel):
             return [g.spec for g in self.module.groups.values()]
         return [self.module.spec]

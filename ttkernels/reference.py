@@ -30,6 +30,8 @@ from torch import Tensor
 from .spec import TTSpec
 
 __all__ = [
+    "check_chain",
+    "check_cores",
     "dropout_keep",
     "apply_dropout",
     "factors",
@@ -153,6 +155,33 @@ def check_cores(cores: Sequence[Tensor], spec: TTSpec) -> None:
             raise ValueError(f"cores[{k}] is on {core.device} but cores[0] is on {dev}")
         if not core.is_floating_point():
             raise TypeError(f"cores[{k}] must be floating point, got {core.dtype}")
+
+
+def check_chain(cores: Sequence[Tensor]) -> list[Tensor]:
+    """A TT's cores ``(r_{k-1}, n_k, r_k)`` checked as a chain (3-D, floating point, one device, matching bonds,
+    end bonds of 1), returned detached."""
+    cores = list(cores)
+    if not cores:
+        raise ValueError("cores is empty")
+    for k, c in enumerate(cores):
+        if not isinstance(c, Tensor):
+            raise TypeError(f"cores[{k}] must be a torch.Tensor, got {type(c).__name__}")
+        if c.dim() != 3 or min(c.shape) < 1:
+            raise ValueError(f"cores[{k}] must be 3-D (r_prev, n, r_next) with positive sizes, got {tuple(c.shape)}")
+        if not c.is_floating_point():
+            raise TypeError(f"cores[{k}] must be floating point, got {c.dtype}")
+        if c.device != cores[0].device:
+            raise ValueError(f"cores[{k}] is on {c.device} but cores[0] is on {cores[0].device}")
+        if k and c.shape[0] != cores[k - 1].shape[2]:
+            raise ValueError(
+                f"cores[{k - 1}] and cores[{k}] do not chain: bond {cores[k - 1].shape[2]} != {c.shape[0]}"
+            )
+    if cores[0].shape[0] != 1 or cores[-1].shape[2] != 1:
+        raise ValueError(
+            f"the first core must start with a bond of 1 and the last end with one, got {cores[0].shape[0]} and "
+            f"{cores[-1].shape[2]}"
+        )
+    return [c.detach() for c in cores]
 
 
 def factors(

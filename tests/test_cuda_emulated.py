@@ -413,9 +413,9 @@ def test_kron_apply_and_grads(lib, shape, layout, dtype):
 def test_ttm_apply_on_the_emulated_cuda_kernels(lib, spec, dtype, monkeypatch):
     """ttm_apply(backend="cuda") end to end (the cut, the views, the autograd function, dx through transposed
     factors) with the op calls answered by the emulated kernels, against the float64 sweep."""
-    emulated = ttm._CudaKernels.__new__(ttm._CudaKernels)
+    emulated = ttm.ops.CudaKronKernels.__new__(ttm.ops.CudaKronKernels)
     emulated.k = Emulated(lib)
-    monkeypatch.setattr(ttm, "_kernels", lambda name, device: emulated)
+    monkeypatch.setattr(ttm.ops, "kron_kernels", lambda name, device: emulated)
     m = 9
     x = rnd(m, spec.in_features, dtype=dtype)
     cores = [rnd(*s, scale=(s[0] * s[2]) ** -0.5) for s in spec.core_shapes]

@@ -277,7 +277,7 @@ def test_saved_activations_are_x_only():
         (lambda: TTMSpec((2, 2), (2, 2), ()), ValueError, "2 cores need 1 bond ranks"),
         (lambda: TTMSpec((2, 2), (2, 2), (0,)), ValueError, "ranks must be positive"),
         (lambda: TTMSpec((2, 0), (2, 2), (1,)), ValueError, "mode sizes must be positive"),
-        (lambda: TTMSpec.build(12, 10, in_modes=(5, 3)), ValueError, "multiply to 15"),
+        (lambda: TTMSpec.linear(12, 10, in_modes=(5, 3)), ValueError, "multiply to 15"),
         (lambda: ttm_apply(torch.randn(2, 6), [torch.randn(1, 2, 2, 3), torch.randn(2, 3, 3, 1)]), ValueError, "has shape"),
         (lambda: ttm_apply(torch.randn(2, 5), [torch.randn(1, 2, 2, 2), torch.randn(2, 3, 3, 1)]), ValueError, "last dimension 5"),
         (lambda: ttm_apply(torch.randn(2, 6), [torch.randn(2, 3, 1)]), ValueError, "4-D tensors"),

@@ -191,7 +191,7 @@ def test_ttmlinear_trains_on_triton():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_target_shape_on_gpu(dtype, monkeypatch):
     monkeypatch.setattr(_common, "AUTOTUNE", True)
-    spec = TTMSpec.build(4096, 4096, in_modes=3, ranks=8)
+    spec = TTMSpec.linear(4096, 4096, in_modes=3, ranks=8)
     x, cores = _inputs(spec, 512, dtype)
     dy = rnd(512, spec.out_features, dtype=dtype)
     got = _grads(x, cores, "triton", dy)
@@ -203,11 +203,11 @@ def test_target_shape_on_gpu(dtype, monkeypatch):
 
 @pytest.mark.skipif(not CUDA, reason="the measured dispatch times kernels on a GPU")
 def test_auto_dispatch_measures_once_and_matches(monkeypatch):
-    monkeypatch.setattr(ttm, "_DISPATCH", {})
-    spec = TTMSpec.build(256, 256, in_modes=2, ranks=4)
+    monkeypatch.setattr(ttm.dispatch, "cache", {})
+    spec = TTMSpec.linear(256, 256, in_modes=2, ranks=4)
     x, cores = _inputs(spec, 64, torch.bfloat16)
     choice = ttm.ttm_dispatch(spec, 64, torch.bfloat16, DEVICE)
-    assert choice in ("triton", "cuda", "dense") and len(ttm._DISPATCH) == 1
+    assert choice in ("triton", "cuda", "dense") and len(ttm.dispatch.cache) == 1
     assert ttm.ttm_dispatch(spec, 60, torch.bfloat16, DEVICE) == choice  # same bucket, cached
     check("y", ttm_apply(x, cores, backend="auto"), d64(ttm_apply(d64(x), [d64(c) for c in cores])),
           ttm_apply(x, cores, backend="torch"), torch.bfloat16)  # fmt: skip

@@ -56,6 +56,7 @@ __all__ = [
     "adapter_scaling",
     "add_delta_",
     "check_alpha",
+    "guard_merged_output",
     "is_conv1d",
     "param_group_holding",
     "swap_parameters",
@@ -112,6 +113,14 @@ def add_delta_(weight: Tensor, delta: Tensor, *, safe: bool = False, what: str =
     weight.copy_(new.to(weight.dtype))
 
 
+def _sum(deltas: Sequence[Tensor]) -> Tensor:
+    acc = torch.float64 if any(d.dtype == torch.float64 for d in deltas) else torch.float32
+    total = deltas[0].to(acc)
+    for d in deltas[1:]:
+        total = total + d.to(device=total.device, dtype=acc)
+    return total
+
+
 class MergeGuard:
     """What an exact unmerge needs: the base weight as it was before the first merge, and the cores it merged.
 
@@ -141,18 +150,10 @@ class MergeGuard:
         safe: bool = False,
         what: str = "the adapter",
     ) -> None:
-        """Add ``deltas`` to ``weight``, keeping the weight as it was (first merge only)."""
-        if safe:
-            for delta in deltas:
-                if not torch.isfinite(delta).all():
-                    raise ValueError(f"merging {what} refused: its delta-W holds non-finite values (safe_merge=True)")
+        """Add ``deltas`` to ``weight``, keeping the weight as it was (first merge only). ``params``: every core
+        merged so far (watched for changes). When a check fails, nothing has changed."""
         original = weight.detach().clone() if self.original is None else None
-        try:
-            for delta in deltas:
-                add_delta_(weight, delta, safe=safe, what=what)
-        except BaseException:
-            weight.copy_(original if original is not None else self.original)
-            raise
+        add_delta_(weight, _sum(deltas), safe=safe, what=what)  # writes only after its checks
         if original is not None:
             self.original = original
         self.fingerprint = self.fingerprint_of(params)
@@ -172,8 +173,7 @@ class MergeGuard:
         """``weight = kept weight + deltas`` (after the cores changed while merged)."""
         assert self.original is not None
         weight.copy_(self.original)
-        for delta in deltas:
-            add_delta_(weight, delta)
+        add_delta_(weight, _sum(deltas))
         self.fingerprint = self.fingerprint_of(params)
 
     def adopt(self, weight: Tensor, original: Tensor, where: str) -> None:

@@ -20,7 +20,6 @@ Checked by tests/test_peft.py against peft 0.21 (train, save, reload, merge, dis
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import peft
@@ -30,6 +29,7 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import Tensor, nn
 
 from . import ops, reference
+from .layer import BEFORE_MERGE_KEY, MergeGuard, adapter_scaling, check_alpha, guard_merged_output
 from .metatt import MetaTTConfig, MetaTTModel, get_metatt_model
 from .modules import TTLinear
 
@@ -41,6 +41,12 @@ class TTLoraLinear(nn.Module, LoraLayer):
 
     Only the cores are registered (``lora_tt_cores[adapter]``), so PEFT saves, loads and trains them alone;
     the base layer is PEFT's ``base_layer``. ``scaling = lora_alpha / r`` (``/ sqrt(r)`` with rslora), as LoRA.
+
+    Its class base is PEFT's ``LoraLayer`` (for PEFT's machinery); alpha, scaling and merging are the
+    adapter-layer base's (:mod:`ttkernels.layer`), with its guarantees: ``merge()`` keeps the base weight for an
+    exact ``unmerge()``, ``merge(safe_merge=True)`` refuses non-finite deltas, a backward through a merged layer
+    is refused, merged cores that change are merged again at the next forward, and a merged layer's state dict
+    records the kept weight (``base_layer.weight_before_merge``) and the merged adapters (``merged.<name>``).
     """
 
     adapter_layer_names = LoraLayer.adapter_layer_names + ("lora_tt_cores",)
@@ -59,14 +65,21 @@ class TTLoraLinear(nn.Module, LoraLayer):
         self.tt_dropout: dict = {}
         self.fan_in_fan_out = config.fan_in_fan_out
         self._active_adapter = adapter_name
+        self.__dict__["_merge_guard"] = MergeGuard()
+        self.register_state_dict_post_hook(_peft_state_dict_post_hook)
+        self.register_load_state_dict_pre_hook(_peft_load_pre_hook)
+        self.register_load_state_dict_post_hook(_peft_load_post_hook)
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kw)
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config: peft.LoraConfig, **kw) -> None:
         base = self.get_base_layer()
         if not isinstance(base, nn.Linear) or config.fan_in_fan_out:
             raise TypeError(f"TTLoraLinear adapts nn.Linear layers, got {type(base).__name__}")
-        if not isinstance(r, int) or r < 1:
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"r must be a positive int, got {r!r}")
+        lora_alpha = check_alpha(lora_alpha, "lora_alpha")
+        if lora_alpha is None:
+            raise ValueError("lora_alpha must be a finite number >= 0, got None")
         if config.lora_bias:
             raise NotImplementedError("lora_bias is not supported by TTLoraLinear")
         init = config.init_lora_weights
@@ -85,7 +98,7 @@ class TTLoraLinear(nn.Module, LoraLayer):
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.lora_dropout[adapter_name] = nn.Identity()  # the ops apply dropout from a seed, no module
-        self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if config.use_rslora else r)
+        self.scaling[adapter_name] = adapter_scaling(lora_alpha, r, rslora=config.use_rslora)
         self.use_rslora[adapter_name] = config.use_rslora
         self.use_dora[adapter_name] = False
         self.lora_bias[adapter_name] = False
@@ -102,7 +115,11 @@ class TTLoraLinear(nn.Module, LoraLayer):
                 self.unmerge()
             return base(x, *args, **kwargs)
         if self.merged:
-            return base(x, *args, **kwargs)
+            params = self._merged_cores()
+            guard = self.__dict__["_merge_guard"]
+            if not torch.compiler.is_compiling() and guard.stale(params):
+                guard.remerge(base.weight, self._merged_deltas(), params)
+            return guard_merged_output(base(x, *args, **kwargs), type(self).__name__, params)
         active = [a for a in self.active_adapters if a in self.lora_tt_cores]
         dropout = lambda a: self.tt_dropout[a] if self.training else 0.0
         if len(active) == 1 and type(base) is nn.Linear and not args and not kwargs:
@@ -126,26 +143,32 @@ class TTLoraLinear(nn.Module, LoraLayer):
         dW = reference.dense_delta(list(self.lora_tt_cores[adapter]), self.tt_spec[adapter]).t()
         return dW * self.scaling[adapter]
 
+    def _merged_cores(self) -> list[Tensor]:
+        return [p for a in self.merged_adapters if a in self.lora_tt_cores for p in self.lora_tt_cores[a]]
+
+    def _merged_deltas(self) -> list[Tensor]:
+        return [self.get_delta_weight(a) for a in self.merged_adapters if a in self.lora_tt_cores]
+
     @torch.no_grad()
-    def _add_delta(self, adapter: str, sign: float, safe: bool = False) -> None:
-        w = self.get_base_layer().weight
-        acc = torch.float64 if w.dtype == torch.float64 else torch.float32
-        new = w.to(acc) + sign * self.get_delta_weight(adapter).to(w.device, acc)
-        if safe and not torch.isfinite(new).all():
-            raise ValueError(f"merging adapter {adapter!r} gives non-finite weights")
-        w.copy_(new.to(w.dtype))
-
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        for a in check_adapters_to_merge(self, adapter_names):
-            if a in self.lora_tt_cores:
-                self._add_delta(a, +1.0, safe_merge)
-                self.merged_adapters.append(a)
+        """PEFT's merge: the adapters' delta-W into the base weight, which is kept for an exact :meth:`unmerge`."""
+        todo = [a for a in check_adapters_to_merge(self, adapter_names) if a in self.lora_tt_cores]
+        if not todo:
+            return
+        params = self._merged_cores() + [p for a in todo for p in self.lora_tt_cores[a]]
+        deltas = [self.get_delta_weight(a) for a in todo]
+        self.__dict__["_merge_guard"].merge(
+            self.get_base_layer().weight, deltas, params, safe=safe_merge, what=f"adapter(s) {todo}"
+        )
+        self.merged_adapters.extend(todo)
 
+    @torch.no_grad()
     def unmerge(self) -> None:
-        while self.merged_adapters:
-            a = self.merged_adapters.pop()
-            if a in self.lora_tt_cores:
-                self._add_delta(a, -1.0)
+        """Every merged adapter out: the base weight back to what it was, bit for bit."""
+        if not self.merged_adapters:
+            return
+        self.__dict__["_merge_guard"].restore(self.get_base_layer().weight)
+        self.merged_adapters.clear()
 
     # LoraLayer's versions look adapters up in lora_A
     def scale_layer(self, scale: float) -> None:
@@ -166,6 +189,44 @@ class TTLoraLinear(nn.Module, LoraLayer):
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
+
+
+# state dicts of a merged layer: the kept weight and the merged adapters' names, so a round trip stays merged
+def _peft_state_dict_post_hook(module: TTLoraLinear, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    guard = module.__dict__["_merge_guard"]
+    if module.merged_adapters and guard.original is not None:
+        state_dict[prefix + "base_layer." + BEFORE_MERGE_KEY] = guard.original.detach().clone()
+        for a in module.merged_adapters:
+            state_dict[prefix + "merged." + a] = torch.ones((), dtype=torch.bool)
+
+
+def _peft_load_pre_hook(module: TTLoraLinear, state_dict: dict, prefix: str, *args: Any) -> None:
+    was = list(module.merged_adapters)
+    module.unmerge()  # the weight in the file is a base weight: never add delta-W twice
+    before = state_dict.pop(prefix + "base_layer." + BEFORE_MERGE_KEY, None)
+    names = [k[len(prefix + "merged.") :] for k in list(state_dict) if k.startswith(prefix + "merged.")]
+    for name in names:
+        state_dict.pop(prefix + "merged." + name)
+    again = was if prefix + "base_layer.weight" not in state_dict else []
+    module.__dict__["_pending_merge"] = (before, names, again, prefix)
+
+
+def _peft_load_post_hook(module: TTLoraLinear, incompatible_keys: Any) -> None:
+    pending = module.__dict__.pop("_pending_merge", None)
+    if pending is None:
+        return
+    before, names, again, prefix = pending
+    if before is not None:
+        unknown = [n for n in names if n not in module.lora_tt_cores]
+        if unknown or not names:
+            raise ValueError(f"{prefix}merged.* names adapters {names}; this layer has {list(module.lora_tt_cores)}")
+        guard = module.__dict__["_merge_guard"]
+        weight = module.get_base_layer().weight
+        guard.adopt(weight, before, f"{prefix}base_layer.{BEFORE_MERGE_KEY}")
+        module.merged_adapters.extend(names)
+        guard.remerge(weight, module._merged_deltas(), module._merged_cores())
+    elif again:
+        module.merge(adapter_names=again)
 
 
 def tt_lora_layer(*, in_modes: Any = None, out_modes: Any = None, backend: str = "auto") -> type[TTLoraLinear]:

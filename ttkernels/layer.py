@@ -21,7 +21,8 @@ so the base weight is bit for bit what it was, whatever happened in between (cor
 weights). While merged:
 
 * the cores are watched (identity and in-place version of each): when they change, the next forward writes
-  ``W + delta-W`` of the new cores (from the kept weight, so nothing drifts) before it computes;
+  ``W + delta-W`` of the new cores (from the kept weight, so nothing drifts) before it computes. Writes through
+  ``core.data`` bypass torch's version counter and are not seen: call ``unmerge()`` and ``merge()`` after them;
 * ``adapter_disabled()`` computes with the kept weight: exactly the base layer;
 * training is refused: a backward through the merged layer's output raises when its cores require gradients
   (they would get none); unmerge first. Forwards (inference) are fine;

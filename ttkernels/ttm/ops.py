@@ -159,7 +159,7 @@ def _kron_grad_q_op(
     """``dq`` (:func:`kron_grad_q_ref`) in q's dtype."""
     kernels = kron_kernels(backend, x2.device)
     dy3, x3 = kron_views(dy2, out_left, out_right, order), kron_views(x2, in_left, in_right, order)
-    return kernels.grad_q(dy3, x3, p, q).to(q.dtype)
+    return kernels.grad_q(dy3, x3, p, q).to(q.dtype).contiguous()
 
 
 @_kron_grad_q_op.register_fake
@@ -175,7 +175,7 @@ def _kron_grad_p_op(
     """``dp`` (:func:`kron_grad_p_ref`) in p's dtype."""
     kernels = kron_kernels(backend, x2.device)
     dy3, x3 = kron_views(dy2, out_left, out_right, order), kron_views(x2, in_left, in_right, order)
-    return kernels.grad_p(dy3, x3, p, q).to(p.dtype)
+    return kernels.grad_p(dy3, x3, p, q).to(p.dtype).contiguous()
 
 
 @_kron_grad_p_op.register_fake

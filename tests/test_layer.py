@@ -97,6 +97,17 @@ def test_alpha_is_checked_the_same_everywhere(alpha):
             make()
 
 
+def test_a_refused_wrap_leaves_the_base_as_it_was():
+    lin = nn.Linear(8, 4)
+    for kwargs in (dict(alpha=True), dict(dropout=2.0), dict(backend="npu")):
+        with pytest.raises(ValueError):
+            tk.TTLinear.from_linear(lin, **kwargs)
+        if "dropout" not in kwargs:  # TTMLinear has no dropout
+            with pytest.raises(ValueError):
+                TTMLinear.from_linear(lin, in_modes=(2, 4), out_modes=(2, 2), **kwargs)
+    assert lin.weight.requires_grad and lin.bias.requires_grad
+
+
 def test_scaling_has_one_formula():
     assert L.adapter_scaling(6, 3) == 2.0 and L.adapter_scaling(6, 4, rslora=True) == 3.0
     assert tk.TTLinear(8, 4, ranks=[2], alpha=6).scaling == L.adapter_scaling(6, 2)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops, reference
-from .layer import AdapterLayer, base_features, is_conv1d
+from .layer import AdapterLayer, base_features, check_alpha, is_conv1d
 from .spec import TTSpec
 
 __all__ = ["TTLinear", "init_cores_", "new_cores"]
@@ -100,6 +100,7 @@ class TTLinear(AdapterLayer):
         spec = TTSpec.linear(
             linear.in_features, linear.out_features, in_modes=in_modes, out_modes=out_modes, ranks=ranks
         )
+        _check_adapter_args(alpha, dropout, backend)  # before the base is touched
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._attach_base(linear)
@@ -142,6 +143,8 @@ class TTLinear(AdapterLayer):
                 f"spec maps {spec.in_features} -> {spec.out_features} features but linear is {d_in} -> {d_out}"
             )
         reference.check_cores(list(cores), spec)
+        spec.check_index(index)
+        _check_adapter_args(alpha, dropout, backend)  # before the base is touched
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._attach_base(linear)
@@ -246,6 +249,12 @@ class TTLinear(AdapterLayer):
         if self.merged:
             text += ", merged=True"
         return text
+
+
+def _check_adapter_args(alpha: object, dropout: object, backend: object) -> None:
+    check_alpha(alpha)
+    ops.check_dropout(dropout)
+    ops.check_backend_name(backend)
 
 
 def _check_linear(linear: object) -> None:

@@ -32,8 +32,8 @@ weights). While merged:
 * ``merge(safe_merge=True)`` refuses a delta-W or a merged weight that is not finite and leaves the weight as it
   was.
 
-Under ``torch.compile`` the forward does not look at the cores' versions (call ``merge()`` again after changing
-cores there). A merged per-sample (task) adapter does not exist: such adapters refuse to merge.
+Under ``torch.compile`` the forward does not look at the cores' versions (call ``unmerge()`` and ``merge()``
+after changing cores there). A merged per-sample (task) adapter does not exist: such adapters refuse to merge.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ttkernels import ttm
+from ttkernels.spec import ChainSpec, TTSpec
 from ttkernels.ttm import TTMLinear, TTMSpec, ttm_apply
 from ttkernels.ttm import dispatch as ttm_dispatch_module
 
@@ -182,6 +183,10 @@ def test_spec_constructors_mean_one_thing():
     spec = TTMSpec.build((4, 6), (5, 4), 3)  # the chain facts come from the shared base
     assert spec.bond_ranks == (1, 3, 1) and spec.core_shapes == ((1, 5, 4, 3), (3, 4, 6, 1))
     assert spec.num_params == 5 * 4 * 3 + 3 * 4 * 6 and spec.max_rank == 3 and spec.num_cores == 2
+    tt = TTSpec.linear(24, 20, in_modes=(4, 6), out_modes=(5, 4), ranks=3)  # the same names, the same meanings
+    assert isinstance(spec, ChainSpec) and isinstance(tt, ChainSpec)
+    assert tt == TTSpec.build((4, 6), (5, 4), 3) and tt.core_shapes == ((1, 4, 3), (3, 6, 3), (3, 5, 3), (3, 4, 1))
+    assert tt.num_params == sum(math.prod(s) for s in tt.core_shapes) and tt.max_rank == 3
 
 
 def test_ttmlinear_replace_cores_keeps_modes():

@@ -392,3 +392,23 @@ def test_peft_layer_checks_lora_alpha(alpha):
         peft.get_peft_model(
             nn.Sequential(nn.Linear(4, 4)), tkpeft.tt_lora_config(r=2, lora_alpha=alpha, target_modules=["0"])
         )
+
+
+def test_metatt_state_dict_of_merged_views_round_trips():
+    torch.manual_seed(0)
+    a = get_metatt_model(_Net(torch.float32, conv1d=True), MetaTTConfig(["q"], rank=3))
+    for core in a.metatt_cores.parameters():
+        torch.nn.init.normal_(core, std=0.3)
+    weights = {n: v.weight.detach().clone() for n, v in a.views()}
+    for _, view in a.views():
+        view.merge()
+    x = torch.randn(4, D_IN)
+    torch.manual_seed(0)
+    b = get_metatt_model(_Net(torch.float32, conv1d=True), MetaTTConfig(["q"], rank=3))
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        assert torch.equal(b(x), a(x))
+    for name, view in b.views():
+        assert view.merged
+        view.unmerge()
+        assert torch.equal(view.weight, weights[name])

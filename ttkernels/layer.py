@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Optional
 
 import torch
@@ -168,6 +168,12 @@ class MergeGuard:
 
     def stale(self, params: Sequence[Tensor]) -> bool:
         return self.merged and self.fingerprint != self.fingerprint_of(params)
+
+    def refresh(self, weight: Tensor, params: Sequence[Tensor], deltas: Callable[[], Sequence[Tensor]]) -> None:
+        """Before a merged forward: merge again from the kept weight when the cores changed (not while
+        torch.compile traces)."""
+        if not torch.compiler.is_compiling() and self.stale(params):
+            self.remerge(weight, deltas(), params)
 
     @torch.no_grad()
     def remerge(self, weight: Tensor, deltas: Sequence[Tensor], params: Sequence[Tensor]) -> None:
@@ -350,8 +356,7 @@ class AdapterLayer(nn.Module):
         if self.merged:
             params = list(self.cores)
             guard = self.__dict__["_merge_guard"]
-            if not torch.compiler.is_compiling() and guard.stale(params):
-                guard.remerge(self.weight, [self._stored(self.delta_weight())], params)
+            guard.refresh(self.weight, params, lambda: [self._stored(self.delta_weight())])
             if self._disabled:
                 w = guard.original.t() if self.weight_transposed else guard.original
                 return self._base_linear(x, w)

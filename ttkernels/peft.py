@@ -116,9 +116,7 @@ class TTLoraLinear(nn.Module, LoraLayer):
             return base(x, *args, **kwargs)
         if self.merged:
             params = self._merged_cores()
-            guard = self.__dict__["_merge_guard"]
-            if not torch.compiler.is_compiling() and guard.stale(params):
-                guard.remerge(base.weight, self._merged_deltas(), params)
+            self.__dict__["_merge_guard"].refresh(base.weight, params, self._merged_deltas)
             return guard_merged_output(base(x, *args, **kwargs), type(self).__name__, params)
         active = [a for a in self.active_adapters if a in self.lora_tt_cores]
         dropout = lambda a: self.tt_dropout[a] if self.training else 0.0

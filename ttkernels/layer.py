@@ -60,6 +60,7 @@ __all__ = [
     "guard_merged_output",
     "is_conv1d",
     "param_group_holding",
+    "register_merge_hooks",
     "swap_parameters",
 ]
 
@@ -281,9 +282,7 @@ class AdapterLayer(nn.Module):
         self.__dict__["_merge_guard"] = MergeGuard()
         self.merged = False
         self._disabled = False
-        self.register_state_dict_post_hook(_state_dict_post_hook)
-        self.register_load_state_dict_pre_hook(_load_pre_hook)
-        self.register_load_state_dict_post_hook(_load_post_hook)
+        register_merge_hooks(self)
 
     def _set_alpha(self, alpha: object, rank: int) -> None:
         alpha = check_alpha(alpha)
@@ -409,6 +408,18 @@ class AdapterLayer(nn.Module):
         add_delta_(self.weight, self._stored(self.delta_weight()), safe=safe_merge)
         return self.base_module
 
+    def _merge_state(self) -> tuple[MergeGuard, Tensor, str, None]:
+        return self.__dict__["_merge_guard"], self.weight, "weight", None
+
+    def _resume_merge(self, names: Sequence[str], *, from_weight: bool = False) -> None:
+        if names not in ([], [""]):
+            raise ValueError(f"this {type(self).__name__} has one adapter; the state dict names merged ones {names}")
+        if from_weight:
+            self.merge()
+        else:
+            self.__dict__["_merge_guard"].remerge(self.weight, [self._stored(self.delta_weight())], list(self.cores))
+            self.merged = True
+
     @contextlib.contextmanager
     def adapter_disabled(self) -> Iterator[AdapterLayer]:
         """Within the block the layer computes the base ``x W^T + b`` only (merged or not)."""
@@ -421,30 +432,49 @@ class AdapterLayer(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ state dicts
-def _state_dict_post_hook(module: AdapterLayer, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    guard = module.__dict__["_merge_guard"]
-    if module.merged and guard.original is not None:
-        state_dict[prefix + BEFORE_MERGE_KEY] = guard.original.detach().clone()
+# A mergeable layer (AdapterLayer, the PEFT layer) answers ``_merge_state()`` with (its MergeGuard, the base
+# weight, the weight's state-dict key under the layer's prefix, the names of the merged adapters or None for a
+# single adapter) and ``_resume_merge(names)`` (merged again from the kept weight the guard has just adopted).
+def register_merge_hooks(module: nn.Module) -> None:
+    """State-dict hooks of a mergeable layer: a merged layer's state dict records the kept weight (and the merged
+    adapters' names); loading it gives a merged layer; loading into a merged layer unmerges it first."""
+    module.register_state_dict_post_hook(_state_dict_post_hook)
+    module.register_load_state_dict_pre_hook(_load_pre_hook)
+    module.register_load_state_dict_post_hook(_load_post_hook)
 
 
-def _load_pre_hook(
-    module: AdapterLayer, state_dict: dict, prefix: str, local_metadata, strict, missing_keys, unexpected_keys, errors
-) -> None:
-    was_merged = module.merged
+def _before_key(weight_key: str) -> str:
+    return weight_key.rpartition(".")[0] + ("." if "." in weight_key else "") + BEFORE_MERGE_KEY
+
+
+def _state_dict_post_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    guard, _, key, names = module._merge_state()
+    if guard.original is not None:
+        state_dict[prefix + _before_key(key)] = guard.original.detach().clone()
+        for name in names or ():
+            state_dict[prefix + "merged." + name] = torch.ones((), dtype=torch.bool)
+
+
+def _load_pre_hook(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    guard, _, key, names = module._merge_state()
+    was = list(names) if names is not None else ([""] if guard.merged else [])
     module.unmerge()  # the weight in the file is a base weight: never add delta-W twice
-    before = state_dict.pop(prefix + BEFORE_MERGE_KEY, None)
-    module.__dict__["_pending_merge"] = (before, was_merged and prefix + "weight" not in state_dict, prefix)
+    before = state_dict.pop(prefix + _before_key(key), None)
+    saved = [k[len(prefix + "merged.") :] for k in list(state_dict) if k.startswith(prefix + "merged.")]
+    for name in saved:
+        state_dict.pop(prefix + "merged." + name)
+    again = was if prefix + key not in state_dict else []
+    module.__dict__["_pending_merge"] = (before, saved, again, prefix + _before_key(key))
 
 
-def _load_post_hook(module: AdapterLayer, incompatible_keys) -> None:
+def _load_post_hook(module: nn.Module, incompatible_keys: Any) -> None:
     pending = module.__dict__.pop("_pending_merge", None)
     if pending is None:
         return
-    before, merge_again, prefix = pending
+    before, saved, again, where = pending
+    guard, weight, _, _ = module._merge_state()
     if before is not None:
-        guard = module.__dict__["_merge_guard"]
-        guard.adopt(module.weight, before, f"{prefix}{BEFORE_MERGE_KEY}")
-        guard.remerge(module.weight, [module._stored(module.delta_weight())], list(module.cores))
-        module.merged = True
-    elif merge_again:
-        module.merge()
+        guard.adopt(weight, before, where)
+        module._resume_merge(saved)
+    elif again:
+        module._resume_merge(again, from_weight=True)

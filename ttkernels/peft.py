@@ -29,7 +29,7 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import Tensor, nn
 
 from . import ops, reference
-from .layer import BEFORE_MERGE_KEY, MergeGuard, adapter_scaling, check_alpha, guard_merged_output
+from .layer import MergeGuard, adapter_scaling, check_alpha, guard_merged_output, register_merge_hooks
 from .metatt import MetaTTConfig, MetaTTModel, get_metatt_model
 from .modules import TTLinear
 
@@ -66,9 +66,7 @@ class TTLoraLinear(nn.Module, LoraLayer):
         self.fan_in_fan_out = config.fan_in_fan_out
         self._active_adapter = adapter_name
         self.__dict__["_merge_guard"] = MergeGuard()
-        self.register_state_dict_post_hook(_peft_state_dict_post_hook)
-        self.register_load_state_dict_pre_hook(_peft_load_pre_hook)
-        self.register_load_state_dict_post_hook(_peft_load_post_hook)
+        register_merge_hooks(self)
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kw)
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config: peft.LoraConfig, **kw) -> None:
@@ -160,6 +158,20 @@ class TTLoraLinear(nn.Module, LoraLayer):
         )
         self.merged_adapters.extend(todo)
 
+    def _merge_state(self) -> tuple[MergeGuard, Tensor, str, list[str]]:
+        return self.__dict__["_merge_guard"], self.get_base_layer().weight, "base_layer.weight", self.merged_adapters
+
+    def _resume_merge(self, names: list[str], *, from_weight: bool = False) -> None:
+        unknown = [n for n in names if n not in self.lora_tt_cores]
+        if unknown or not names:
+            raise ValueError(f"the state dict names merged adapters {names}; this layer has {list(self.lora_tt_cores)}")
+        if from_weight:
+            self.merge(adapter_names=list(names))
+        else:
+            self.merged_adapters.extend(names)
+            guard = self.__dict__["_merge_guard"]
+            guard.remerge(self.get_base_layer().weight, self._merged_deltas(), self._merged_cores())
+
     @torch.no_grad()
     def unmerge(self) -> None:
         """Every merged adapter out: the base weight back to what it was, bit for bit."""
@@ -187,44 +199,6 @@ class TTLoraLinear(nn.Module, LoraLayer):
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
-
-
-# state dicts of a merged layer: the kept weight and the merged adapters' names, so a round trip stays merged
-def _peft_state_dict_post_hook(module: TTLoraLinear, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    guard = module.__dict__["_merge_guard"]
-    if module.merged_adapters and guard.original is not None:
-        state_dict[prefix + "base_layer." + BEFORE_MERGE_KEY] = guard.original.detach().clone()
-        for a in module.merged_adapters:
-            state_dict[prefix + "merged." + a] = torch.ones((), dtype=torch.bool)
-
-
-def _peft_load_pre_hook(module: TTLoraLinear, state_dict: dict, prefix: str, *args: Any) -> None:
-    was = list(module.merged_adapters)
-    module.unmerge()  # the weight in the file is a base weight: never add delta-W twice
-    before = state_dict.pop(prefix + "base_layer." + BEFORE_MERGE_KEY, None)
-    names = [k[len(prefix + "merged.") :] for k in list(state_dict) if k.startswith(prefix + "merged.")]
-    for name in names:
-        state_dict.pop(prefix + "merged." + name)
-    again = was if prefix + "base_layer.weight" not in state_dict else []
-    module.__dict__["_pending_merge"] = (before, names, again, prefix)
-
-
-def _peft_load_post_hook(module: TTLoraLinear, incompatible_keys: Any) -> None:
-    pending = module.__dict__.pop("_pending_merge", None)
-    if pending is None:
-        return
-    before, names, again, prefix = pending
-    if before is not None:
-        unknown = [n for n in names if n not in module.lora_tt_cores]
-        if unknown or not names:
-            raise ValueError(f"{prefix}merged.* names adapters {names}; this layer has {list(module.lora_tt_cores)}")
-        guard = module.__dict__["_merge_guard"]
-        weight = module.get_base_layer().weight
-        guard.adopt(weight, before, f"{prefix}base_layer.{BEFORE_MERGE_KEY}")
-        module.merged_adapters.extend(names)
-        guard.remerge(weight, module._merged_deltas(), module._merged_cores())
-    elif again:
-        module.merge(adapter_names=again)
 
 
 def tt_lora_layer(*, in_modes: Any = None, out_modes: Any = None, backend: str = "auto") -> type[TTLoraLinear]:

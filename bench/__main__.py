@@ -8,15 +8,15 @@
 
 Every run measures its ceilings (a large copy, a large matmul) first, checks every provider against the
 float64 formula before timing it, prints a table, and appends one JSON row per measurement to
-``bench/results/results.jsonl`` (device, dtype, shape and versions in each row). ``python -m bench.plots``
-draws the plots from those rows.
+``results.jsonl`` in the results folder (device, dtype, shape and versions in each row): ``bench/out/`` by
+default (git-ignored, so a run leaves the checkout as it was), or ``--results-dir DIR``.
+``python -m bench.plots`` draws the plots from those rows.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--formats", nargs="+", choices=("lora", "ttlora", "metatt"), default=None)
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement")
     ap.add_argument("--max-seconds", type=float, default=None, help="time budget per measurement")
-    ap.add_argument("--results", default=str(harness.RESULTS_FILE), help="JSON-lines file to append to")
+    harness.add_results_args(ap)
     ap.add_argument("--no-save", action="store_true", help="print only; write no rows")
     ap.add_argument("--progress", action="store_true", help="progress bar even when stderr is not a terminal")
     args = ap.parse_args(argv)
@@ -200,8 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     for note in notes:
         print("note:", note)
     if rows and not args.no_save:
-        path = harness.append_rows(rows, Path(args.results))
-        print(f"\n{len(rows)} rows appended to {path} (run {run_id}); plots: python -m bench.plots")
+        path = harness.append_rows(rows, harness.results_file(args))
+        plots_cmd = "python -m bench.plots" + (f" --results {path}" if path != harness.RESULTS_FILE else "")
+        print(f"\n{len(rows)} rows appended to {path} (run {run_id}); plots: {plots_cmd}")
     return 130 if interrupted else 0
 
 

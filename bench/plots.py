@@ -1,6 +1,11 @@
-"""Figures and the README table, drawn from the result rows in ``bench/results/results.jsonl``.
+"""Figures and the README table, drawn from the result rows of a results folder.
 
-    python -m bench.plots [--results PATH] [--out DIR] [--run RUN_ID] [--device-type cuda] [--no-figures]
+    python -m bench.plots [--results-dir DIR | --results PATH] [--out DIR] [--run RUN_ID] [--device-type cuda]
+                          [--no-figures]
+
+The rows are ``results.jsonl`` of the results folder (``bench/out/``, git-ignored, unless ``--results-dir``
+or ``$TTKERNELS_BENCH_RESULTS_DIR`` says otherwise); the files go to ``plots/`` beside them (``--out``).
+``bench/results/`` is the published folder whose figures the README shows (``make publish-results``).
 
 For every device type found (or only ``--device-type``), each figure is drawn from the newest run that has
 rows for it: the layer figures from the newest run with ``layer`` rows, the model figure from the newest run
@@ -15,7 +20,8 @@ with ``model`` rows (``python -m bench --preset layer`` and ``--preset model`` a
 * ``layer-table-<device_type>.md``: :func:`markdown_table` of the same run, ready for the README.
 
 CPU runs are labelled "CPU figures". Every row field may be missing or None; rows without the fields a
-figure needs are left out of that figure. matplotlib is needed only to draw (imported on first use).
+figure needs are left out of that figure. matplotlib is needed only to draw (imported on first use): without
+it the command writes the tables, says how to get the figures, and exits 0.
 """
 
 from __future__ import annotations
@@ -31,11 +37,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bench.harness import RESULTS_DIR, RESULTS_FILE, read_rows
+from bench.harness import add_results_args, read_rows, results_file
 
 Row = dict[str, Any]
 
-DEFAULT_OUT = RESULTS_DIR / "plots"
 MAIN_PHASE = "forward+backward"
 BASE_PROVIDER = "frozen"
 FORMATS = ("lora", "ttlora", "metatt")
@@ -334,14 +339,18 @@ def markdown_table(
 
 
 # ------------------------------------------------------------------------------------------ drawing
+class MatplotlibMissingError(RuntimeError):
+    """matplotlib cannot be imported: the figures cannot be drawn (the tables can)."""
+
+
 def _pyplot():
     """matplotlib.pyplot on the Agg backend, with a clear message when matplotlib is not installed."""
     try:
         import matplotlib
     except ImportError as e:
-        raise RuntimeError(
-            "bench.plots needs matplotlib to draw figures: pip install matplotlib "
-            "(the result rows and markdown_table work without it)"
+        raise MatplotlibMissingError(
+            "bench.plots needs matplotlib to draw figures: pip install matplotlib (or pip install -e '.[bench]'; "
+            "`make install` includes it); the result rows and markdown_table work without it"
         ) from e
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -630,27 +639,33 @@ def draw_all(rows: Sequence[Row], out: Path, run: str | None = None, device_type
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.plots", description=__doc__.split("\n")[0])
-    parser.add_argument("--results", type=Path, default=RESULTS_FILE, help="result rows (JSON lines)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"folder for the files (default {DEFAULT_OUT})")
+    add_results_args(parser)
+    parser.add_argument("--out", type=Path, default=None, help="folder for the files (default: plots/ beside the rows)")
     parser.add_argument("--run", default=None, help="draw this run id (default: the newest run per preset)")
     parser.add_argument("--device-type", default=None, help="only this device type (cpu, cuda)")
     parser.add_argument("--no-figures", action="store_true", help="write the tables only (needs no matplotlib)")
     args = parser.parse_args(argv)
-    rows = read_rows(args.results)
+    results = results_file(args)
+    out = args.out if args.out is not None else results.parent / "plots"
+    rows = read_rows(results)
     if not rows:
-        print(f"no result rows in {args.results}", file=sys.stderr)
+        print(f"no result rows in {results} (python -m bench --quick writes some)", file=sys.stderr)
         return 1
     if args.run and not any(str(r.get("run")) == args.run for r in rows):
-        print(f"run {args.run!r} not found in {args.results}", file=sys.stderr)
+        print(f"run {args.run!r} not found in {results}", file=sys.stderr)
         return 1
-    written = write_tables(rows, args.out, run=args.run, device_type=args.device_type)
+    written = write_tables(rows, out, run=args.run, device_type=args.device_type)
     status = 0
     try:
         if not args.no_figures:
-            written += draw_all(rows, args.out, run=args.run, device_type=args.device_type)
+            written += draw_all(rows, out, run=args.run, device_type=args.device_type)
+    except MatplotlibMissingError as e:
+        # the table is the result; the figures are a convenience that a user's own environment may lack
+        print(f"figures not drawn: {e}; then run this command again", file=sys.stderr)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         status = 1
+    print(f"from {results}:")
     for path in written:
         print(path)
     if not written:

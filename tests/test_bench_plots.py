@@ -192,8 +192,9 @@ def test_command_line(rows, tmp_path, capsys):
     results = tmp_path / "results.jsonl"
     results.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert plots.main(["--results", str(results), "--out", str(tmp_path / "out")]) == 0
-    printed = capsys.readouterr().out.split()
-    names = sorted(p.rsplit("/", 1)[-1] for p in printed)
+    text = capsys.readouterr().out
+    assert text.startswith(f"from {results}:")  # says which rows it drew
+    names = sorted(p.rsplit("/", 1)[-1] for p in text.split()[2:])
     assert names == ["layer-memory-cpu.png", "layer-table-cpu.md", "layer-time-ratio-cpu.png", "model-cpu.png"]
     assert plots.main(["--results", str(results), "--run", "nope"]) == 1
     assert plots.main(["--results", str(tmp_path / "missing.jsonl")]) == 1

@@ -60,6 +60,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--shapes", nargs="+", type=_shape, default=None, help="D_INxD_OUT ...")
     ap.add_argument("--ranks", nargs="+", type=int, default=None)
     ap.add_argument("--formats", nargs="+", choices=("lora", "ttlora", "metatt"), default=None)
+    ap.add_argument(
+        "--dropout",
+        nargs="+",
+        type=float,
+        default=None,
+        help=f"adapter dropout of extra LoRA-shaped layer cases at the first shape (--quick: {layer.QUICK_DROPOUT}; "
+        "otherwise none); 0 for none",
+    )
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement")
     ap.add_argument("--max-seconds", type=float, default=None, help="time budget per measurement")
     harness.add_results_args(ap)
@@ -70,6 +78,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         values = getattr(args, name)
         if values is not None and any(v < (0 if name == "M" else 1) for v in values):
             ap.error(f"--{name} values must be >= {0 if name == 'M' else 1}")
+    if args.dropout is not None and any(not 0.0 <= p < 1.0 for p in args.dropout):
+        ap.error("--dropout values must be in [0, 1)")
     return args
 
 
@@ -81,12 +91,14 @@ def plan(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
             M=layer.QUICK_M, shapes=layer.QUICK_SHAPES[:2], ranks=(8,), formats=("lora", "ttlora", "metatt")
         )
         dtypes = (torch.float32,)
+        dropouts = (layer.QUICK_DROPOUT,)
         reps, max_s = 5, 0.05
     else:
         # The default GPU grid fits the 8-minute GPU script; the full grid of ranks, formats and dtypes is a
         # flag away.
         defaults = dict(M=layer.FULL_M, shapes=layer.FULL_SHAPES, ranks=(16,), formats=("lora", "ttlora", "metatt"))
         dtypes = (torch.bfloat16,) if device.type == "cuda" else (torch.float32,)
+        dropouts = ()
         reps, max_s = 30, 0.5
     return {
         "M": tuple(args.M or defaults["M"]),
@@ -94,16 +106,20 @@ def plan(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         "ranks": tuple(args.ranks or defaults["ranks"]),
         "formats": tuple(args.formats or defaults["formats"]),
         "dtypes": tuple(DTYPES[d] for d in args.dtypes) if args.dtypes else dtypes,
+        "dropouts": tuple(p for p in (dropouts if args.dropout is None else args.dropout) if p > 0),
         "reps": args.reps or reps,
         "max_seconds": args.max_seconds or max_s,
     }
 
 
 def layer_configs(g: dict[str, Any]) -> list[layer.LayerConfig]:
-    """LoRA-shaped at every shape; the TT formats at the first shape (where the targets are stated)."""
+    """LoRA-shaped at every shape; the TT formats at the first shape (where the targets are stated); with
+    dropout, LoRA-shaped at the first shape."""
     cfgs = layer.configs(g["M"], g["shapes"][:1], g["ranks"], g["formats"], g["dtypes"])
     if "lora" in g["formats"] and len(g["shapes"]) > 1:
         cfgs += layer.configs(g["M"], g["shapes"][1:], g["ranks"], ("lora",), g["dtypes"])
+    for p in g.get("dropouts", ()):
+        cfgs += layer.configs(g["M"], g["shapes"][:1], g["ranks"], ("lora",), g["dtypes"], dropout=p)
     return cfgs
 
 
@@ -133,7 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     micro_cfgs = [
         c
         for c in layer_cfgs
-        if c.fmt in ("lora", "metatt") and c.d_in == g["shapes"][0][0] and c.d_out == g["shapes"][0][1]
+        if c.fmt in ("lora", "metatt")
+        and not c.dropout
+        and c.d_in == g["shapes"][0][0]
+        and c.d_out == g["shapes"][0][1]
     ]
     model_steps = 0
     if "model" in presets:

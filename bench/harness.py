@@ -289,7 +289,7 @@ def rate(amount: float, ms: float, unit: float) -> float | None:
     return amount / (ms * 1e-3) / unit
 
 
-LAYER_KEY = ("preset", "phase", "M", "d_in", "d_out", "rank", "format", "dtype", "device")
+LAYER_KEY = ("preset", "phase", "M", "d_in", "d_out", "rank", "format", "dropout", "dtype", "device")
 MODEL_KEY = ("preset", "phase", "config", "layers", "M", "dtype", "device")
 
 

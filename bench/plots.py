@@ -487,7 +487,11 @@ def plot_layer_time_ratio(rows: Sequence[Row], path: Path, phase: str = MAIN_PHA
     panels: dict[tuple, list[Row]] = defaultdict(list)
     for r in rows:
         panels[(r.get("format"), r.get("d_in"), r.get("d_out"), r.get("dtype"), _dropout(r))].append(r)
-    keys = sorted(panels, key=lambda k: (formats.index(k[0]), k[4], _sort_key(k[1:4])))
+    # a panel with the frozen layer alone would be empty (it is the reference line): left out
+    keys = [k for k in panels if any(variant(r)[0] != BASE_PROVIDER for r in panels[k])]
+    if not keys:
+        return None
+    keys.sort(key=lambda k: (formats.index(k[0]), k[4], _sort_key(k[1:4])))
     show = (len({k[0] for k in keys}) > 1, len({k[3] for k in keys}) > 1)
     # the frozen layer is the dashed reference line at 1, not a line of its own
     labels = {v: _legend_label(text, v[0]) for v, text in variant_labels(variant(r) for r in rows).items()}

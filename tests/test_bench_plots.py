@@ -279,6 +279,11 @@ def test_layer_figures_say_what_they_show(rows, tmp_path, monkeypatch):
         assert all(":" in label for label in labels if label != plots.REFERENCE_TIME)  # provider: what it is
         assert ax.lines  # no empty panel
 
+    # a configuration where only the frozen layer was measured gets no (empty) panel
+    lonely = layer_row(NEW, "frozen", 16, shape=(64, 64))
+    assert len(_drawn(monkeypatch, plots.plot_layer_time_ratio, [*run, lonely], tmp_path / "t.png")[1]) == 4
+    assert plots.plot_layer_time_ratio([lonely], tmp_path / "none.png") is None
+
     title, (ax,) = _drawn(monkeypatch, plots.plot_layer_memory, run, tmp_path / "m.png")
     assert "rank 16" in title and "float32" in title
     assert "lower is better" in ax.get_ylabel()

@@ -1,6 +1,6 @@
 """``python -m bench``: measure ttkernels beside the alternatives and record the results.
 
-    python -m bench --quick                       # CPU: torch backend, small shapes, under a minute
+    python -m bench --quick                       # CPU: torch backend, small shapes, a dropout case
     python -m bench --preset layer                # one adapted linear layer (GPU defaults)
     python -m bench --preset model                # decoder layers at LLaMA-7B dimensions, a training step
     python -m bench --preset micro --M 2048 8192  # each op alone
@@ -53,7 +53,7 @@ def _shape(text: str) -> tuple[int, int]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=("micro", "layer", "model", "all"), default="all")
-    ap.add_argument("--quick", action="store_true", help="CPU smoke run: small shapes, torch backend, < 1 min")
+    ap.add_argument("--quick", action="store_true", help="CPU run: small shapes, torch backend, a dropout case")
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     ap.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=None)
     ap.add_argument("--M", nargs="+", type=int, default=None, help="token counts")

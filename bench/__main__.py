@@ -1,6 +1,6 @@
 """``python -m bench``: measure ttkernels beside the alternatives and record the results.
 
-    python -m bench --quick                       # CPU: torch backend, small shapes, under a minute
+    python -m bench --quick                       # CPU: torch backend, small shapes, a dropout case
     python -m bench --preset layer                # one adapted linear layer (GPU defaults)
     python -m bench --preset model                # decoder layers at LLaMA-7B dimensions, a training step
     python -m bench --preset micro --M 2048 8192  # each op alone
@@ -8,15 +8,15 @@
 
 Every run measures its ceilings (a large copy, a large matmul) first, checks every provider against the
 float64 formula before timing it, prints a table, and appends one JSON row per measurement to
-``bench/results/results.jsonl`` (device, dtype, shape and versions in each row). ``python -m bench.plots``
-draws the plots from those rows.
+``results.jsonl`` in the results folder (device, dtype, shape and versions in each row): ``bench/out/`` by
+default (git-ignored, so a run leaves the checkout as it was), or ``--results-dir DIR``.
+``python -m bench.plots`` draws the plots from those rows.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,16 +53,24 @@ def _shape(text: str) -> tuple[int, int]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=("micro", "layer", "model", "all"), default="all")
-    ap.add_argument("--quick", action="store_true", help="CPU smoke run: small shapes, torch backend, < 1 min")
+    ap.add_argument("--quick", action="store_true", help="CPU run: small shapes, torch backend, a dropout case")
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     ap.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=None)
     ap.add_argument("--M", nargs="+", type=int, default=None, help="token counts")
     ap.add_argument("--shapes", nargs="+", type=_shape, default=None, help="D_INxD_OUT ...")
     ap.add_argument("--ranks", nargs="+", type=int, default=None)
     ap.add_argument("--formats", nargs="+", choices=("lora", "ttlora", "metatt"), default=None)
+    ap.add_argument(
+        "--dropout",
+        nargs="+",
+        type=float,
+        default=None,
+        help=f"adapter dropout of extra LoRA-shaped layer cases at the first shape (--quick: {layer.QUICK_DROPOUT}; "
+        "otherwise none); 0 for none",
+    )
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement")
     ap.add_argument("--max-seconds", type=float, default=None, help="time budget per measurement")
-    ap.add_argument("--results", default=str(harness.RESULTS_FILE), help="JSON-lines file to append to")
+    harness.add_results_args(ap)
     ap.add_argument("--no-save", action="store_true", help="print only; write no rows")
     ap.add_argument("--progress", action="store_true", help="progress bar even when stderr is not a terminal")
     args = ap.parse_args(argv)
@@ -70,6 +78,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         values = getattr(args, name)
         if values is not None and any(v < (0 if name == "M" else 1) for v in values):
             ap.error(f"--{name} values must be >= {0 if name == 'M' else 1}")
+    if args.dropout is not None and any(not 0.0 <= p < 1.0 for p in args.dropout):
+        ap.error("--dropout values must be in [0, 1)")
     return args
 
 
@@ -81,12 +91,14 @@ def plan(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
             M=layer.QUICK_M, shapes=layer.QUICK_SHAPES[:2], ranks=(8,), formats=("lora", "ttlora", "metatt")
         )
         dtypes = (torch.float32,)
+        dropouts = (layer.QUICK_DROPOUT,)
         reps, max_s = 5, 0.05
     else:
         # The default GPU grid fits the 8-minute GPU script; the full grid of ranks, formats and dtypes is a
         # flag away.
         defaults = dict(M=layer.FULL_M, shapes=layer.FULL_SHAPES, ranks=(16,), formats=("lora", "ttlora", "metatt"))
         dtypes = (torch.bfloat16,) if device.type == "cuda" else (torch.float32,)
+        dropouts = ()
         reps, max_s = 30, 0.5
     return {
         "M": tuple(args.M or defaults["M"]),
@@ -94,16 +106,20 @@ def plan(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         "ranks": tuple(args.ranks or defaults["ranks"]),
         "formats": tuple(args.formats or defaults["formats"]),
         "dtypes": tuple(DTYPES[d] for d in args.dtypes) if args.dtypes else dtypes,
+        "dropouts": tuple(p for p in (dropouts if args.dropout is None else args.dropout) if p > 0),
         "reps": args.reps or reps,
         "max_seconds": args.max_seconds or max_s,
     }
 
 
 def layer_configs(g: dict[str, Any]) -> list[layer.LayerConfig]:
-    """LoRA-shaped at every shape; the TT formats at the first shape (where the targets are stated)."""
+    """LoRA-shaped at every shape; the TT formats at the first shape (where the targets are stated); with
+    dropout, LoRA-shaped at the first shape."""
     cfgs = layer.configs(g["M"], g["shapes"][:1], g["ranks"], g["formats"], g["dtypes"])
     if "lora" in g["formats"] and len(g["shapes"]) > 1:
         cfgs += layer.configs(g["M"], g["shapes"][1:], g["ranks"], ("lora",), g["dtypes"])
+    for p in g.get("dropouts", ()):
+        cfgs += layer.configs(g["M"], g["shapes"][:1], g["ranks"], ("lora",), g["dtypes"], dropout=p)
     return cfgs
 
 
@@ -133,7 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     micro_cfgs = [
         c
         for c in layer_cfgs
-        if c.fmt in ("lora", "metatt") and c.d_in == g["shapes"][0][0] and c.d_out == g["shapes"][0][1]
+        if c.fmt in ("lora", "metatt")
+        and not c.dropout
+        and c.d_in == g["shapes"][0][0]
+        and c.d_out == g["shapes"][0][1]
     ]
     model_steps = 0
     if "model" in presets:
@@ -200,8 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     for note in notes:
         print("note:", note)
     if rows and not args.no_save:
-        path = harness.append_rows(rows, Path(args.results))
-        print(f"\n{len(rows)} rows appended to {path} (run {run_id}); plots: python -m bench.plots")
+        path = harness.append_rows(rows, harness.results_file(args))
+        plots_cmd = "python -m bench.plots" + (f" --results {path}" if path != harness.RESULTS_FILE else "")
+        print(f"\n{len(rows)} rows appended to {path} (run {run_id}); plots: {plots_cmd}")
     return 130 if interrupted else 0
 
 

@@ -32,6 +32,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 PY=${PYTHON:-python}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 RESULTS=bench/results
+# A GPU run is a publishing run: its rows go to the published folder (plain `python -m bench` writes to the
+# git-ignored bench/out/).
+export TTKERNELS_BENCH_RESULTS_DIR="$RESULTS"
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 BUDGET_S=${GPU_SH_BUDGET_S:-540}
 read -r -a BENCH_EXTRA <<<"${BENCH_ARGS---dtypes bfloat16}"

@@ -2,7 +2,11 @@
 
 Everything a preset needs to turn "run this function" into a result row that says what was measured, where
 and with what software. Rows are plain dicts (see :func:`make_row`) appended as JSON lines to
-``bench/results/results.jsonl``; plots and the README table are drawn from those rows.
+``results.jsonl`` in the results folder (:func:`results_dir`); plots and tables are drawn from those rows.
+
+Two folders: ``bench/out/`` (git-ignored) takes every run by default, so a benchmark never changes a file
+of the repository; ``bench/results/`` holds the published rows and the figures the README shows, and is
+written only when asked for (``--results-dir bench/results``, ``make publish-results``).
 
 Timing (:func:`measure`): warm-up, then many repetitions; the median is reported. On CUDA each repetition is
 timed with CUDA events and the L2 cache is flushed before it (a 256 MiB buffer is overwritten), so the cache
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -25,8 +30,41 @@ from typing import Any
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-RESULTS_FILE = RESULTS_DIR / "results.jsonl"
+BENCH_DIR = Path(__file__).resolve().parent
+LOCAL_DIR = BENCH_DIR / "out"  # git-ignored: where runs go by default
+PUBLISHED_DIR = BENCH_DIR / "results"  # tracked: the rows and figures the README shows
+RESULTS_DIR_ENV = "TTKERNELS_BENCH_RESULTS_DIR"
+RESULTS_NAME = "results.jsonl"
+
+
+def results_dir(explicit: str | os.PathLike | None = None, environ: dict[str, str] | None = None) -> Path:
+    """The folder a run writes its rows and figures to: ``explicit`` (``--results-dir``), else the
+    ``TTKERNELS_BENCH_RESULTS_DIR`` variable, else ``bench/out/`` (git-ignored)."""
+    environ = os.environ if environ is None else environ
+    chosen = explicit if explicit not in (None, "") else environ.get(RESULTS_DIR_ENV) or LOCAL_DIR
+    return Path(chosen)
+
+
+RESULTS_DIR = results_dir()
+RESULTS_FILE = RESULTS_DIR / RESULTS_NAME
+
+
+def add_results_args(ap: Any) -> None:
+    """``--results-dir DIR`` and ``--results FILE`` on an argparse parser (see :func:`results_file`)."""
+    ap.add_argument(
+        "--results-dir",
+        default=None,
+        help=f"folder for the rows and figures (default: ${RESULTS_DIR_ENV}, else bench/out/, git-ignored; "
+        "bench/results/ is the published folder the README shows)",
+    )
+    ap.add_argument("--results", default=None, help="the JSON-lines file itself (default: results.jsonl there)")
+
+
+def results_file(args: Any) -> Path:
+    """The rows file of parsed ``args`` (from :func:`add_results_args`): ``--results``, else
+    ``results.jsonl`` in :func:`results_dir`."""
+    return Path(args.results) if args.results else results_dir(args.results_dir) / RESULTS_NAME
+
 
 # ------------------------------------------------------------------------------------------ device info
 
@@ -222,7 +260,7 @@ def layer_flops(M: int, d_in: int, d_out: int, rank: int, phase: str, adapter: b
     """Useful FLOPs of one adapted linear layer with a frozen base, for ``phase``.
 
     Base: ``2 M d_in d_out`` forward; backward computes dX only (the weight is frozen): the same again.
-    Adapter (DESIGN.md section 3): ``2 M r (d_in + d_out)`` forward, twice that backward (dU and dB, dX's
+    Adapter (docs/design.md section 3): ``2 M r (d_in + d_out)`` forward, twice that backward (dU and dB, dX's
     adapter term and dA), so ``6 M r (d_in + d_out)`` forward + backward. Token-independent factor work is
     not counted.
     """
@@ -251,7 +289,7 @@ def rate(amount: float, ms: float, unit: float) -> float | None:
     return amount / (ms * 1e-3) / unit
 
 
-LAYER_KEY = ("preset", "phase", "M", "d_in", "d_out", "rank", "format", "dtype", "device")
+LAYER_KEY = ("preset", "phase", "M", "d_in", "d_out", "rank", "format", "dropout", "dtype", "device")
 MODEL_KEY = ("preset", "phase", "config", "layers", "M", "dtype", "device")
 
 

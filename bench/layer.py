@@ -25,6 +25,9 @@ FULL_M = (1, 16, 256, 2048, 8192, 16384)
 FULL_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096), (4096, 1024))
 QUICK_M = (1, 16, 256)
 QUICK_SHAPES = ((256, 256), (256, 688), (688, 256), (256, 64))  # the full shapes scaled by 1/16
+# --quick adds LoRA-shaped cases with this adapter dropout at the first shape: where the memory differs (PEFT's
+# LoRA keeps a dropped copy of x for backward, ttkernels regenerates the mask from a seed)
+QUICK_DROPOUT = 0.1
 
 
 @dataclass(frozen=True)
@@ -35,10 +38,18 @@ class LayerConfig:
     rank: int
     fmt: str
     dtype: torch.dtype
+    dropout: float = 0.0  # the adapter's input dropout (providers without dropout are left out when > 0)
 
     def row_fields(self) -> dict[str, Any]:
         """The configuration as result-row fields (dtype goes to make_row itself)."""
-        return {"M": self.M, "d_in": self.d_in, "d_out": self.d_out, "rank": self.rank, "format": self.fmt}
+        return {
+            "M": self.M,
+            "d_in": self.d_in,
+            "d_out": self.d_out,
+            "rank": self.rank,
+            "format": self.fmt,
+            "dropout": self.dropout,
+        }
 
 
 def configs(
@@ -47,9 +58,10 @@ def configs(
     ranks: Sequence[int],
     formats: Sequence[str],
     dtypes: Sequence[torch.dtype],
+    dropout: float = 0.0,
 ) -> list[LayerConfig]:
     return [
-        LayerConfig(M, d_in, d_out, r, f, dt)
+        LayerConfig(M, d_in, d_out, r, f, dt, dropout)
         for dt, (d_in, d_out), r, f, M in itertools.product(dtypes, shapes, ranks, formats, Ms)
     ]
 
@@ -94,7 +106,7 @@ def run_config(
     max_seconds: float,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Rows for every provider of one configuration, and notes on providers that were refused."""
-    p = Problem(cfg.fmt, cfg.d_in, cfg.d_out, cfg.rank, cfg.dtype, device)
+    p = Problem(cfg.fmt, cfg.d_in, cfg.d_out, cfg.rank, cfg.dtype, device, dropout=cfg.dropout)
     rows, notes = [], []
     elem = torch.finfo(cfg.dtype).bits // 8
     x_rot = harness.Rotating(lambda: torch.randn(cfg.M, cfg.d_in, device=device, dtype=cfg.dtype).requires_grad_(), 2)
@@ -152,12 +164,12 @@ def wide(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One line per (configuration, provider) with the three phases side by side, for the terminal."""
     out: dict[tuple, dict[str, Any]] = {}
     for r in rows:
-        key = (r["dtype"], r["format"], r["d_in"], r["d_out"], r["rank"], r["M"], r["provider"])
+        key = (r["dtype"], r["format"], r.get("dropout"), r["d_in"], r["d_out"], r["rank"], r["M"], r["provider"])
         line = out.setdefault(
             key,
             {
                 "dtype": r["dtype"],
-                "format": r["format"],
+                "format": r["format"] + (f" p={r['dropout']:g}" if r.get("dropout") else ""),
                 "shape": f"{r['d_in']}x{r['d_out']}",
                 "r": r["rank"],
                 "M": r["M"],

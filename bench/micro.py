@@ -1,4 +1,4 @@
-"""The ``micro`` preset: each op of DESIGN.md section 2 alone, through ``torch.ops.ttkernels``, per backend.
+"""The ``micro`` preset: each op of docs/design.md section 2 alone, through ``torch.ops.ttkernels``, per backend.
 
 Ops: ``factors`` (A, C, B from the cores), ``shrink``, ``expand``, ``grad_dy``, ``grad_mid``, ``grad_x``,
 ``grad_a``. The two ops that contain the frozen layer's GEMMs get a ``frozen`` row beside them — ``expand``

@@ -2,7 +2,7 @@
 
 Times tiny problems (one token, d = 64, r = 4), where the arithmetic is negligible and what is left is
 per-call overhead, for the same forward computed five ways, and forward + backward for TTLinear beside
-nn.Linear. Prints a table and writes a JSON row under bench/results/ with the device and versions.
+nn.Linear. Prints a table and writes a JSON row to the results folder (bench/out/, git-ignored, unless --out) with the device and versions.
 
     python -m bench.overhead [--device cpu|cuda] [--reps 2000]
 """
@@ -14,12 +14,13 @@ import json
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 import ttkernels as tk
 from ttkernels import reference as ref
+
+from .harness import results_dir
 
 
 def _time_us(fn, reps: int, device: torch.device) -> float:
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="per-call overhead of the ttkernels ops")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reps", type=int, default=1000)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--out", default=None, help="folder for the row (default: bench/out/, git-ignored)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     width = max(map(len, rows))
     for k, v in rows.items():
         print(f"  {k:<{width}}  {v:8.1f} us")
-    out = Path(args.out)
+    out = results_dir(args.out)
     out.mkdir(parents=True, exist_ok=True)
     row = {
         "bench": "overhead",

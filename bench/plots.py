@@ -1,6 +1,11 @@
-"""Figures and the README table, drawn from the result rows in ``bench/results/results.jsonl``.
+"""Figures and the README table, drawn from the result rows of a results folder.
 
-    python -m bench.plots [--results PATH] [--out DIR] [--run RUN_ID] [--device-type cuda] [--no-figures]
+    python -m bench.plots [--results-dir DIR | --results PATH] [--out DIR] [--run RUN_ID] [--device-type cuda]
+                          [--no-figures]
+
+The rows are ``results.jsonl`` of the results folder (``bench/out/``, git-ignored, unless ``--results-dir``
+or ``$TTKERNELS_BENCH_RESULTS_DIR`` says otherwise); the files go to ``plots/`` beside them (``--out``).
+``bench/results/`` is the published folder whose figures the README shows (``make publish-results``).
 
 For every device type found (or only ``--device-type``), each figure is drawn from the newest run that has
 rows for it: the layer figures from the newest run with ``layer`` rows, the model figure from the newest run
@@ -15,7 +20,8 @@ with ``model`` rows (``python -m bench --preset layer`` and ``--preset model`` a
 * ``layer-table-<device_type>.md``: :func:`markdown_table` of the same run, ready for the README.
 
 CPU runs are labelled "CPU figures". Every row field may be missing or None; rows without the fields a
-figure needs are left out of that figure. matplotlib is needed only to draw (imported on first use).
+figure needs are left out of that figure. matplotlib is needed only to draw (imported on first use): without
+it the command writes the tables, says how to get the figures, and exits 0.
 """
 
 from __future__ import annotations
@@ -31,15 +37,25 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bench.harness import RESULTS_DIR, RESULTS_FILE, read_rows
+from bench.harness import add_results_args, read_rows, results_file
 
 Row = dict[str, Any]
 
-DEFAULT_OUT = RESULTS_DIR / "plots"
 MAIN_PHASE = "forward+backward"
 BASE_PROVIDER = "frozen"
 FORMATS = ("lora", "ttlora", "metatt")
 VERSION_KEYS = ("python", "torch", "cuda", "triton", "peft", "transformers", "ttkernels")
+# What each provider name stands for, in the figures' legends (bench/providers.py and bench/model.py define them).
+PROVIDER_NOTES = {
+    "frozen": "the frozen base, no adapter",
+    "peft-lora-params": "PEFT LoRA at the rank with the TT's parameter count",
+    "peft-lora": "PEFT LoRA on every projection",
+    "tt-einsum": "TT-LoRA-style einsum, one core at a time",
+    "tt-reconstruct": "rebuilds the dense delta-W every step",
+    "metatt": "ttkernels MetaTT (get_metatt_model)",
+    "metatt-factored": "ttkernels MetaTT, d_in and d_out in 2 modes each",
+    "ttkernels-triton-cublas": "ttkernels, Triton kernels + torch's GEMM",
+}
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -159,6 +175,28 @@ def with_ratios(rows: Sequence[Row], base_provider: str = BASE_PROVIDER) -> list
 
 
 # ------------------------------------------------------------------------------------------ labels
+def provider_note(provider: str) -> str:
+    """What a provider name means, for a legend ("" when unknown)."""
+    if provider in PROVIDER_NOTES:
+        return PROVIDER_NOTES[provider]
+    m = re.fullmatch(r"peft-lora-r(\d+)", provider)
+    if m:
+        return f"PEFT LoRA at rank {m.group(1)}, the TT's own factors"
+    if provider.startswith("ttkernels-"):
+        return f"ttkernels, {provider.removeprefix('ttkernels-')} backend"
+    return ""
+
+
+def _legend_label(label: str, provider: str) -> str:
+    note = provider_note(provider)
+    return f"{label}: {note}" if note else label
+
+
+def _dropout(row: Row) -> float:
+    """The adapter dropout of a row (0 when the row does not say)."""
+    return _num(row.get("dropout")) or 0.0
+
+
 def variant(row: Row) -> tuple[str, int | None]:
     """What one line or bar stands for: ``(provider, rank)``. (The format is the configuration the row
     measures, shown by panel or group, not by line.)"""
@@ -240,14 +278,16 @@ def table_rows(
     rank: int | None = None,
     phase: str = MAIN_PHASE,
     dtype: str | None = None,
+    dropout: float = 0.0,
 ) -> tuple[list[Row], dict[str, Any]]:
-    """The layer rows of one phase, shape, dtype and rank, and the values chosen for those.
+    """The layer rows of one phase, shape, dtype, rank and adapter dropout, and the values chosen for those.
 
     Unset values are chosen from the rows: the most frequent shape, dtype and rank. Rows without a rank (the
     frozen layer) are kept, and so is a provider measured at other ranks only (LoRA with a TT adapter's
     parameter count, where its rank is recorded), at all of them.
     """
     rows = with_ratios(_filter(rows, preset="layer", phase=phase))
+    rows = [r for r in rows if _dropout(r) == dropout]
     dtype = dtype or _most_common(r.get("dtype") for r in rows)
     rows = _filter(rows, dtype=dtype)
     if d_in is None or d_out is None:
@@ -334,14 +374,18 @@ def markdown_table(
 
 
 # ------------------------------------------------------------------------------------------ drawing
+class MatplotlibMissingError(RuntimeError):
+    """matplotlib cannot be imported: the figures cannot be drawn (the tables can)."""
+
+
 def _pyplot():
     """matplotlib.pyplot on the Agg backend, with a clear message when matplotlib is not installed."""
     try:
         import matplotlib
     except ImportError as e:
-        raise RuntimeError(
-            "bench.plots needs matplotlib to draw figures: pip install matplotlib "
-            "(the result rows and markdown_table work without it)"
+        raise MatplotlibMissingError(
+            "bench.plots needs matplotlib to draw figures: pip install matplotlib (or pip install -e '.[bench]'; "
+            "`make install` includes it); the result rows and markdown_table work without it"
         ) from e
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -350,8 +394,10 @@ def _pyplot():
 
 
 def _grid(plt, n: int, width: float = 5.0, height: float = 3.6, max_cols: int = 3):
-    cols = max(1, min(max_cols, n))
-    nrows = max(1, math.ceil(n / cols))
+    """``n`` panels on the fewest rows, then the fewest empty slots (4 panels: 2 x 2, not 3 + 1); the empty
+    slots are hidden."""
+    nrows = max(1, math.ceil(n / max_cols))
+    cols = max(1, math.ceil(n / nrows))
     fig, axes = plt.subplots(
         nrows, cols, figsize=(width * cols, height * nrows + 1.2), squeeze=False, layout="constrained"
     )
@@ -362,13 +408,15 @@ def _grid(plt, n: int, width: float = 5.0, height: float = 3.6, max_cols: int = 
 
 
 def _finish(plt, fig, axes, title: str, rows: Sequence[Row], path: Path) -> Path:
-    """Title (with the device), one legend for all panels, the run and versions as a footer; saves and closes."""
+    """Title (with the device), one legend for all panels (each provider with what it is), the run and
+    versions as a footer; saves and closes."""
     handles: dict[str, Any] = {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
     if handles:
-        fig.legend(handles.values(), handles.keys(), loc="outside right upper", fontsize=9, frameon=False)
+        labels = [textwrap.fill(label, 44, subsequent_indent="  ") for label in handles]
+        fig.legend(handles.values(), labels, loc="outside right center", fontsize=8, frameon=False)
     device = _first(rows, "device")
     fig.suptitle(title + (f"\n{device}" if device else ""), fontsize=12)
     # The footer is a figure x label, so the layout keeps room for it; wrapped to the figure's width.
@@ -408,10 +456,23 @@ def _styles(variants: Sequence[tuple]) -> dict[tuple, dict[str, Any]]:
 
 
 def _panel_title(key: tuple, show: tuple[bool, ...]) -> str:
-    """``ttlora, 4096 x 4096, bfloat16`` with only the parts that differ between panels."""
-    fmt, d_in, d_out, dtype = key
-    parts = [str(fmt) if show[0] else "", f"{d_in} x {d_out}", str(dtype) if show[1] else ""]
+    """``ttlora, 4096 x 4096, bfloat16, dropout 0.1`` with only the parts that differ between panels (and
+    the dropout where there is one)."""
+    fmt, d_in, d_out, dtype, dropout = key
+    parts = [
+        str(fmt) if show[0] else "",
+        f"{d_in} x {d_out}",
+        str(dtype) if show[1] else "",
+        f"dropout {dropout:g}" if dropout else "",
+    ]
     return ", ".join(p for p in parts if p)
+
+
+def _ranks_text(rows: Iterable[Row]) -> str:
+    ranks = sorted(
+        {int(r["rank"]) for r in rows if _num(r.get("rank")) is not None and r.get("provider") != BASE_PROVIDER}
+    )
+    return f"rank {'/'.join(map(str, ranks))}" if ranks else ""
 
 
 def plot_layer_time_ratio(rows: Sequence[Row], path: Path, phase: str = MAIN_PHASE) -> Path | None:
@@ -425,16 +486,22 @@ def plot_layer_time_ratio(rows: Sequence[Row], path: Path, phase: str = MAIN_PHA
     formats = _format_order(rows)
     panels: dict[tuple, list[Row]] = defaultdict(list)
     for r in rows:
-        panels[(r.get("format"), r.get("d_in"), r.get("d_out"), r.get("dtype"))].append(r)
-    keys = sorted(panels, key=lambda k: (formats.index(k[0]), _sort_key(k[1:])))
+        panels[(r.get("format"), r.get("d_in"), r.get("d_out"), r.get("dtype"), _dropout(r))].append(r)
+    # a panel with the frozen layer alone would be empty (it is the reference line): left out
+    keys = [k for k in panels if any(variant(r)[0] != BASE_PROVIDER for r in panels[k])]
+    if not keys:
+        return None
+    keys.sort(key=lambda k: (formats.index(k[0]), k[4], _sort_key(k[1:4])))
     show = (len({k[0] for k in keys}) > 1, len({k[3] for k in keys}) > 1)
-    labels = variant_labels(variant(r) for r in rows)
+    # the frozen layer is the dashed reference line at 1, not a line of its own
+    labels = {v: _legend_label(text, v[0]) for v, text in variant_labels(variant(r) for r in rows).items()}
     styles = _styles(list(labels))
     fig, axes = _grid(plt, len(keys))
     for ax, key in zip(axes, keys):
         lines: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
         for r in panels[key]:
-            lines[variant(r)].append((float(r["M"]), float(r["ratio_to_base"])))
+            if variant(r)[0] != BASE_PROVIDER:
+                lines[variant(r)].append((float(r["M"]), float(r["ratio_to_base"])))
         for v in sorted(lines, key=_variant_order):
             xs, ys = zip(*sorted(lines[v]))
             ax.plot(xs, ys, label=labels[v], linewidth=1.6, markersize=4, **styles[v])
@@ -442,44 +509,59 @@ def plot_layer_time_ratio(rows: Sequence[Row], path: Path, phase: str = MAIN_PHA
         _m_ticks(ax, (float(r["M"]) for r in panels[key]))
         ax.set_title(_panel_title(key, show), fontsize=10)
         ax.set_xlabel("tokens M")
-        ax.set_ylabel("time / frozen layer")
+        ax.set_ylabel("time / frozen layer (lower is better)")
     dtypes = "/".join(sorted({str(k[3]) for k in keys if k[3]}))
-    what = f"Adapted layer time relative to the frozen layer, {phase}" + (f", {dtypes}" if dtypes else "")
+    details = ", ".join(p for p in (dtypes, _ranks_text(rows)) if p)
+    what = f"Adapted layer time relative to the frozen layer, {phase}" + (f", {details}" if details else "")
     return _finish(plt, fig, axes, _title(what, rows), rows, path)
 
 
+REFERENCE_TIME = "1 = frozen nn.Linear alone (no adapter)"
+REFERENCE_SAVED = "1 = the bytes of x (what the frozen layer keeps)"
+
+
 def _ratio_axes(ax, ratios: Sequence[float]) -> None:
-    """Log-2 x axis; a linear y axis from 0, or a log one when the ratios span more than 20x; a dashed line
-    at 1 (the frozen layer)."""
+    """Log-2 x axis; a linear y axis from 0, or a log one when the ratios span more than 20x; a labelled
+    dashed line at 1 (the frozen layer)."""
     ax.set_xscale("log", base=2)
     positive = [y for y in ratios if y > 0]
     if positive and max(positive) / min(positive) > 20:
         ax.set_yscale("log")
     else:
         ax.set_ylim(bottom=0, top=max([1.1, *ratios]) * 1.08)
-    ax.axhline(1.0, color="0.4", linestyle="--", linewidth=1)
+    ax.axhline(1.0, color="0.4", linestyle="--", linewidth=1, label=REFERENCE_TIME)
     ax.grid(True, alpha=0.3)
 
 
-def _bars(ax, groups: Sequence[Any], values: dict[tuple, dict[Any, float]], labels, styles) -> None:
-    """Grouped bars: one group per entry of ``groups``, one bar per variant in ``values``."""
-    variants = sorted(values, key=_variant_order)
+def _bars(
+    ax, groups: Sequence[Any], values: dict[tuple, dict[Any, float]], labels, styles, *, values_fmt: str = ""
+) -> None:
+    """Grouped bars: one group per entry of ``groups``, one bar per variant in ``values`` (variants without a
+    value in any group get no bar and no legend entry); ``values_fmt`` writes each value above its bar."""
+    variants = [v for v in sorted(values, key=_variant_order) if any(g in values[v] for g in groups)]
     width = 0.8 / max(1, len(variants))
     for i, v in enumerate(variants):
         xs = [g + (i - (len(variants) - 1) / 2) * width for g in range(len(groups))]
         ys = [values[v].get(group, math.nan) for group in groups]
         hatch = "//" if styles[v]["linestyle"] != "-" else None
-        ax.bar(xs, ys, width=width, label=labels[v], color=styles[v]["color"], hatch=hatch, edgecolor="white")
+        bars = ax.bar(xs, ys, width=width, label=labels[v], color=styles[v]["color"], hatch=hatch, edgecolor="white")
+        if values_fmt:
+            texts = [values_fmt.format(y) if y == y else "" for y in ys]
+            ax.bar_label(bars, labels=texts, fontsize=6, padding=2, rotation=90)
+    if values_fmt:
+        ax.margins(y=0.15)  # room for the values above the tallest bar
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels([_group_label(g) for g in groups], fontsize=8)
     ax.grid(True, axis="y", alpha=0.3)
 
 
 def _group_label(group: Any) -> str:
-    """``(format, d_in, d_out)`` as ``ttlora\\n4096 x 4096`` (the format left out when None); else str()."""
-    if isinstance(group, tuple) and len(group) == 3:
-        fmt, d_in, d_out = group
-        return (f"{fmt}\n" if fmt else "") + f"{d_in} x {d_out}"
+    """``(format, d_in, d_out[, dropout])`` as ``ttlora\\n4096 x 4096[\\ndropout 0.1]`` (the format left out
+    when None); else str()."""
+    if isinstance(group, tuple) and len(group) in (3, 4):
+        fmt, d_in, d_out = group[:3]
+        dropout = group[3] if len(group) == 4 else 0.0
+        return (f"{fmt}\n" if fmt else "") + f"{d_in} x {d_out}" + (f"\ndropout {dropout:g}" if dropout else "")
     return str(group)
 
 
@@ -490,13 +572,13 @@ def _median(values: Sequence[float]) -> float:
 
 
 def memory_values(rows: Sequence[Row]) -> tuple[dict, dict]:
-    """``(saved, peak)``: per variant and group ``(format, d_in, d_out)``, the median saved-bytes ratio to
+    """``(saved, peak)``: per variant and group ``(format, d_in, d_out, dropout)``, the median saved-bytes ratio to
     x over all M and phases, and the peak memory in MiB at the largest M (forward + backward where
     measured)."""
     saved: dict[tuple, dict[tuple, list[float]]] = defaultdict(lambda: defaultdict(list))
     peak_rows: dict[tuple, dict[tuple, Row]] = defaultdict(dict)
     for r in _filter(rows, preset="layer"):
-        shape = (r.get("format"), r.get("d_in"), r.get("d_out"))
+        shape = (r.get("format"), r.get("d_in"), r.get("d_out"), _dropout(r))
         ratio = _num(r.get("saved_ratio_to_x"))
         if ratio is not None:
             saved[variant(r)][shape].append(ratio)
@@ -518,7 +600,7 @@ def plot_layer_memory(rows: Sequence[Row], path: Path) -> Path | None:
     if not saved and not peak:
         return None
     plt = _pyplot()
-    labels = variant_labels(list(saved) + list(peak))
+    labels = {v: _legend_label(text, v[0]) for v, text in variant_labels(list(saved) + list(peak)).items()}
     styles = _styles(list(labels))
     panels = [p for p in (saved, peak) if p]
     n_shapes = len({s for p in panels for by in p.values() for s in by})
@@ -527,17 +609,23 @@ def plot_layer_memory(rows: Sequence[Row], path: Path) -> Path | None:
     for ax, values in zip(axes, panels):
         formats = _format_order({"format": g[0]} for by in values.values() for g in by)
         shapes = sorted({s for by in values.values() for s in by}, key=lambda g: (formats.index(g[0]), _sort_key(g)))
-        _bars(ax, shapes, values, labels, styles)
         ax.set_xlabel("adapter format, layer d_in x d_out")
         if values is saved:
-            ax.axhline(1.0, color="0.4", linestyle="--", linewidth=1)
-            ax.set_ylabel("saved bytes per token / bytes of x")
+            # the frozen layer saves x alone: the reference line, not a bar
+            values = {v: by for v, by in values.items() if v[0] != BASE_PROVIDER}
+            _bars(ax, shapes, values, labels, styles, values_fmt="{:.2f}")
+            ax.axhline(1.0, color="0.4", linestyle="--", linewidth=1, label=REFERENCE_SAVED)
+            ax.set_ylabel("saved bytes per token / bytes of x\n(lower is better)")
             ax.set_title("Activation memory saved for backward", fontsize=10)
         else:
-            ax.set_ylabel("peak memory, MiB")
+            _bars(ax, shapes, values, labels, styles)
+            ax.set_ylabel("peak memory, MiB (lower is better)")
             largest = max((_num(r.get("M")) or 0) for r in rows if _num(r.get("peak_mem_bytes")) is not None)
             ax.set_title(f"Peak memory, forward + backward (largest M = {largest:.0f})", fontsize=10)
-    return _finish(plt, fig, axes, _title("Adapted layer memory", rows), rows, path)
+    dtypes = "/".join(sorted({str(r["dtype"]) for r in rows if r.get("dtype")}))
+    details = ", ".join(p for p in (dtypes, _ranks_text(rows)) if p)
+    what = "Adapted layer memory" + (f", {details}" if details else "")
+    return _finish(plt, fig, axes, _title(what, rows), rows, path)
 
 
 def model_values(rows: Sequence[Row]) -> tuple[list[str], dict, dict]:
@@ -572,17 +660,28 @@ def plot_model(rows: Sequence[Row], path: Path) -> Path | None:
     if not tps and not peak:
         return None
     plt = _pyplot()
-    labels = variant_labels(list(tps) + list(peak))
+    labels = {v: _legend_label(text, v[0]) for v, text in variant_labels(list(tps) + list(peak)).items()}
     styles = _styles(list(labels))
-    panels = [(values, name) for values, name in ((tps, "tokens/s"), (peak, "peak memory, MiB")) if values]
+    panels = [
+        (values, name, better)
+        for values, name, better in ((tps, "tokens/s", "higher"), (peak, "peak memory, MiB", "lower"))
+        if values
+    ]
     width = min(12.0, max(7.5, 0.35 * len(configs) * len(labels)))
     fig, axes = _grid(plt, len(panels), width=width, max_cols=2)
-    for ax, (values, name) in zip(axes, panels):
+    for ax, (values, name, better) in zip(axes, panels):
         _bars(ax, [c for c in configs if any(c in by for by in values.values())], values, labels, styles)
-        ax.set_ylabel(name)
+        ax.set_ylabel(f"{name} ({better} is better)")
         ax.set_xlabel("model config")
         ax.set_title(f"Training step: {name}", fontsize=10)
-    return _finish(plt, fig, axes, _title("Model training step", rows), rows, path)
+    dtypes = "/".join(sorted({str(r["dtype"]) for r in rows if r.get("dtype")}))
+    layers = sorted({int(r["layers"]) for r in rows if _num(r.get("layers")) is not None})
+    tokens = sorted({int(r["M"]) for r in rows if _num(r.get("M")) is not None})
+    details = [dtypes, _ranks_text(rows)]
+    details += [f"{'/'.join(map(str, layers))} decoder layers" if layers else ""]
+    details += [f"{'/'.join(map(str, tokens))} tokens a step" if tokens else ""]
+    what = "Model training step" + "".join(f", {d}" for d in details if d)
+    return _finish(plt, fig, axes, _title(what, rows), rows, path)
 
 
 # ------------------------------------------------------------------------------------------ command line
@@ -630,27 +729,33 @@ def draw_all(rows: Sequence[Row], out: Path, run: str | None = None, device_type
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.plots", description=__doc__.split("\n")[0])
-    parser.add_argument("--results", type=Path, default=RESULTS_FILE, help="result rows (JSON lines)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"folder for the files (default {DEFAULT_OUT})")
+    add_results_args(parser)
+    parser.add_argument("--out", type=Path, default=None, help="folder for the files (default: plots/ beside the rows)")
     parser.add_argument("--run", default=None, help="draw this run id (default: the newest run per preset)")
     parser.add_argument("--device-type", default=None, help="only this device type (cpu, cuda)")
     parser.add_argument("--no-figures", action="store_true", help="write the tables only (needs no matplotlib)")
     args = parser.parse_args(argv)
-    rows = read_rows(args.results)
+    results = results_file(args)
+    out = args.out if args.out is not None else results.parent / "plots"
+    rows = read_rows(results)
     if not rows:
-        print(f"no result rows in {args.results}", file=sys.stderr)
+        print(f"no result rows in {results} (python -m bench --quick writes some)", file=sys.stderr)
         return 1
     if args.run and not any(str(r.get("run")) == args.run for r in rows):
-        print(f"run {args.run!r} not found in {args.results}", file=sys.stderr)
+        print(f"run {args.run!r} not found in {results}", file=sys.stderr)
         return 1
-    written = write_tables(rows, args.out, run=args.run, device_type=args.device_type)
+    written = write_tables(rows, out, run=args.run, device_type=args.device_type)
     status = 0
     try:
         if not args.no_figures:
-            written += draw_all(rows, args.out, run=args.run, device_type=args.device_type)
+            written += draw_all(rows, out, run=args.run, device_type=args.device_type)
+    except MatplotlibMissingError as e:
+        # the table is the result; the figures are a convenience that a user's own environment may lack
+        print(f"figures not drawn: {e}; then run this command again", file=sys.stderr)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         status = 1
+    print(f"from {results}:")
     for path in written:
         print(path)
     if not written:

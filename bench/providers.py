@@ -63,6 +63,7 @@ class Problem:
     rank: int
     dtype: torch.dtype
     device: torch.device
+    dropout: float = 0.0  # adapter input dropout while training (checks run in eval mode, where it is off)
     spec: TTSpec = field(init=False)
     weight: Tensor = field(init=False)
     bias: Tensor = field(init=False)
@@ -155,7 +156,7 @@ class PeftLora(Provider):
                 super().__init__()
                 self.proj = _frozen_linear(p)
 
-        cfg = peft.LoraConfig(r=r, lora_alpha=r, target_modules=["proj"], lora_dropout=0.0)
+        cfg = peft.LoraConfig(r=r, lora_alpha=r, target_modules=["proj"], lora_dropout=p.dropout)
         self.model = peft.get_peft_model(_Holder(), cfg)
         self.layer = self.model.base_model.model.proj
         lora_a, lora_b = self.layer.lora_A["default"].weight, self.layer.lora_B["default"].weight
@@ -190,7 +191,13 @@ class TTKernels(Provider):
         self.plan = plan
         cores = nn.ParameterList([nn.Parameter(c.clone()) for c in p.cores])
         self.layer = tk.TTLinear.from_cores(
-            _frozen_linear(p), cores, p.spec, index=p.index or None, alpha=p.spec.max_rank, backend=backend
+            _frozen_linear(p),
+            cores,
+            p.spec,
+            index=p.index or None,
+            alpha=p.spec.max_rank,
+            dropout=p.dropout,
+            backend=backend,
         )
         self.spec, self.index = p.spec, p.index
 
@@ -283,7 +290,8 @@ def providers_for(p: Problem, backends: list[str]) -> list[Provider]:
         pass
     for b in backends:
         out += [TTKernels(p, b, plan) for plan in ("fused", "cublas")] if b == "triton" else [TTKernels(p, b)]
-    out += [TTEinsum(p), TTReconstruct(p)]
+    if not p.dropout:  # the two TT baselines have no dropout
+        out += [TTEinsum(p), TTReconstruct(p)]
     return out
 
 
@@ -295,8 +303,14 @@ def check_provider(provider: Provider, p: Problem, tokens: int = 5) -> None:
     round like the dtype does, not more.
     """
     x = torch.randn(tokens, p.d_in, device=p.device, dtype=p.dtype)
+    training = provider.training
+    provider.eval()  # dropout off: the output is the adapter's function, comparable with the formula
+    try:
+        with torch.no_grad():
+            y = provider(x).double()
+    finally:
+        provider.train(training)
     with torch.no_grad():
-        y = provider(x).double()
         w_eff = p.weight.double() + provider.delta64()
         expected = x.double() @ w_eff.t() + p.bias.double()
         same_dtype = (x @ w_eff.to(p.dtype).t() + p.bias).double()

@@ -16,7 +16,7 @@ Providers (the adapter term only: no base layer, cores in float32 with gradients
   ``pip install --target build/tltorch tensorly-torch==0.5.0 tensorly`` and put that folder on PYTHONPATH).
 
 Each provider's output is checked against the float64 sweep before it is timed. Rows (preset ``ttm``) go to
-``bench/results/results.jsonl`` with the device, dtype, shape and versions; the table prints each time and its
+``results.jsonl`` of the results folder (``bench/out/`` unless ``--results-dir``) with the device, dtype, shape and versions; the table prints each time and its
 ratios to ``tltorch`` and ``dense`` measured in this run, and the bytes saved for backward per token.
 """
 
@@ -151,7 +151,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--max-seconds", type=float, default=1.0)
-    ap.add_argument("--results", default=str(harness.RESULTS_FILE))
+    harness.add_results_args(ap)
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args(argv)
     if args.quick:
@@ -171,9 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rows = run(args)
     if rows and not args.no_save:
-        from pathlib import Path
-
-        path = harness.append_rows(rows, Path(args.results))
+        path = harness.append_rows(rows, harness.results_file(args))
         print(f"{len(rows)} rows appended to {path}")
     return 0 if rows else 1
 

@@ -31,7 +31,7 @@ cudaError_t ttk_dropout_launch(ttk_dtype dtype, const void* x, void* y, int64_t 
                                uint32_t threshold, float scale, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------- adapter ops
-// The steps of DESIGN.md section 2 (see each .cu file's header for shapes, numerics and launch shape). All
+// The steps of docs/design.md section 2 (see each .cu file's header for shapes, numerics and launch shape). All
 // tensors are contiguous and of the one storage type `dtype`, except task_ids / groups (int64) and the fp32
 // reduction buffers. `dropout` != 0 turns the hash dropout on with (seed, threshold, scale) as in
 // ttk_dropout_launch. Sizes: M rows (tokens) >= 1 (the binding returns early for M = 0); ranks 1..128.

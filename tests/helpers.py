@@ -284,3 +284,25 @@ def load_minilm():
 
 
 __all__ = ["tk"]
+
+
+def matrix(names: str, *axes, fast, ids=None):
+    """``pytest.mark.parametrize(names, product(*axes))`` with every combination for which ``fast(*values)``
+    is false marked ``slow``: `make test` runs the reduced matrix, `make test-slow` the rest."""
+    import itertools
+
+    import pytest
+
+    cases = [
+        pytest.param(*values, marks=() if fast(*values) else pytest.mark.slow) for values in itertools.product(*axes)
+    ]
+    return pytest.mark.parametrize(names, cases, ids=case_id if ids is None else ids)
+
+
+def case_id(value):
+    """Test ids that say what a case is: ``13x3x5`` for a shape, ``float16`` for a dtype (else pytest's)."""
+    if isinstance(value, tuple) and all(isinstance(v, int) for v in value):
+        return "x".join(map(str, value))
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    return None

@@ -151,11 +151,18 @@ def test_cli_quick_layer_and_micro(tmp_path, capsys):
         assert r["time_ms"] > 0 and r["ratio_to_base"] is not None
         if r["provider"] == "frozen":
             assert r["ratio_to_base"] == 1.0
+    forward = [r for r in layer_rows if r["phase"] == "forward" and r["M"] == 7]
     for fmt in ("lora", "ttlora"):
-        fwd = {r["provider"]: r for r in layer_rows if r["phase"] == "forward" and r["M"] == 7 and r["format"] == fmt}
+        fwd = {r["provider"]: r for r in forward if r["format"] == fmt and r["dropout"] == 0}
         assert fwd["ttkernels-torch"]["saved_ratio_to_x"] == pytest.approx(1 + 8 / 24)  # x and S only
     # the sequential einsum keeps its intermediates once the in modes are factored
     assert fwd["tt-einsum"]["saved_ratio_to_x"] > 1.5 * fwd["ttkernels-torch"]["saved_ratio_to_x"]
+    # --quick's dropout case (LoRA-shaped, first shape): PEFT keeps the dropped copy of x, ttkernels a seed
+    drop = {r["provider"]: r for r in forward if r["dropout"] == layer.QUICK_DROPOUT}
+    assert set(drop) == {"frozen", "peft-lora-r8", "peft-lora-params", "ttkernels-torch"}  # no TT baselines
+    assert {r["format"] for r in drop.values()} == {"lora"}
+    assert drop["ttkernels-torch"]["saved_ratio_to_x"] == pytest.approx(1 + 8 / 24)
+    assert drop["peft-lora-r8"]["saved_ratio_to_x"] > 1.9
     micro_ops = {r["phase"] for r in rows if r["preset"] == "micro"}
     assert micro_ops == {"factors", "shrink", "expand", "grad_dy", "grad_mid", "grad_x", "grad_a"}
 

@@ -192,8 +192,9 @@ def test_command_line(rows, tmp_path, capsys):
     results = tmp_path / "results.jsonl"
     results.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert plots.main(["--results", str(results), "--out", str(tmp_path / "out")]) == 0
-    printed = capsys.readouterr().out.split()
-    names = sorted(p.rsplit("/", 1)[-1] for p in printed)
+    text = capsys.readouterr().out
+    assert text.startswith(f"from {results}:")  # says which rows it drew
+    names = sorted(p.rsplit("/", 1)[-1] for p in text.split()[2:])
     assert names == ["layer-memory-cpu.png", "layer-table-cpu.md", "layer-time-ratio-cpu.png", "model-cpu.png"]
     assert plots.main(["--results", str(results), "--run", "nope"]) == 1
     assert plots.main(["--results", str(tmp_path / "missing.jsonl")]) == 1
@@ -222,3 +223,82 @@ def test_clear_error_when_matplotlib_cannot_be_imported(rows, tmp_path, monkeypa
     with pytest.raises(RuntimeError, match="pip install matplotlib"):
         plots.plot_layer_time_ratio(rows, tmp_path / "ratio.png")
     assert not (tmp_path / "ratio.png").exists()
+
+
+def test_every_provider_name_is_explained():
+    for name in ("frozen", "peft-lora-params", "peft-lora-r8", "tt-einsum", "tt-reconstruct", "metatt-factored"):
+        assert plots.provider_note(name), name
+    assert plots.provider_note("ttkernels-cuda") == "ttkernels, cuda backend"
+    assert "torch's GEMM" in plots.provider_note("ttkernels-triton-cublas")
+    assert "rank 16" in plots.provider_note("peft-lora-r16")
+    assert plots.provider_note("something-else") == ""
+
+
+def test_the_table_leaves_out_dropout_rows(rows):
+    run = plots.run_rows(rows, NEW)
+    noisy = [dict(r, dropout=0.1, ratio_to_base=9.0) for r in run if r.get("format") == "lora"]
+    assert plots.markdown_table(run + noisy) == plots.markdown_table(run)
+    selected, _ = plots.table_rows(run + noisy, dropout=0.1)
+    assert selected and all(r["dropout"] == 0.1 for r in selected)
+
+
+def _drawn(monkeypatch, draw, *args):
+    """Draw with ``draw`` and return ``(title, axes)`` instead of saving the figure."""
+    seen = {}
+
+    def keep(plt, fig, axes, title, rows, path):
+        seen.update(title=title, axes=axes, fig=fig)
+        return path
+
+    monkeypatch.setattr(plots, "_finish", keep)
+    assert draw(*args) is not None
+    return seen["title"], seen["axes"]
+
+
+@pytest.mark.skipif(not HAS_MPL, reason="matplotlib not installed")
+def test_layer_figures_say_what_they_show(rows, tmp_path, monkeypatch):
+    run = plots.run_rows(rows, NEW)
+    # a dropout case where PEFT keeps the dropped copy of x and ttkernels does not
+    for provider, saved in (("frozen", 0.0), ("peft-lora-r16", 2.03), ("ttkernels-torch", 1.03)):
+        row = layer_row(NEW, provider, 256, phase="forward", saved_ratio_to_x=saved, dropout=0.1)
+        run += [row, dict(row, phase="forward+backward")]
+
+    title, axes = _drawn(monkeypatch, plots.plot_layer_time_ratio, run, tmp_path / "t.png")
+    assert "float32" in title and "rank 16" in title and "CPU figures" in title
+    assert [ax.get_title() for ax in axes] == [
+        "lora, 512 x 512",
+        "lora, 768 x 3072",
+        "lora, 512 x 512, dropout 0.1",
+        "ttlora, 512 x 512",
+    ]
+    for ax in axes:
+        assert "lower is better" in ax.get_ylabel()
+        labels = ax.get_legend_handles_labels()[1]
+        assert plots.REFERENCE_TIME in labels  # the dashed line at 1 says what it is
+        assert not any(label.startswith("frozen") for label in labels)  # the reference line, not a line
+        assert all(":" in label for label in labels if label != plots.REFERENCE_TIME)  # provider: what it is
+        assert ax.lines  # no empty panel
+
+    # a configuration where only the frozen layer was measured gets no (empty) panel
+    lonely = layer_row(NEW, "frozen", 16, shape=(64, 64))
+    assert len(_drawn(monkeypatch, plots.plot_layer_time_ratio, [*run, lonely], tmp_path / "t.png")[1]) == 4
+    assert plots.plot_layer_time_ratio([lonely], tmp_path / "none.png") is None
+
+    title, (ax,) = _drawn(monkeypatch, plots.plot_layer_memory, run, tmp_path / "m.png")
+    assert "rank 16" in title and "float32" in title
+    assert "lower is better" in ax.get_ylabel()
+    groups = [t.get_text() for t in ax.get_xticklabels()]
+    assert "lora\n512 x 512\ndropout 0.1" in groups and "lora\n512 x 512" in groups
+    labels = ax.get_legend_handles_labels()[1]
+    assert plots.REFERENCE_SAVED in labels and not any(label.startswith("frozen") for label in labels)
+    values = {t.get_text() for t in ax.texts}  # each bar's value written above it
+    assert {"2.03", "1.03"} <= values
+
+
+@pytest.mark.skipif(not HAS_MPL, reason="matplotlib not installed")
+def test_model_figure_says_which_way_is_better(rows, tmp_path, monkeypatch):
+    title, axes = _drawn(monkeypatch, plots.plot_model, plots.run_rows(rows, NEW), tmp_path / "model.png")
+    assert "rank 8" in title and "64 tokens a step" in title
+    assert [ax.get_ylabel() for ax in axes] == ["tokens/s (higher is better)"]
+    labels = axes[0].get_legend_handles_labels()[1]
+    assert any(label.startswith("metatt: ") for label in labels)

@@ -307,10 +307,16 @@ def test_grad_dy(lib, shape, det, dtype):
     check("dB", dB, dB64, dBt, dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kind", ["none", "shared", "task"])
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("det", [False, True], ids=["atomic", "deterministic"])
+KINDS = ["none", "shared", "task"]
+
+
+def _grad_mid_fast(det, shape, kind, dtype):
+    """The fast suite: every case below rank 33; at ranks 33 and 128 (seconds each), each kind and reduction
+    once in one of the dtypes, so every dtype still meets the large ranks."""
+    return max(shape[3:]) < 33 or dtype == DTYPES[(KINDS.index(kind) + det) % len(DTYPES)]
+
+
+@helpers.matrix("det,shape,kind,dtype", [False, True], SHAPES, KINDS, DTYPES, fast=_grad_mid_fast)
 def test_grad_mid(lib, shape, kind, det, dtype):
     m, _, _, ra, rb = shape
     rb = ra if kind == "none" else rb
@@ -392,9 +398,17 @@ KRON_SHAPES = [(0, 3, 3, 7, 5, 11), (1, 1, 3, 7, 5, 11), (7, 3, 3, 7, 5, 11), (1
                (150, 1, 4, 5, 3, 6)]  # fmt: skip
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
-@pytest.mark.parametrize("shape", KRON_SHAPES, ids=["x".join(map(str, s)) for s in KRON_SHAPES])
+LAYOUTS = ["contiguous", "transposed", "strided"]
+
+
+def _kron_fast(shape, layout, dtype):
+    """The fast suite: every small case; a shape with a side of 64 or more (about a second a case) in every
+    layout, each layout in another dtype."""
+    heavy = max(shape[1:]) >= 64
+    return not heavy or dtype == DTYPES[(KRON_SHAPES.index(shape) + LAYOUTS.index(layout)) % len(DTYPES)]
+
+
+@helpers.matrix("shape,layout,dtype", KRON_SHAPES, LAYOUTS, DTYPES, fast=_kron_fast)
 def test_kron_apply_and_grads(lib, shape, layout, dtype):
     x, dy, q, p = helpers.kron_case(shape, dtype, layout)
     helpers.check_kron_ops(Emulated(lib), x, dy, q, p, dtype)

@@ -53,9 +53,15 @@ KRON_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("shape", KRON_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("transposed", [False, True], ids=["x", "xT"])
+@helpers.matrix(
+    "transposed,dtype,shape",
+    [False, True],
+    DTYPES,
+    KRON_SHAPES,
+    # the fast suite: the 150-token shape (seconds a case in the interpreter) once, x contiguous, float32
+    fast=lambda transposed, dtype, shape: shape[0] < 100 or (not transposed and dtype == torch.float32),
+    ids=lambda v: {False: "x", True: "xT"}.get(v) if isinstance(v, bool) else helpers.case_id(v),
+)
 def test_kron_kernels_against_float64(shape, dtype, transposed):
     M, NI, NJ, NA, NC, R = shape
     x3 = rnd(M, NJ, NI, dtype=dtype).transpose(1, 2) if transposed else rnd(M, NI, NJ, dtype=dtype)
@@ -171,14 +177,17 @@ def test_saved_activations_are_x_only():
     assert token_independent <= 4 * (q.numel() + p.numel() + sum(c.numel() for c in cores))  # factors, merges
 
 
-def test_ttmlinear_trains_on_triton():
+# 30 steps take about 30 s in the interpreter: the fast suite takes the first few (a fixed seed, so the
+# same losses every run)
+@pytest.mark.parametrize("steps", [4, pytest.param(30, marks=pytest.mark.slow)])
+def test_ttmlinear_trains_on_triton(steps):
     torch.manual_seed(0)
     layer = TTMLinear(12, 12, in_modes=(3, 4), out_modes=(4, 3), ranks=3, backend="triton").to(DEVICE)
     target = torch.nn.Linear(12, 12).to(DEVICE)
     opt = torch.optim.Adam(layer.cores.parameters(), lr=0.05)
     x = rnd(64, 12)
     losses = []
-    for _ in range(30):
+    for _ in range(steps):
         loss = torch.nn.functional.mse_loss(layer(x), target(x).detach())
         opt.zero_grad()
         loss.backward()

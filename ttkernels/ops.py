@@ -1,4 +1,4 @@
-"""The op registry: every op of DESIGN.md section 2 defined once, with backend dispatch.
+"""The op registry: every op of docs/design.md section 2 defined once, with backend dispatch.
 
 Layers, from the outside in:
 

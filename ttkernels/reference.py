@@ -10,7 +10,7 @@ Shapes (M tokens, after flattening leading dimensions):
 * ``C``: None (no middle cores: ``U = S``), ``(r_a, r_b)``, or ``(T, r_a, r_b)`` with ``task_ids: (M,)``
 * ``S = drop(x) A``: ``(M, r_a)``; ``U = S C``: ``(M, r_b)``
 
-Data flow (DESIGN.md section 2): :func:`shrink` (step 2), :func:`expand` (3), :func:`grad_dy` (4),
+Data flow (docs/design.md section 2): :func:`shrink` (step 2), :func:`expand` (3), :func:`grad_dy` (4),
 :func:`grad_mid` (5), :func:`grad_x` (6), :func:`grad_a` (7). Steps 1 and 8 are :func:`factors` and
 torch autograd through it.
 

@@ -431,6 +431,7 @@ class MetaTTModel(nn.Module):
                 backend=config.backend,
                 routing=self._routing,
             )
+            view.scaling = self.alpha / config.max_rank  # as replace_cores keeps it, for saved lower ranks
             _set_submodule(model, t.name, view)
 
     # -------------------------------------------------------------------------------- forward

@@ -21,13 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops, reference
+from . import checks, ops, reference
 from .spec import TTSpec
 
 __all__ = ["TTLinear", "init_cores_", "new_cores"]
 
 
 def _adapter_dtype(dtype: Optional[torch.dtype], adapter_dtype: Optional[torch.dtype]) -> torch.dtype:
+    checks.check_float_dtype(dtype, "dtype")
+    checks.check_float_dtype(adapter_dtype, "adapter_dtype")
     if adapter_dtype is not None:
         return adapter_dtype
     dtype = dtype or torch.get_default_dtype()
@@ -71,9 +73,11 @@ class TTLinear(nn.Module):
     ) -> None:
         super().__init__()
         spec = TTSpec.linear(in_features, out_features, in_modes=in_modes, out_modes=out_modes, ranks=ranks)
+        cores_dtype = _adapter_dtype(dtype, adapter_dtype)
+        checks.check_adapter_size(spec.num_params, in_features * out_features, "the TT adapter")
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._attach_base(base)
-        cores = new_cores(spec, device, _adapter_dtype(dtype, adapter_dtype))
+        cores = new_cores(spec, device, cores_dtype)
         self._attach_adapter(spec, cores, None, alpha, dropout, backend)
 
     # -------------------------------------------------------------------------------- constructors
@@ -105,7 +109,9 @@ class TTLinear(nn.Module):
         self._attach_base(linear)
         device = linear.weight.device if device is None else device
         dtype = linear.weight.dtype if dtype is None else dtype
-        cores = new_cores(spec, device, _adapter_dtype(dtype, adapter_dtype))
+        cores_dtype = _adapter_dtype(dtype, adapter_dtype)
+        checks.check_adapter_size(spec.num_params, linear.in_features * linear.out_features, "the TT adapter")
+        cores = new_cores(spec, device, cores_dtype)
         self._attach_adapter(spec, cores, None, alpha, dropout, backend)
         return self
 

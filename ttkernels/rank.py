@@ -59,22 +59,28 @@ def _check_limits(max_rank: Optional[int], rel_eps: Optional[float]) -> None:
             raise ValueError(f"rel_eps must be in (0, 1) or None, got {rel_eps!r}")
 
 
-def _check_chain(cores: Sequence[Tensor]) -> list[Tensor]:
+def _check_chain(cores: Sequence[Tensor], what: str = "cores") -> list[Tensor]:
+    if isinstance(cores, Tensor) or not isinstance(cores, (list, tuple, nn.ParameterList)):
+        raise TypeError(f"{what} must be a list of torch.Tensor cores, got {type(cores).__name__}")
     cores = list(cores)
     if not cores:
         raise ValueError("cores is empty")
     for k, c in enumerate(cores):
         if not isinstance(c, Tensor):
-            raise TypeError(f"cores[{k}] must be a torch.Tensor, got {type(c).__name__}")
+            raise TypeError(f"{what}[{k}] must be a torch.Tensor, got {type(c).__name__}")
         if c.dim() != 3 or min(c.shape) < 1:
-            raise ValueError(f"cores[{k}] must be 3-D (r_prev, n, r_next) with positive sizes, got {tuple(c.shape)}")
+            raise ValueError(f"{what}[{k}] must be 3-D (r_prev, n, r_next) with positive sizes, got {tuple(c.shape)}")
         if not c.is_floating_point():
-            raise TypeError(f"cores[{k}] must be floating point, got {c.dtype}")
+            raise TypeError(f"{what}[{k}] must be floating point, got {c.dtype}")
+        if c.device.type == "meta":
+            raise ValueError(f"{what}[{k}] is on the meta device: the rank tools need values")
+        if not torch.isfinite(c).all():
+            raise ValueError(f"{what}[{k}] holds non-finite values (NaN or inf): the rank tools need finite cores")
         if c.device != cores[0].device:
-            raise ValueError(f"cores[{k}] is on {c.device} but cores[0] is on {cores[0].device}")
+            raise ValueError(f"{what}[{k}] is on {c.device} but {what}[0] is on {cores[0].device}")
         if k and c.shape[0] != cores[k - 1].shape[2]:
             raise ValueError(
-                f"cores[{k - 1}] and cores[{k}] do not chain: bond {cores[k - 1].shape[2]} != {c.shape[0]}"
+                f"{what}[{k - 1}] and {what}[{k}] do not chain: bond {cores[k - 1].shape[2]} != {c.shape[0]}"
             )
     if cores[0].shape[0] != 1 or cores[-1].shape[2] != 1:
         raise ValueError(
@@ -171,6 +177,8 @@ def tt_svd(
     """
     if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
         raise TypeError(f"tensor must be a floating-point torch.Tensor, got {getattr(tensor, 'dtype', type(tensor))}")
+    if tensor.device.type == "meta" or not torch.isfinite(tensor).all():
+        raise ValueError("tensor holds non-finite values (NaN or inf) or is on the meta device: TT-SVD needs values")
     _check_limits(max_rank, rel_eps)
     if (in_modes is None) != (out_modes is None):
         raise ValueError("give both in_modes and out_modes, or neither")
@@ -284,6 +292,8 @@ def from_lora(
     for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
         if not isinstance(t, Tensor) or not t.is_floating_point() or t.dim() != 2:
             raise ValueError(f"{name} must be a 2-D floating-point tensor, got {getattr(t, 'shape', type(t))}")
+        if t.device.type == "meta" or not torch.isfinite(t).all():
+            raise ValueError(f"{name} holds non-finite values (NaN or inf) or is on the meta device")
     if lora_A.shape[0] != lora_B.shape[1]:
         raise ValueError(f"lora_A is {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)}: their ranks differ")
     _check_limits(max_rank, rel_eps)
@@ -354,6 +364,7 @@ def compress_(
     if isinstance(module, MetaTTModel):
         out = {}
         for name in list(module.groups):
+            _check_chain(list(module.metatt_cores[name]), f"the cores of group {name}")
             new = sweep(list(module.metatt_cores[name]), max_rank, rel_eps)
             module.replace_cores(name, new, optimizer=optimizer)
             out[name] = module.groups[name].spec.ranks

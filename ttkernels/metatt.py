@@ -640,7 +640,10 @@ class MetaTTModel(nn.Module):
         data = dict(layout["config"])
         if isinstance(data.get("target_modules"), str):
             data["target_modules"] = sorted(layout["targets"]) or data["target_modules"]
-        config = MetaTTConfig.from_dict(data | overrides)
+        try:
+            config = MetaTTConfig.from_dict(data | overrides)
+        except TypeError as e:  # a value of the wrong type in the file
+            raise ValueError(f"{file}: {e}") from e
         groups, targets, num_layers = _plan(model, config)
         want = {
             "num_layers": num_layers,

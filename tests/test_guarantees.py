@@ -371,7 +371,7 @@ BAD_INPUT = {
     "scaling tensor": (
         lambda: tk.tt_adapter(_X, _W, None, _A, None, _B, scaling=torch.tensor(2.0)),
         TypeError,
-        "scaling must be a Python number",
+        "scaling must be a real number",
     ),
     "scaling NaN": (lambda: tk.tt_adapter(_X, _W, None, _A, None, _B, scaling=math.nan), ValueError, "scaling must be"),
     "seed str": (lambda: tk.tt_adapter(_X, _W, None, _A, None, _B, dropout=0.1, seed="7"), TypeError, "seed must be"),

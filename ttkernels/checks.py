@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
+import operator
 import os
 import struct
 from typing import Any, Optional
@@ -184,8 +186,8 @@ def load_safetensors(file: str | os.PathLike) -> dict[str, Tensor]:
 # ------------------------------------------------------------------------------------------------ inputs
 def check_finite_number(value: object, name: str) -> float:
     """``value`` as a float; TypeError for a non-number (a tensor included), ValueError for NaN or inf."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a Python number, got {type(value).__name__} ({value!r})"[:200])
+    if type(value) not in (float, int) and (isinstance(value, (bool, Tensor)) or not isinstance(value, numbers.Real)):
+        raise TypeError(f"{name} must be a real number (not a tensor), got {type(value).__name__} ({value!r})"[:200])
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
@@ -202,8 +204,14 @@ def check_seed(seed: object, name: str = "seed") -> None:
                 f"{name} must be an int or a one-element integer tensor, got {seed.dtype} {tuple(seed.shape)}"
             )
         return
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"{name} must be an int or None, got {type(seed).__name__} ({seed!r})"[:200])
+    if type(seed) is int:
+        return
+    try:
+        if isinstance(seed, bool):
+            raise TypeError
+        operator.index(seed)  # numpy integers too
+    except TypeError:
+        raise TypeError(f"{name} must be an int or None, got {type(seed).__name__} ({seed!r})"[:200]) from None
 
 
 def check_float_dtype(dtype: object, name: str, *, allow_none: bool = True) -> Optional[torch.dtype]:

@@ -387,6 +387,11 @@ BAD_INPUT = {
         ValueError,
         "lora_A holds non-finite",
     ),
+    "A complex": (lambda: tk.tt_adapter(_X, _W, None, _A.to(torch.complex64), None, _B), TypeError, "A must be a real"),
+    "B integer": (lambda: tk.tt_adapter(_X, _W, None, _A, None, _B.long()), TypeError, "B must be a real"),
+    "device unknown": (lambda: tk.TTLinear(8, 8, device="nowhere"), ValueError, "device = 'nowhere' is not a device"),
+    "bias str": (lambda: tk.TTLinear(8, 8, bias="no"), TypeError, "bias must be a bool"),
+    "pretrained_dir int": (lambda: MetaTTModel.from_pretrained(net(), 123), TypeError, "pretrained_dir must be a str"),
     "tt_round not a list": (lambda: tk.rank.tt_round(torch.randn(1, 4, 1)), TypeError, "cores must be a list"),
 }
 

@@ -37,8 +37,10 @@ __all__ = [
     "ModelSnapshot",
     "TensorInfo",
     "check_adapter_size",
+    "check_device",
     "check_finite_number",
     "check_float_dtype",
+    "check_path",
     "check_seed",
     "read_json",
     "read_safetensors_header",
@@ -224,6 +226,25 @@ def check_float_dtype(dtype: object, name: str, *, allow_none: bool = True) -> O
             f"{' or None' if allow_none else ''}, got {dtype!r}"
         )
     return dtype
+
+
+def check_device(device: object, name: str = "device") -> None:
+    """None, a ``torch.device``, a device string or an index that torch understands; ValueError otherwise."""
+    if device is None or isinstance(device, torch.device):
+        return
+    if isinstance(device, bool) or not isinstance(device, (str, int)):
+        raise TypeError(f"{name} must be a torch.device, a device string or None, got {type(device).__name__}")
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"{name} = {device!r} is not a device torch knows: {str(e)[:120]}") from None
+
+
+def check_path(path: object, name: str) -> str:
+    """``path`` as a str (str or os.PathLike); TypeError naming ``name`` otherwise."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a str or os.PathLike folder, got {type(path).__name__}")
+    return os.fspath(path)
 
 
 def check_adapter_size(num_params: int, dense: int, what: str) -> None:

@@ -635,6 +635,7 @@ class MetaTTModel(nn.Module):
             raise ValueError(f"only dropout and backend can be overridden when loading, got {bad}")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        pretrained_dir = checks.check_path(pretrained_dir, "pretrained_dir")
         layout = _read_layout(pretrained_dir)
         file = os.path.join(pretrained_dir, CONFIG_NAME)
         data = dict(layout["config"])

@@ -74,6 +74,9 @@ class TTLinear(nn.Module):
         super().__init__()
         spec = TTSpec.linear(in_features, out_features, in_modes=in_modes, out_modes=out_modes, ranks=ranks)
         cores_dtype = _adapter_dtype(dtype, adapter_dtype)
+        checks.check_device(device)
+        if not isinstance(bias, (bool, int)):
+            raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
         checks.check_adapter_size(spec.num_params, in_features * out_features, "the TT adapter")
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._attach_base(base)
@@ -110,6 +113,7 @@ class TTLinear(nn.Module):
         device = linear.weight.device if device is None else device
         dtype = linear.weight.dtype if dtype is None else dtype
         cores_dtype = _adapter_dtype(dtype, adapter_dtype)
+        checks.check_device(device)
         checks.check_adapter_size(spec.num_params, linear.in_features * linear.out_features, "the TT adapter")
         cores = new_cores(spec, device, cores_dtype)
         self._attach_adapter(spec, cores, None, alpha, dropout, backend)

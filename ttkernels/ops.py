@@ -561,6 +561,9 @@ def tt_adapter(
     if bias is not None:
         _check_shape(_check_tensor(bias, "bias"), "bias", (d_out,), "out_features")
     A, B = _check_tensor(A, "A"), _check_tensor(B, "B")
+    for name, t in (("A", A), ("C", C), ("B", B)):
+        if t is not None and not _check_tensor(t, name).is_floating_point():
+            raise TypeError(f"{name} must be a real floating-point tensor, got {t.dtype}")
     if A.dim() != 2 or A.shape[0] != d_in:
         raise ValueError(f"A has shape {tuple(A.shape)} but must be (in_features={d_in}, r_a)")
     if B.dim() != 2 or B.shape[1] != d_out:

@@ -310,7 +310,7 @@ def load_tt_lora(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     ops.check_backend_name(backend)
-    folder = os.fspath(path)
+    folder = checks.check_path(path, "path")
     if not os.path.isdir(folder):
         raise ValueError(f"path must be a local folder holding {_PEFT_CONFIG} and {_PEFT_WEIGHTS}, got {folder!r}")
     plan = _check_tt_lora_folder(model, folder, in_modes, out_modes)

@@ -535,3 +535,14 @@ def test_load_tt_lora_refuses_the_wrong_tt_options_before_building(tmp_path):
     saved_tt_lora(tmp_path)
     with pytest.raises(ValueError, match=r"lin0 has cores \[0, 1, 2\], the adapter needs 0..1"):
         tkpeft.load_tt_lora(_tiny(), str(tmp_path))
+
+
+def test_load_tt_lora_keeps_per_module_ranks_and_alphas_as_literal_names(tmp_path):
+    want = saved_tt_lora(tmp_path, rank_pattern={"lin1": 2}, alpha_pattern={"lin1": 5.0})
+    loaded = tkpeft.load_tt_lora(_tiny(), str(tmp_path), in_modes=2)
+    torch.testing.assert_close(loaded(torch.ones(2, 16)), want, atol=0, rtol=0)
+    layer = loaded.base_model.model.lin1
+    assert layer.r["default"] == 2 and layer.scaling["default"] == 5.0 / 2
+    _edit_json(tmp_path, lambda c: c.update(rank_pattern={"lin.": 2}))  # as a pattern it would match lin1
+    with pytest.raises(ValueError, match=r"core 0 of lin1 has shape \(1, 6, 2\), but r = 3"):
+        tkpeft.load_tt_lora(_tiny(), str(tmp_path), in_modes=2)

@@ -477,6 +477,7 @@ TT_LORA_CORRUPTIONS = {
     "huge r": (lambda p: _edit_json(p, lambda c: c.update(r=10**9)), "need"),
     "string r": (lambda p: _edit_json(p, lambda c: c.update(r="3")), "r must be a positive int"),
     "foreign tensor": (lambda p: _edit_tensors(p, lambda t: t.update({"evil": torch.ones(2)})), "not a TT-LoRA core"),
+    "layer_replication": (lambda p: _edit_json(p, lambda c: c.update(layer_replication=[[0, 1]])), "do not support"),
     "deep JSON": (lambda p: (p / "adapter_config.json").write_text("[" * 50_000), "nested too deeply"),
 }
 

@@ -195,6 +195,12 @@ def tt_lora_config(
 
 _PEFT_CONFIG = "adapter_config.json"
 _PEFT_WEIGHTS = "adapter_model.safetensors"
+# LoRA config fields a TT-LoRA layer has no use for: refused when a file sets them (they would change the model)
+_UNSUPPORTED_FIELDS = (
+    "alora_invocation_tokens", "arrow_config", "corda_config", "eva_config", "fan_in_fan_out", "kasa_config",
+    "layer_replication", "loftq_config", "lora_bias", "lora_ga_config", "megatron_config", "monteclora_config",
+    "target_parameters", "trainable_token_indices", "use_bdlora", "use_dora", "use_qalora", "velora_config",
+)  # fmt: skip
 _CORE_KEY = re.compile(r"base_model\.model\.(.+)\.lora_tt_cores\.(\d{1,4})")  # fixed here, never from a file
 
 
@@ -227,6 +233,11 @@ def _check_tt_lora_folder(model: nn.Module, folder: str, in_modes: Any, out_mode
     for flag in ("use_rslora", "use_dora", "fan_in_fan_out", "inference_mode", "lora_bias"):
         if type(data.get(flag, False)) is not bool:
             raise fail(flag, "true or false")
+    unsupported = sorted(k for k in _UNSUPPORTED_FIELDS if data.get(k))
+    if unsupported:
+        raise ValueError(f"{config_file} sets {unsupported}, which TT-LoRA layers do not support")
+    if data.get("init_lora_weights", True) not in (True, False, "gaussian"):
+        raise fail("init_lora_weights", "true, false or 'gaussian'")
     targets = data.get("target_modules")
     literal_targets = isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)
     if not (literal_targets or (isinstance(targets, str) and targets)):

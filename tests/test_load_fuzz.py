@@ -172,3 +172,60 @@ def test_fuzzed_configs_many(good_folder, monkeypatch, data):
 @given(data=st.data())
 def test_fuzzed_headers_many(good_folder, monkeypatch, data):
     _fuzz_header(good_folder, monkeypatch, data)
+
+
+# ------------------------------------------------------------------------------------------------ load_tt_lora
+@pytest.fixture(scope="module")
+def good_tt_lora_folder():
+    from test_guarantees import saved_tt_lora
+
+    folder = tempfile.mkdtemp(prefix="ttk-fuzz-lora-")
+    saved_tt_lora(__import__("pathlib").Path(folder))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _fuzz_tt_lora(good_folder, data, what):
+    from test_guarantees import _tiny
+
+    from ttkernels import peft as tkpeft
+
+    with tempfile.TemporaryDirectory() as folder:
+        shutil.copytree(good_folder, folder, dirs_exist_ok=True)
+        if what == "config":
+            with open(os.path.join(folder, "adapter_config.json")) as f:
+                config = json.load(f)
+            for _ in range(data.draw(st.integers(1, 3))):
+                config = _edit(config, data)
+            with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+                json.dump(config, f)
+        else:
+            file = os.path.join(folder, "adapter_model.safetensors")
+            with open(file, "rb") as f:
+                header, body = _split(f.read())
+            header = _edit(header, data)
+            text = json.dumps(header).encode()
+            with open(file, "wb") as f:
+                f.write(struct.pack("<Q", len(text)) + text + body)
+        model = _tiny()
+        before = state(model)
+        try:
+            loaded = tkpeft.load_tt_lora(model, folder, in_modes=2)
+        except (ValueError, TypeError, FileNotFoundError) as e:
+            assert str(e)
+            assert_same_state(before, state(model))
+        else:
+            assert torch.isfinite(loaded(torch.randn(2, 16))).all()
+
+
+@FAST
+@given(data=st.data(), what=st.sampled_from(["config", "header"]))
+def test_fuzzed_tt_lora_folders_load_correctly_or_fail_clearly(good_tt_lora_folder, data, what):
+    _fuzz_tt_lora(good_tt_lora_folder, data, what)
+
+
+@pytest.mark.slow
+@SLOW
+@given(data=st.data(), what=st.sampled_from(["config", "header"]))
+def test_fuzzed_tt_lora_folders_many(good_tt_lora_folder, data, what):
+    _fuzz_tt_lora(good_tt_lora_folder, data, what)

@@ -236,6 +236,8 @@ def _check_tt_lora_folder(model: nn.Module, folder: str, in_modes: Any, out_mode
     unsupported = sorted(k for k in _UNSUPPORTED_FIELDS if data.get(k))
     if unsupported:
         raise ValueError(f"{config_file} sets {unsupported}, which TT-LoRA layers do not support")
+    if data.get("bias", "none") not in ("none", "all", "lora_only"):
+        raise fail("bias", "'none', 'all' or 'lora_only'")
     if data.get("init_lora_weights", True) not in (True, False, "gaussian"):
         raise fail("init_lora_weights", "true, false or 'gaussian'")
     targets = data.get("target_modules")
@@ -263,6 +265,8 @@ def _check_tt_lora_folder(model: nn.Module, folder: str, in_modes: Any, out_mode
         m = _CORE_KEY.fullmatch(key)
         if m is not None:
             found.setdefault(m.group(1), {})[int(m.group(2))] = info
+        elif key.endswith(".bias") and data.get("bias", "none") != "none":
+            continue  # biases PEFT trains and saves with bias="all" / "lora_only"
         elif not _names_match(key.removeprefix("base_model.model.").rpartition(".")[0], saved_modules):
             raise ValueError(f"{weights}: tensor {key[:200]!r} is not a TT-LoRA core (<module>.lora_tt_cores.<k>)")
     if not found:
@@ -339,6 +343,12 @@ def load_tt_lora(
             if isinstance(module, TTLoraLinear):
                 for a, cores in module.lora_tt_cores.items():
                     reference._check_cores(list(cores), module.tt_spec[a])
+    except (ValueError, TypeError):
+        snapshot.restore()
+        raise
+    except Exception as e:  # what PEFT raises for a config it cannot use (NotImplementedError, ...)
+        snapshot.restore()
+        raise ValueError(f"PEFT cannot load the adapter in {folder}: {type(e).__name__}: {e}") from e
     except BaseException:
         snapshot.restore()
         raise

@@ -30,16 +30,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
+import math
 import os
 import re
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
-from . import ops
+from . import checks, ops
 from .layer import adapter_scaling, check_alpha
 from .layer import is_conv1d as _is_conv1d
 from .modules import TTLinear, new_cores
@@ -59,6 +62,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "ttkernels-metatt"
 FORMAT_VERSION = 1
 MODE_NAMES = ("layer", "matrix", "head", "task")
+_TASK_ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -157,11 +161,19 @@ class MetaTTConfig:
 
 
 # ------------------------------------------------------------------------------------------------ the views
-class _Routing:
-    """Per-call state the wrapper shares with its views: the current batch's task ids."""
+class _Routing(threading.local):
+    """Per-call state the wrapper shares with its views: the current batch's task ids, one value per thread,
+    so concurrent calls with different task ids each route their own batch. (Under ``torch.compile`` the ids
+    flow through the traced graph; the attribute is only the tracing-time link between wrapper and views.)"""
 
     def __init__(self) -> None:
         self.task_ids: Optional[Tensor] = None
+
+    def __deepcopy__(self, memo: dict) -> _Routing:
+        return _Routing()
+
+    def __reduce__(self) -> tuple:
+        return (_Routing, ())
 
 
 class MetaTTLinear(TTLinear):
@@ -249,7 +261,23 @@ class _Group:
         }
 
 
+def _adapter_holder(module: nn.Module) -> bool:
+    """A module that holds an adapter already (ttkernels' layers, a MetaTT wrapper, PEFT's tuner layers)."""
+    if isinstance(module, (TTLinear, MetaTTModel)):
+        return True
+    return any(c.__name__ in ("BaseTunerLayer", "TTMLinear") for c in type(module).__mro__)
+
+
 def _plan(model: nn.Module, config: MetaTTConfig) -> tuple[dict[str, _Group], list[_Target], int]:
+    """Groups, targets and the layer count for ``config`` on ``model``; reads the model, changes nothing."""
+    num_modules = 0
+    for name, module in model.named_modules():
+        num_modules += 1
+        if _adapter_holder(module) and not isinstance(module, MetaTTLinear):
+            raise ValueError(
+                f"the model already has an adapter ({name or 'the model'} is a {type(module).__name__}): adapting "
+                "it again would freeze that adapter; merge or unload it first"
+            )
     found = []
     for name, module in model.named_modules():
         if not name or not _matches(name, config.target_modules):
@@ -264,7 +292,19 @@ def _plan(model: nn.Module, config: MetaTTConfig) -> tuple[dict[str, _Group], li
         found.append((name, module, layer, matrix))
     if not found:
         raise ValueError(f"no module of the model matches target_modules {config.target_modules!r}")
+    others = [n for n, m in model.named_modules() if isinstance(m, MetaTTLinear)]
+    if others:
+        raise ValueError(
+            f"the model already has a MetaTT adapter ({others[0]} is a MetaTT view): adapting it again would freeze "
+            "that adapter; unload it first"
+        )
     num_layers = max(f[2] for f in found) + 1
+    if num_layers > num_modules:  # a model with layers 0..N-1 has at least N modules
+        name = max(found, key=lambda f: f[2])[0]
+        raise ValueError(
+            f"target {name!r} has layer number {num_layers - 1}, but the model has only {num_modules} modules: "
+            "layer numbers must count the model's layers"
+        )
     by_shape: dict[tuple[int, int], list[str]] = {}
     for _, module, _, matrix in found:
         mats = by_shape.setdefault(_features(module), [])
@@ -308,13 +348,30 @@ class MetaTTModel(nn.Module):
     """A model with a MetaTT adapter: ``forward`` passes through to the model (``task_ids=`` routes each sample
     to its task slice). Build it with :func:`get_metatt_model` or :meth:`from_pretrained`."""
 
-    def __init__(self, model: nn.Module, config: MetaTTConfig) -> None:
+    def __init__(self, model: nn.Module, config: MetaTTConfig, *, _ranks: Optional[dict] = None) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(config, MetaTTConfig):
             raise TypeError(f"config must be a MetaTTConfig, got {type(config).__name__}")
         groups, targets, num_layers = _plan(model, config)
+        for name, ranks in (_ranks or {}).items():  # a saved adapter's ranks (from_pretrained)
+            groups[name].spec = dataclasses.replace(groups[name].spec, ranks=ranks)
+        checks.check_adapter_size(
+            sum(g.spec.num_params for g in groups.values()),
+            sum(groups[t.group].in_features * groups[t.group].out_features for t in targets),
+            "the MetaTT adapter",
+        )
+        snapshot = checks.ModelSnapshot(model)
+        try:
+            self._adapt(model, config, groups, targets, num_layers)
+        except BaseException:
+            snapshot.restore()
+            raise
+
+    def _adapt(
+        self, model: nn.Module, config: MetaTTConfig, groups: dict[str, _Group], targets: list[_Target], num_layers: int
+    ) -> None:
         self.config = config
         self.groups = groups
         self.targets = targets
@@ -344,15 +401,18 @@ class MetaTTModel(nn.Module):
                 backend=config.backend,
                 routing=self._routing,
             )
+            view.scaling = self.alpha / config.max_rank  # as replace_cores keeps it, for saved lower ranks
             _set_submodule(model, t.name, view)
 
     # -------------------------------------------------------------------------------- forward
     def forward(self, *args: Any, task_ids: Optional[Tensor] = None, **kwargs: Any) -> Any:
-        self._routing.task_ids = self._check_task_ids(task_ids)
+        routing = self._routing  # per thread: concurrent calls keep their own task ids
+        previous = routing.task_ids
+        routing.task_ids = self._check_task_ids(task_ids)
         try:
             return self.model(*args, **kwargs)
         finally:
-            self._routing.task_ids = None
+            routing.task_ids = previous
 
     def _check_task_ids(self, task_ids: Optional[Tensor]) -> Optional[Tensor]:
         num_tasks = self.config.num_tasks
@@ -366,8 +426,12 @@ class MetaTTModel(nn.Module):
             raise ValueError(f"this MetaTT adapter has a 'task' mode ({num_tasks} tasks): pass task_ids")
         if not isinstance(task_ids, Tensor):
             raise TypeError(f"task_ids must be an integer tensor, got {type(task_ids).__name__}")
-        if task_ids.dtype.is_floating_point or task_ids.dtype.is_complex or task_ids.dtype == torch.bool:
-            raise TypeError(f"task_ids must be an integer tensor, got {task_ids.dtype}")
+        if task_ids.dtype not in _TASK_ID_DTYPES:
+            raise TypeError(
+                f"task_ids must be an integer tensor, got {task_ids.dtype} (int64, int32, int16, int8 or uint8)"
+            )
+        if task_ids.device.type == "meta":
+            raise ValueError("task_ids is on the meta device: it needs values")
         if task_ids.dim() != 1:
             raise ValueError(f"task_ids must be 1-D (one id per sample), got shape {tuple(task_ids.shape)}")
         if task_ids.numel() and not torch.compiler.is_compiling():
@@ -477,10 +541,13 @@ class MetaTTModel(nn.Module):
         return {f"metatt.{g}.{k}": c.detach() for g, cores in self.metatt_cores.items() for k, c in enumerate(cores)}
 
     def _layout(self) -> dict:
+        config = self.config.to_dict()
+        if isinstance(config["target_modules"], str):  # a pattern: saved as the literal names it matched
+            config["target_modules"] = sorted(t.name for t in self.targets)
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "config": self.config.to_dict(),
+            "config": config,
             "num_layers": self.num_layers,
             "scaling": adapter_scaling(self.alpha, self.config.max_rank),
             "groups": {g.name: g.describe() for g in self.groups.values()},
@@ -488,9 +555,16 @@ class MetaTTModel(nn.Module):
         }
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (each shared core once)."""
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (each shared core once).
+
+        Refused after :meth:`merge_and_unload` / :meth:`unload` (the model no longer holds the adapter)."""
         from safetensors.torch import save_file
 
+        if not self.targets:
+            raise RuntimeError(
+                "this MetaTT adapter was unloaded (merge_and_unload() or unload()): there is no adapter to save; "
+                "save before unloading"
+            )
         os.makedirs(save_directory, exist_ok=True)
         tensors = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict().items()}
         save_file(tensors, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt", "layout": FORMAT})
@@ -504,66 +578,103 @@ class MetaTTModel(nn.Module):
         """Wrap ``model`` with the adapter saved in ``pretrained_dir``, checked against the model and its file.
 
         ``overrides`` replace config fields that do not change the layout (``dropout``, ``backend``).
-        Nothing executes code: the config is JSON and the cores are read with safetensors.
+        Nothing executes code: the config is JSON and the cores are read with safetensors. Every field of the
+        config, and the names, shapes and dtypes in the safetensors header, are checked against the model
+        before anything is allocated; nothing from the file is used as a regular expression (a saved pattern
+        is replaced by the literal target names saved beside it). All or nothing: when loading fails, the
+        model is left as it was.
         """
         bad = sorted(set(overrides) - {"dropout", "backend"})
         if bad:
             raise ValueError(f"only dropout and backend can be overridden when loading, got {bad}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        pretrained_dir = checks.check_path(pretrained_dir, "pretrained_dir")
         layout = _read_layout(pretrained_dir)
-        config = MetaTTConfig.from_dict(dict(layout["config"]) | overrides)
-        self = cls(model, config)
-        self._adopt_saved_ranks(layout, pretrained_dir)
-        want = self._layout()
+        file = os.path.join(pretrained_dir, CONFIG_NAME)
+        data = dict(layout["config"])
+        if isinstance(data.get("target_modules"), str):
+            data["target_modules"] = sorted(layout["targets"]) or data["target_modules"]
+        try:
+            config = MetaTTConfig.from_dict(data | overrides)
+        except TypeError as e:  # a value of the wrong type in the file
+            raise ValueError(f"{file}: {e}") from e
+        groups, targets, num_layers = _plan(model, config)
+        want = {
+            "num_layers": num_layers,
+            "targets": {t.name: [t.group, t.layer, t.matrix] for t in targets},
+            "scaling": float(config.max_rank if config.alpha is None else config.alpha) / config.max_rank,
+            "groups": {g.name: g.describe() for g in groups.values()},
+        }
+        structure = lambda gs: {n: {k: v for k, v in g.items() if k != "core_shapes"} for n, g in gs.items()}
         for key in ("num_layers", "targets", "scaling", "groups"):
-            if layout.get(key) != want[key]:
-                raise ValueError(_mismatch(key, layout.get(key), want[key], pretrained_dir))
-        tensors = _read_tensors(pretrained_dir)
-        expected = self.adapter_state_dict()
-        missing = sorted(set(expected) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected))
+            saved, now = layout[key], want[key]
+            if key == "groups":
+                saved, now = structure(saved), structure(now)
+            if saved != now:
+                raise ValueError(_mismatch(key, saved, now, pretrained_dir))
+        ranks = {
+            name: _saved_ranks(layout["groups"][name]["core_shapes"], g.spec, name, file) for name, g in groups.items()
+        }
+        needed = {}
+        for name, g in groups.items():
+            spec = dataclasses.replace(g.spec, ranks=ranks[name])
+            needed |= {f"metatt.{name}.{k}": shape for k, shape in enumerate(spec.core_shapes)}
+        weights = os.path.join(pretrained_dir, WEIGHTS_NAME)
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"no {WEIGHTS_NAME} in {pretrained_dir}")
+        header = checks.read_safetensors_header(weights)
+        missing, unexpected = sorted(set(needed) - set(header)), sorted(set(header) - set(needed))
         if missing or unexpected:
             raise ValueError(
-                f"{os.path.join(pretrained_dir, WEIGHTS_NAME)} does not match its config: missing {missing}, "
-                f"unexpected {unexpected}"
+                f"{weights} does not match its config: missing {missing}, unexpected {unexpected[:10]}"
+                + (f" (and {len(unexpected) - 10} more)" if len(unexpected) > 10 else "")
             )
         dtypes = layout.get("dtypes", {})
-        with torch.no_grad():
-            for key, target in expected.items():
-                t = tensors[key]
-                if tuple(t.shape) != tuple(target.shape):
-                    raise ValueError(
-                        f"{key} has shape {tuple(t.shape)} in the file, the adapter needs {tuple(target.shape)}"
-                    )
-                if not t.is_floating_point():
-                    raise ValueError(f"{key} has dtype {t.dtype} in the file; cores are floating point")
-                if key in dtypes and str(t.dtype).removeprefix("torch.") != dtypes[key]:
-                    raise ValueError(f"{key} has dtype {t.dtype} in the file but {dtypes[key]} in its config")
-                if not torch.isfinite(t).all():
-                    raise ValueError(f"{key} holds non-finite values")
-                target.copy_(t)
+        for key, shape in needed.items():
+            info = header[key]
+            if info.shape != tuple(shape):
+                raise ValueError(f"{key} has shape {info.shape} in the file, the adapter needs {tuple(shape)}")
+            if info.dtype not in checks.FLOAT_DTYPE_NAMES:
+                raise ValueError(f"{key} has dtype torch.{info.dtype} in the file; cores are floating point")
+            if key in dtypes and info.dtype != dtypes[key]:
+                raise ValueError(f"{key} has dtype torch.{info.dtype} in the file but {dtypes[key]} in its config")
+        tensors = checks.load_safetensors(weights)  # no more than the header declared, checked above
+        for key in needed:
+            if not torch.isfinite(tensors[key]).all():
+                raise ValueError(f"{key} holds non-finite values")
+        snapshot = checks.ModelSnapshot(model)
+        self = cls(model, config, _ranks=ranks)  # restores the model itself when it fails
+        try:
+            with torch.no_grad():
+                for key, target in self.adapter_state_dict().items():
+                    target.copy_(tensors[key])
+        except BaseException:
+            snapshot.restore()
+            raise
         return self
-
-    def _adopt_saved_ranks(self, layout: dict, where: Any) -> None:
-        """Groups saved after a rank change (``replace_cores``, ``rank.compress_``) come back at their ranks."""
-        groups = layout.get("groups")
-        if not isinstance(groups, dict):
-            raise ValueError(f"the adapter config in {where} has no groups object")
-        for name, group in self.groups.items():
-            shapes = groups.get(name, {}).get("core_shapes") if isinstance(groups.get(name), dict) else None
-            if shapes == [list(s) for s in group.spec.core_shapes] or shapes is None:
-                continue
-            well_formed = isinstance(shapes, list) and all(
-                isinstance(x, list) and len(x) == 3 and all(type(v) is int and v > 0 for v in x) for x in shapes
-            )
-            if not well_formed:
-                raise ValueError(f"the adapter config in {where} gives group {name} malformed core_shapes {shapes!r}")
-            if len(shapes) != group.spec.num_cores or any(x[1] != m.size for x, m in zip(shapes, group.spec.modes)):
-                continue  # other modes, not other ranks: the layout comparison reports it
-            ref = self.metatt_cores[name][0]
-            self.replace_cores(name, [torch.zeros(s, dtype=ref.dtype, device=ref.device) for s in shapes])
 
     def extra_repr(self) -> str:
         return f"groups={list(self.groups)}, targets={len(self.targets)}, modes={self.config.modes}"
+
+
+def _saved_ranks(shapes: Any, spec: TTSpec, group: str, where: Any) -> tuple[int, ...]:
+    """The bond ranks of saved ``core_shapes``, which must chain and have the mode sizes of ``spec``."""
+    well_formed = (
+        isinstance(shapes, list)
+        and len(shapes) == spec.num_cores
+        and all(isinstance(x, list) and len(x) == 3 and all(type(v) is int and v > 0 for v in x) for x in shapes)
+    )
+    if well_formed:
+        chained = shapes[0][0] == 1 and shapes[-1][2] == 1 and all(a[2] == b[0] for a, b in itertools.pairwise(shapes))
+        sizes = all(x[1] == m.size for x, m in zip(shapes, spec.modes))
+        well_formed = chained and sizes
+    if not well_formed:
+        raise ValueError(
+            f"the adapter config {where} gives group {group} malformed core_shapes {str(shapes)[:200]}: it needs "
+            f"{spec.num_cores} chained [r_prev, size, r_next] with sizes {[m.size for m in spec.modes]}"
+        )
+    return tuple(x[2] for x in shapes[:-1])
 
 
 def _mismatch(key: str, saved: Any, now: Any, where: Any) -> str:
@@ -575,40 +686,70 @@ def _mismatch(key: str, saved: Any, now: Any, where: Any) -> str:
             f"the adapter in {where} was saved for other targets: not in this model {missing[:5]}, new in this "
             f"model {extra[:5]}, placed differently {changed[:5]}"
         )
-    return f"the adapter in {where} does not fit this model: its {key} is {saved!r}, this model gives {now!r}"
+    return f"the adapter in {where} does not fit this model: its {key} is {str(saved)[:2000]}, this model gives {now!r}"
+
+
+_LAYOUT_KEYS = ("format", "format_version", "config", "num_layers", "scaling", "groups", "targets", "dtypes")
+_GROUP_KEYS = ("in_features", "out_features", "matrices", "modes", "core_shapes")
 
 
 def _read_layout(path: str | os.PathLike) -> dict:
+    """The saved layout, every field checked for its type (its values are checked against the model later)."""
     file = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(file):
         raise FileNotFoundError(f"no {CONFIG_NAME} in {path}")
     try:
-        with open(file) as f:
-            layout = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{file} is not a readable JSON file: {e}") from e
-    if not isinstance(layout, dict) or layout.get("format") != FORMAT:
+        layout = checks.read_json(file)
+    except ValueError as e:
+        if "a JSON object" in str(e):  # JSON, but not an object
+            raise ValueError(f"{file} is not a ttkernels MetaTT adapter config (format {FORMAT!r} expected)") from e
+        raise
+    if layout.get("format") != FORMAT:
         raise ValueError(f"{file} is not a ttkernels MetaTT adapter config (format {FORMAT!r} expected)")
-    if layout.get("format_version") != FORMAT_VERSION:
+    if layout.get("format_version") != FORMAT_VERSION or type(layout.get("format_version")) is not int:
         raise ValueError(
-            f"{file} has format_version {layout.get('format_version')!r}; this version reads {FORMAT_VERSION}"
+            f"{file} has format_version {str(layout.get('format_version'))[:50]}; this version reads {FORMAT_VERSION}"
         )
-    if not isinstance(layout.get("config"), dict):
-        raise ValueError(f"{file} has no config object")
+
+    def fail(what: str, value: Any) -> ValueError:
+        return ValueError(f"{file}: {what}, got {str(value)[:200]}")
+
+    unknown = sorted(set(layout) - set(_LAYOUT_KEYS))
+    if unknown:
+        raise fail("unknown fields", unknown[:10])
+    for key in _LAYOUT_KEYS[:-1]:
+        if key not in layout:
+            raise ValueError(f"{file} has no {key}")
+    if not isinstance(layout["config"], dict):
+        raise fail("config must be an object", layout["config"])
+    if type(layout["num_layers"]) is not int or layout["num_layers"] < 1:
+        raise fail("num_layers must be a positive int", layout["num_layers"])
+    scaling = layout["scaling"]
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+        raise fail("scaling must be a finite number", scaling)
+    groups = layout["groups"]
+    if not isinstance(groups, dict) or not groups:
+        raise fail("groups must be a non-empty object", groups)
+    for name, g in groups.items():
+        if not isinstance(g, dict) or sorted(g) != sorted(_GROUP_KEYS):
+            raise fail(f"group {name[:100]!r} must hold exactly {list(_GROUP_KEYS)}", g)
+        if any(type(g[k]) is not int or g[k] < 1 for k in ("in_features", "out_features")):
+            raise fail(f"group {name[:100]!r} needs positive int in_features and out_features", g)
+        if not isinstance(g["matrices"], list) or not all(isinstance(m, str) for m in g["matrices"]):
+            raise fail(f"group {name[:100]!r}: matrices must be a list of names", g["matrices"])
+        if not isinstance(g["modes"], str):
+            raise fail(f"group {name[:100]!r}: modes must be a string", g["modes"])
+    targets = layout["targets"]
+    if not isinstance(targets, dict) or not targets:
+        raise fail("targets must be a non-empty object", targets)
+    for name, place in targets.items():
+        ok = isinstance(place, list) and len(place) == 3 and isinstance(place[0], str)
+        if not ok or any(type(v) is not int or v < 0 for v in place[1:]):
+            raise fail(f"target {name[:100]!r} must be placed as [group, layer, matrix]", place)
+    dtypes = layout.get("dtypes", {})
+    if not isinstance(dtypes, dict) or not all(v in checks.FLOAT_DTYPE_NAMES for v in dtypes.values()):
+        raise fail(f"dtypes must map tensor names to one of {list(checks.FLOAT_DTYPE_NAMES)}", dtypes)
     return layout
-
-
-def _read_tensors(path: str | os.PathLike) -> dict[str, Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    file = os.path.join(path, WEIGHTS_NAME)
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path}")
-    try:
-        return load_file(file)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{file} is not a valid safetensors file: {e}") from e
 
 
 def get_metatt_model(model: nn.Module, config: MetaTTConfig) -> MetaTTModel:

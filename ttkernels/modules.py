@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import ops, reference
+from . import checks, ops, reference
 from .layer import AdapterLayer, base_features, check_alpha, is_conv1d
 from .spec import TTSpec
 
@@ -27,6 +27,8 @@ __all__ = ["TTLinear", "init_cores_", "new_cores"]
 
 
 def _adapter_dtype(dtype: Optional[torch.dtype], adapter_dtype: Optional[torch.dtype]) -> torch.dtype:
+    checks.check_float_dtype(dtype, "dtype")
+    checks.check_float_dtype(adapter_dtype, "adapter_dtype")
     if adapter_dtype is not None:
         return adapter_dtype
     dtype = dtype or torch.get_default_dtype()
@@ -71,9 +73,14 @@ class TTLinear(AdapterLayer):
     ) -> None:
         super().__init__()
         spec = TTSpec.linear(in_features, out_features, in_modes=in_modes, out_modes=out_modes, ranks=ranks)
+        cores_dtype = _adapter_dtype(dtype, adapter_dtype)
+        checks.check_device(device)
+        if not isinstance(bias, (bool, int)):
+            raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
+        checks.check_adapter_size(spec.num_params, in_features * out_features, "the TT adapter")
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._attach_base(base)
-        cores = new_cores(spec, device, _adapter_dtype(dtype, adapter_dtype))
+        cores = new_cores(spec, device, cores_dtype)
         self._attach_adapter(spec, cores, None, alpha, dropout, backend)
 
     # -------------------------------------------------------------------------------- constructors
@@ -106,7 +113,10 @@ class TTLinear(AdapterLayer):
         self._attach_base(linear)
         device = linear.weight.device if device is None else device
         dtype = linear.weight.dtype if dtype is None else dtype
-        cores = new_cores(spec, device, _adapter_dtype(dtype, adapter_dtype))
+        cores_dtype = _adapter_dtype(dtype, adapter_dtype)
+        checks.check_device(device)
+        checks.check_adapter_size(spec.num_params, linear.in_features * linear.out_features, "the TT adapter")
+        cores = new_cores(spec, device, cores_dtype)
         self._attach_adapter(spec, cores, None, alpha, dropout, backend)
         return self
 

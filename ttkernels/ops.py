@@ -32,14 +32,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from . import reference
+from . import checks, reference
 from .checks import (
     BACKENDS,
     KERNEL_DTYPES,
@@ -480,6 +480,8 @@ def _check_shape(t: Tensor, name: str, shape: tuple[int, ...], meaning: str) -> 
 def _compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype the layer computes in: autocast's when it is on for x's device (as nn.Linear does)."""
     dev = x.device.type
+    if dev == "meta":
+        raise ValueError("x is on the meta device: the adapter needs real values (materialize the model and inputs)")
     if x.dtype != torch.float64 and torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
     return x.dtype
@@ -533,6 +535,9 @@ def tt_adapter(
     if bias is not None:
         _check_shape(_check_tensor(bias, "bias"), "bias", (d_out,), "out_features")
     A, B = _check_tensor(A, "A"), _check_tensor(B, "B")
+    for name, t in (("A", A), ("C", C), ("B", B)):
+        if t is not None and not _check_tensor(t, name).is_floating_point():
+            raise TypeError(f"{name} must be a real floating-point tensor, got {t.dtype}")
     if A.dim() != 2 or A.shape[0] != d_in:
         raise ValueError(f"A has shape {tuple(A.shape)} but must be (in_features={d_in}, r_a)")
     if B.dim() != 2 or B.shape[1] != d_out:
@@ -559,6 +564,8 @@ def tt_adapter(
             raise ValueError(f"C must be 2-D or 3-D, got shape {tuple(C.shape)}")
     p = check_dropout(dropout)
     check_backend_name(backend)
+    scaling = checks.check_finite_number(scaling, "scaling")
+    checks.check_seed(seed)
     named = {"weight": weight, "bias": bias, "A": A, "C": C, "B": B, "task_ids": task_ids}
     for name, t in named.items():
         if t is not None and t.device != x.device:
@@ -616,6 +623,9 @@ def tt_linear(
         raise TypeError(f"spec must be a TTSpec, got {type(spec).__name__}")
     if spec.per_sample_mode is None and task_ids is not None:
         raise ValueError("task_ids was given but the spec has no per-sample mode")
+    if isinstance(cores, Tensor) or not isinstance(cores, Iterable):
+        raise TypeError(f"cores must be a sequence of torch.Tensor (one per mode), got {type(cores).__name__}")
+    cores = list(cores)
     dtype = _compute_dtype(x) if isinstance(x, Tensor) and x.is_floating_point() else None
     A, C, B = factors(cores, spec, index, dtype=dtype, backend=backend)
     return tt_adapter(

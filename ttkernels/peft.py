@@ -20,6 +20,9 @@ Checked by tests/test_peft.py against peft 0.21 (train, save, reload, merge, dis
 
 from __future__ import annotations
 
+import math
+import os
+import re
 from typing import Any, Optional
 
 import peft
@@ -28,10 +31,11 @@ from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import Tensor, nn
 
-from . import ops, reference
+from . import checks, ops, reference
 from .layer import MergeGuard, adapter_scaling, check_alpha, guard_merged_output, register_merge_hooks
 from .metatt import MetaTTConfig, MetaTTModel, get_metatt_model
 from .modules import TTLinear
+from .spec import TTSpec
 
 __all__ = ["TTLoraLinear", "get_peft_model", "load_tt_lora", "tt_lora_config", "tt_lora_layer"]
 
@@ -222,19 +226,165 @@ def tt_lora_config(
     return cfg
 
 
+_PEFT_CONFIG = "adapter_config.json"
+_PEFT_WEIGHTS = "adapter_model.safetensors"
+# LoRA config fields a TT-LoRA layer has no use for: refused when a file sets them (they would change the model)
+_UNSUPPORTED_FIELDS = (
+    "alora_invocation_tokens", "arrow_config", "corda_config", "eva_config", "fan_in_fan_out", "kasa_config",
+    "layer_replication", "loftq_config", "lora_bias", "lora_ga_config", "megatron_config", "monteclora_config",
+    "target_parameters", "trainable_token_indices", "use_bdlora", "use_dora", "use_qalora", "velora_config",
+)  # fmt: skip
+_CORE_KEY = re.compile(r"base_model\.model\.(.+)\.lora_tt_cores\.(\d{1,4})")  # fixed here, never from a file
+
+
+def _names_match(name: str, targets: Any) -> bool:
+    """PEFT's rule for a list of names (the name, or a suffix after a dot), without regular expressions."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _check_tt_lora_folder(model: nn.Module, folder: str, in_modes: Any, out_modes: Any) -> dict:
+    """Every field :func:`load_tt_lora` uses from ``folder``'s config, and every tensor of its safetensors file
+    (names, shapes and dtypes from the header, then finite values), checked against ``model`` before PEFT
+    builds anything. Returns the literal targets and per-module ranks and alphas for the PEFT config."""
+    config_file = os.path.join(folder, _PEFT_CONFIG)
+    data = checks.read_json(config_file, "adapter config")
+
+    def fail(field: str, want: str) -> ValueError:
+        return ValueError(f"{config_file}: {field} must be {want}, got {str(data.get(field))[:200]}")
+
+    if data.get("peft_type") != "LORA":
+        raise fail("peft_type", "'LORA' (a TT-LoRA adapter is saved as a LoRA config)")
+    r = data.get("r")
+    if type(r) is not int or r < 1:
+        raise fail("r", "a positive int")
+    alpha = data.get("lora_alpha")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise fail("lora_alpha", "a finite number")
+    dropout = data.get("lora_dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise fail("lora_dropout", "a number in [0, 1)")
+    for flag in ("use_rslora", "use_dora", "fan_in_fan_out", "inference_mode", "lora_bias"):
+        if type(data.get(flag, False)) is not bool:
+            raise fail(flag, "true or false")
+    unsupported = sorted(k for k in _UNSUPPORTED_FIELDS if data.get(k))
+    if unsupported:
+        raise ValueError(f"{config_file} sets {unsupported}, which TT-LoRA layers do not support")
+    if data.get("bias", "none") not in ("none", "all", "lora_only"):
+        raise fail("bias", "'none', 'all' or 'lora_only'")
+    if data.get("init_lora_weights", True) not in (True, False, "gaussian"):
+        raise fail("init_lora_weights", "true, false or 'gaussian'")
+    targets = data.get("target_modules")
+    literal_targets = isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)
+    if not (literal_targets or (isinstance(targets, str) and targets)):
+        raise fail("target_modules", "a non-empty list of module names")
+    patterns = {}
+    for field, ok in (("rank_pattern", lambda v: type(v) is int and v >= 1), ("alpha_pattern", None)):
+        pattern = data.get(field) or {}
+        if not isinstance(pattern, dict) or not all(isinstance(k, str) and k for k in pattern):
+            raise fail(field, "an object mapping module names to values")
+        for key, value in pattern.items():
+            good = ok(value) if ok else not isinstance(value, bool) and isinstance(value, (int, float))
+            if not good or (ok is None and not math.isfinite(value)):
+                raise ValueError(f"{config_file}: {field}[{key[:100]!r}] = {str(value)[:50]} is not a valid value")
+        patterns[field] = pattern
+    saved_modules = data.get("modules_to_save") or []
+    if not isinstance(saved_modules, list) or not all(isinstance(m, str) and m for m in saved_modules):
+        raise fail("modules_to_save", "null or a list of module names")
+
+    weights = os.path.join(folder, _PEFT_WEIGHTS)
+    header = checks.read_safetensors_header(weights)
+    found: dict[str, dict[int, checks.TensorInfo]] = {}
+    for key, info in header.items():
+        m = _CORE_KEY.fullmatch(key)
+        if m is not None:
+            found.setdefault(m.group(1), {})[int(m.group(2))] = info
+        elif key.endswith(".bias") and data.get("bias", "none") != "none":
+            continue  # biases PEFT trains and saves with bias="all" / "lora_only"
+        elif not _names_match(key.removeprefix("base_model.model.").rpartition(".")[0], saved_modules):
+            raise ValueError(f"{weights}: tensor {key[:200]!r} is not a TT-LoRA core (<module>.lora_tt_cores.<k>)")
+    if not found:
+        raise ValueError(f"{weights} holds no TT-LoRA cores")
+    modules = dict(model.named_modules())
+    ranks, alphas = {}, {}
+    for name, cores in sorted(found.items()):
+        module = modules.get(name)
+        if not isinstance(module, nn.Linear):
+            what = "no module" if module is None else f"a {type(module).__name__}"
+            raise ValueError(f"{weights} holds cores for {name[:200]!r}, but the model has {what} there (nn.Linear)")
+        ranks[name] = next((v for k, v in patterns["rank_pattern"].items() if _names_match(name, [k])), r)
+        alphas[name] = next((v for k, v in patterns["alpha_pattern"].items() if _names_match(name, [k])), alpha)
+        spec = TTSpec.linear(
+            module.in_features, module.out_features, in_modes=in_modes, out_modes=out_modes, ranks=ranks[name]
+        )
+        missing = [k for k in range(spec.num_cores) if k not in cores]
+        extra = sorted(k for k in cores if k >= spec.num_cores)
+        if missing or extra:
+            raise ValueError(
+                f"{weights}: {name} has cores {sorted(cores)}, the adapter needs 0..{spec.num_cores - 1} "
+                f"(missing {missing}, unexpected {extra})"
+            )
+        for k, shape in enumerate(spec.core_shapes):
+            info = cores[k]
+            if info.shape != shape:
+                raise ValueError(
+                    f"{weights}: core {k} of {name} has shape {info.shape}, but r = {ranks[name]}, in_modes = "
+                    f"{in_modes!r}, out_modes = {out_modes!r} need {shape} (pass the options it was trained with)"
+                )
+            if info.dtype not in checks.FLOAT_DTYPE_NAMES:
+                raise ValueError(f"{weights}: core {k} of {name} has dtype {info.dtype}; cores are floating point")
+    if literal_targets:
+        wanted = [n for n, m in modules.items() if n and isinstance(m, nn.Linear) and _names_match(n, targets)]
+        missing = sorted(set(wanted) - set(found))
+        if missing:
+            raise ValueError(f"{weights} has no cores for {missing[:5]}, which its config targets")
+    tensors = checks.load_safetensors(weights)  # no more than the header declared, checked above
+    for key, t in tensors.items():
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{weights}: {key} holds non-finite values")
+    return {"targets": sorted(found), "ranks": ranks, "alphas": alphas}
+
+
 def load_tt_lora(
     model: nn.Module, path: str, *, in_modes: Any = None, out_modes: Any = None, backend: str = "auto", **kwargs: Any
 ) -> peft.PeftModel:
     """``PeftModel.from_pretrained`` for an adapter saved from a :func:`tt_lora_config` model; the TT options
-    must be the ones it was trained with (the core shapes are checked on load)."""
+    must be the ones it was trained with.
+
+    ``path`` is a local folder. Its config and its tensors' names, shapes and dtypes (from the safetensors
+    header) are checked against ``model`` before anything is built, the cores' values are checked finite,
+    and targets are taken as the literal module names the file holds cores for (no pattern from the file is
+    used as a regular expression). All or nothing: when loading fails, ``model`` is left as it was.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    ops.check_backend_name(backend)
+    folder = checks.check_path(path, "path")
+    if not os.path.isdir(folder):
+        raise ValueError(f"path must be a local folder holding {_PEFT_CONFIG} and {_PEFT_WEIGHTS}, got {folder!r}")
+    plan = _check_tt_lora_folder(model, folder, in_modes, out_modes)
     cfg = tt_lora_config(
-        in_modes=in_modes, out_modes=out_modes, backend=backend, config=peft.LoraConfig.from_pretrained(path)
+        in_modes=in_modes, out_modes=out_modes, backend=backend, config=peft.LoraConfig.from_pretrained(folder)
     )
-    loaded = peft.PeftModel.from_pretrained(model, path, config=cfg, **kwargs)
-    for module in loaded.modules():
-        if isinstance(module, TTLoraLinear):
-            for a, cores in module.lora_tt_cores.items():
-                reference.check_cores(list(cores), module.tt_spec[a])
+    cfg.target_modules = plan["targets"]  # the literal names; PEFT escapes nothing, so patterns are escaped
+    cfg.rank_pattern = {re.escape(n): v for n, v in plan["ranks"].items() if v != cfg.r}
+    cfg.alpha_pattern = {re.escape(n): v for n, v in plan["alphas"].items() if v != cfg.lora_alpha}
+    cfg.exclude_modules, cfg.layers_to_transform, cfg.layers_pattern = None, None, None
+    snapshot = checks.ModelSnapshot(model)
+    try:
+        loaded = peft.PeftModel.from_pretrained(model, folder, config=cfg, **kwargs)
+        for module in loaded.modules():
+            if isinstance(module, TTLoraLinear):
+                for a, cores in module.lora_tt_cores.items():
+                    reference.check_cores(list(cores), module.tt_spec[a])
+    except (ValueError, TypeError):
+        snapshot.restore()
+        raise
+    except Exception as e:  # what PEFT raises for a config it cannot use (NotImplementedError, ...)
+        snapshot.restore()
+        raise ValueError(f"PEFT cannot load the adapter in {folder}: {type(e).__name__}: {e}") from e
+    except BaseException:
+        snapshot.restore()
+        raise
     return loaded
 
 

@@ -76,7 +76,7 @@ def _keep(s: Tensor, delta: float, max_rank: Optional[int]) -> int:
 # ------------------------------------------------------------------------------------------------ basics
 def tt_full(cores: Sequence[Tensor]) -> Tensor:
     """The dense tensor of a TT (for tests and small problems)."""
-    cores = reference.check_chain(cores)
+    cores = reference.check_chain(cores, values=True)
     t = cores[0].reshape(cores[0].shape[1], -1)
     for c in cores[1:]:
         t = (t @ c.reshape(c.shape[0], -1)).reshape(-1, c.shape[2])
@@ -98,7 +98,7 @@ def _right_orthogonalize(cores: list[Tensor]) -> list[Tensor]:
 
 def tt_norm(cores: Sequence[Tensor]) -> Tensor:
     """``||T||_F`` without forming T."""
-    cores = reference.check_chain(cores)
+    cores = reference.check_chain(cores, values=True)
     return torch.linalg.vector_norm(_right_orthogonalize(cores)[0])
 
 
@@ -121,7 +121,7 @@ def _difference(a: list[Tensor], b: list[Tensor]) -> list[Tensor]:
 def relative_error(cores: Sequence[Tensor], approx: Sequence[Tensor]) -> float:
     """``||T - T'||_F / ||T||_F`` of two TTs with the same mode sizes, without forming either (the norm of the
     difference's TT, by orthogonalization: no cancellation)."""
-    cores, approx = reference.check_chain(cores), reference.check_chain(approx)
+    cores, approx = reference.check_chain(cores, values=True), reference.check_chain(approx, "approx", values=True)
     if [c.shape[1] for c in cores] != [c.shape[1] for c in approx]:
         raise ValueError("the two TTs have different mode sizes")
     num = float(tt_norm(_difference(cores, approx)))
@@ -148,6 +148,8 @@ def tt_svd(
     """
     if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
         raise TypeError(f"tensor must be a floating-point torch.Tensor, got {getattr(tensor, 'dtype', type(tensor))}")
+    if tensor.device.type == "meta" or not torch.isfinite(tensor).all():
+        raise ValueError("tensor holds non-finite values (NaN or inf) or is on the meta device: TT-SVD needs values")
     _check_limits(max_rank, rel_eps)
     if (in_modes is None) != (out_modes is None):
         raise ValueError("give both in_modes and out_modes, or neither")
@@ -182,7 +184,7 @@ def tt_round(cores: Sequence[Tensor], max_rank: Optional[int] = None, rel_eps: O
     (unless ``max_rank`` cuts further). Both None: exact recompression (ranks drop only where the TT is
     over-parameterized to working precision). Returns new cores in the input's dtype.
     """
-    cores = reference.check_chain(cores)
+    cores = reference.check_chain(cores, values=True)
     _check_limits(max_rank, rel_eps)
     dtype = cores[0].dtype
     work = _right_orthogonalize(cores)
@@ -212,7 +214,7 @@ def sweep(cores: Sequence[Tensor], max_rank: Optional[int] = None, rel_eps: Opti
     into ``(r_{k-1} n_k, n_{k+1} r_{k+1})``, truncate its SVD (``max_rank``, ``rel_eps``: the bound of the
     module docstring) and split it (left factor orthonormal); then right to left re-split each pair exactly, so
     the norm ends in the first core as it started. Returns new cores in the input's dtype."""
-    cores = reference.check_chain(cores)
+    cores = reference.check_chain(cores, values=True)
     _check_limits(max_rank, rel_eps)
     dtype = cores[0].dtype
     work = _right_orthogonalize(cores)
@@ -261,6 +263,8 @@ def from_lora(
     for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
         if not isinstance(t, Tensor) or not t.is_floating_point() or t.dim() != 2:
             raise ValueError(f"{name} must be a 2-D floating-point tensor, got {getattr(t, 'shape', type(t))}")
+        if t.device.type == "meta" or not torch.isfinite(t).all():
+            raise ValueError(f"{name} holds non-finite values (NaN or inf) or is on the meta device")
     if lora_A.shape[0] != lora_B.shape[1]:
         raise ValueError(f"lora_A is {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)}: their ranks differ")
     _check_limits(max_rank, rel_eps)
@@ -311,6 +315,7 @@ def compress_(
     if isinstance(module, MetaTTModel):
         out = {}
         for name in list(module.groups):
+            reference.check_chain(list(module.metatt_cores[name]), f"the cores of group {name}", values=True)
             new = sweep(list(module.metatt_cores[name]), max_rank, rel_eps)
             module.replace_cores(name, new, optimizer=optimizer)
             out[name] = module.groups[name].spec.ranks

@@ -157,24 +157,31 @@ def check_cores(cores: Sequence[Tensor], spec: TTSpec) -> None:
             raise TypeError(f"cores[{k}] must be floating point, got {core.dtype}")
 
 
-def check_chain(cores: Sequence[Tensor]) -> list[Tensor]:
+def check_chain(cores: Sequence[Tensor], what: str = "cores", *, values: bool = False) -> list[Tensor]:
     """A TT's cores ``(r_{k-1}, n_k, r_k)`` checked as a chain (3-D, floating point, one device, matching bonds,
-    end bonds of 1), returned detached."""
+    end bonds of 1), returned detached. ``values=True`` (the rank tools, which read the numbers) also refuses
+    meta tensors and non-finite values; errors name ``what``."""
+    if isinstance(cores, Tensor) or not isinstance(cores, (list, tuple, torch.nn.ParameterList)):
+        raise TypeError(f"{what} must be a list of torch.Tensor cores, got {type(cores).__name__}")
     cores = list(cores)
     if not cores:
-        raise ValueError("cores is empty")
+        raise ValueError(f"{what} is empty")
     for k, c in enumerate(cores):
         if not isinstance(c, Tensor):
-            raise TypeError(f"cores[{k}] must be a torch.Tensor, got {type(c).__name__}")
+            raise TypeError(f"{what}[{k}] must be a torch.Tensor, got {type(c).__name__}")
         if c.dim() != 3 or min(c.shape) < 1:
-            raise ValueError(f"cores[{k}] must be 3-D (r_prev, n, r_next) with positive sizes, got {tuple(c.shape)}")
+            raise ValueError(f"{what}[{k}] must be 3-D (r_prev, n, r_next) with positive sizes, got {tuple(c.shape)}")
         if not c.is_floating_point():
-            raise TypeError(f"cores[{k}] must be floating point, got {c.dtype}")
+            raise TypeError(f"{what}[{k}] must be floating point, got {c.dtype}")
+        if values and c.device.type == "meta":
+            raise ValueError(f"{what}[{k}] is on the meta device: the rank tools need values")
+        if values and not torch.isfinite(c).all():
+            raise ValueError(f"{what}[{k}] holds non-finite values (NaN or inf): the rank tools need finite cores")
         if c.device != cores[0].device:
-            raise ValueError(f"cores[{k}] is on {c.device} but cores[0] is on {cores[0].device}")
+            raise ValueError(f"{what}[{k}] is on {c.device} but {what}[0] is on {cores[0].device}")
         if k and c.shape[0] != cores[k - 1].shape[2]:
             raise ValueError(
-                f"cores[{k - 1}] and cores[{k}] do not chain: bond {cores[k - 1].shape[2]} != {c.shape[0]}"
+                f"{what}[{k - 1}] and {what}[{k}] do not chain: bond {cores[k - 1].shape[2]} != {c.shape[0]}"
             )
     if cores[0].shape[0] != 1 or cores[-1].shape[2] != 1:
         raise ValueError(

@@ -163,6 +163,10 @@ class TTSpec(ChainSpec):
                     f"the per-sample mode {modes[i].name!r} must lie between the last 'in' mode and the "
                     "first 'out' mode"
                 )
+        # Derived facts are computed now, not on first use: on Python 3.11 functools.cached_property takes an
+        # RLock that torch.compile cannot trace, so a compiled first call must find them cached.
+        for name in _CACHED:
+            getattr(self, name)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -318,6 +322,9 @@ class TTSpec(ChainSpec):
         return "(" + ", ".join(parts) + ")"
 
 
+_CACHED = tuple(name for name, attr in vars(TTSpec).items() if isinstance(attr, functools.cached_property))
+
+
 def _expand_ranks(ranks: int | Sequence[int], n_bonds: int) -> tuple[int, ...]:
     if isinstance(ranks, Iterable) and not isinstance(ranks, (str, bytes)):
         ranks = tuple(_as_int(r, f"ranks[{i}]") for i, r in enumerate(ranks))
@@ -335,10 +342,17 @@ def _resolve_modes(modes: int | Sequence[int] | None, features: int, what: str) 
         return (features,)
     if isinstance(modes, Iterable) and not isinstance(modes, (str, bytes)):
         return tuple(modes)
-    return factorize(features, _as_int(modes, what))
+    k = _as_int(modes, what)
+    if not 1 <= k <= MAX_FACTORS:
+        raise ValueError(f"{what} = {k}: ask for between 1 and {MAX_FACTORS} modes, or give the mode sizes")
+    return factorize(features, k)
 
 
 # ---------------------------------------------------------------------- factorization
+MAX_FACTORS = 64  # factorize's k: more factors than bits of n are all 1s
+MAX_FACTORIZE = 2**40  # factorize's n: the divisor search takes sqrt(n) steps
+
+
 def _divisors(n: int) -> list[int]:
     small, large = [], []
     d = 1
@@ -381,6 +395,10 @@ def factorize(n: int, k: int) -> tuple[int, ...]:
         raise ValueError(f"factorize: n must be >= 1, got {n}")
     if k < 1:
         raise ValueError(f"factorize: k must be >= 1, got {k}")
+    if k > MAX_FACTORS:
+        raise ValueError(f"factorize: k must be <= {MAX_FACTORS} (further factors would be 1), got {k}")
+    if n > MAX_FACTORIZE:
+        raise ValueError(f"factorize: n must be <= 2**40 (the search takes sqrt(n) steps), got {n}; give the sizes")
     result = _balanced(n, k, n)
     assert result is not None and math.prod(result) == n  # k factors of n always exist (1s pad)
     return result

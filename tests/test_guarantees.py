@@ -350,6 +350,19 @@ def test_metatt_model_compiles_fullgraph_on_the_first_call():
     torch.testing.assert_close(y, w(x, task_ids=t))
 
 
+def test_compiled_tt_adapter_takes_changing_scaling_and_seed():
+    torch._dynamo.reset()
+    A, B, W = torch.randn(8, 2), torch.randn(2, 8), torch.randn(8, 8)
+
+    def call(x, scaling, seed):
+        return tk.tt_adapter(x, W, None, A, None, B, scaling=scaling, dropout=0.2, seed=seed)
+
+    compiled = torch.compile(call, fullgraph=True, backend="aot_eager")
+    for i in range(3):  # the second call makes the numbers symbolic
+        x = torch.randn(3, 8)
+        torch.testing.assert_close(compiled(x, 0.5 + i, 10 + i), call(x, 0.5 + i, 10 + i))
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 _A, _B, _W, _X = torch.randn(8, 2), torch.randn(2, 8), torch.randn(8, 8), torch.randn(3, 8)
 _NAN_CORES = [torch.randn(1, 4, 2), torch.full((2, 4, 1), float("nan"))]

@@ -405,6 +405,17 @@ BAD_INPUT = {
     "device unknown": (lambda: tk.TTLinear(8, 8, device="nowhere"), ValueError, "device = 'nowhere' is not a device"),
     "bias str": (lambda: tk.TTLinear(8, 8, bias="no"), TypeError, "bias must be a bool"),
     "pretrained_dir int": (lambda: MetaTTModel.from_pretrained(net(), 123), TypeError, "pretrained_dir must be a str"),
+    "factors dtype": (
+        lambda: tk.ops.factors(_NAN_CORES, tk.TTSpec.linear(4, 4, ranks=2), dtype=torch.int32),
+        TypeError,
+        "dtype must be a floating-point",
+    ),
+    "factors spec": (lambda: tk.ops.factors(_NAN_CORES, "spec"), TypeError, "spec must be a TTSpec"),
+    "schedule step": (
+        lambda: tk.rank.RankSchedule(tk.TTLinear(8, 8), None, every=1, final_rank=1).step("1"),
+        TypeError,
+        "step must be an int",
+    ),
     "tt_round not a list": (lambda: tk.rank.tt_round(torch.randn(1, 4, 1)), TypeError, "cores must be a list"),
 }
 

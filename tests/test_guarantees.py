@@ -571,3 +571,16 @@ def test_load_tt_lora_keeps_per_module_ranks_and_alphas_as_literal_names(tmp_pat
     _edit_json(tmp_path, lambda c: c.update(rank_pattern={"lin.": 2}))  # as a pattern it would match lin1
     with pytest.raises(ValueError, match=r"core 0 of lin1 has shape \(1, 6, 2\), but r = 3"):
         tkpeft.load_tt_lora(_tiny(), str(tmp_path), in_modes=2)
+
+
+def test_the_snapshot_restores_hooks_attributes_and_children():
+    model = net()
+    before = state(model)
+    snapshot = checks.ModelSnapshot(model)
+    model.layers[0].register_forward_hook(lambda *a: None)
+    model.layers[1].q = nn.Identity()
+    model.layers[2].extra = 3
+    model.layers[0].q.weight.requires_grad_(False)
+    snapshot.restore()
+    assert_same_state(before, state(model))
+    assert not model.layers[0]._forward_hooks

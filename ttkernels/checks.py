@@ -271,7 +271,7 @@ class ModelSnapshot:
         self.modules: list[tuple[nn.Module, dict, dict]] = []
         for module in model.modules():
             attrs = dict(module.__dict__)
-            dicts = {k: dict(v) for k, v in attrs.items() if type(v) in (dict, type(module._modules))}
+            dicts = {k: dict(v) for k, v in attrs.items() if isinstance(v, dict)}  # hooks are OrderedDicts
             self.modules.append((module, attrs, dicts))
         self.grads = [(p, p.requires_grad) for p in model.parameters()]
 

@@ -350,6 +350,19 @@ def test_metatt_model_compiles_fullgraph_on_the_first_call():
     torch.testing.assert_close(y, w(x, task_ids=t))
 
 
+def test_compiled_tt_adapter_takes_changing_scaling_and_seed():
+    torch._dynamo.reset()
+    A, B, W = torch.randn(8, 2), torch.randn(2, 8), torch.randn(8, 8)
+
+    def call(x, scaling, seed):
+        return tk.tt_adapter(x, W, None, A, None, B, scaling=scaling, dropout=0.2, seed=seed)
+
+    compiled = torch.compile(call, fullgraph=True, backend="aot_eager")
+    for i in range(3):  # the second call makes the numbers symbolic
+        x = torch.randn(3, 8)
+        torch.testing.assert_close(compiled(x, 0.5 + i, 10 + i), call(x, 0.5 + i, 10 + i))
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 _A, _B, _W, _X = torch.randn(8, 2), torch.randn(2, 8), torch.randn(8, 8), torch.randn(3, 8)
 _NAN_CORES = [torch.randn(1, 4, 2), torch.full((2, 4, 1), float("nan"))]
@@ -392,6 +405,17 @@ BAD_INPUT = {
     "device unknown": (lambda: tk.TTLinear(8, 8, device="nowhere"), ValueError, "device = 'nowhere' is not a device"),
     "bias str": (lambda: tk.TTLinear(8, 8, bias="no"), TypeError, "bias must be a bool"),
     "pretrained_dir int": (lambda: MetaTTModel.from_pretrained(net(), 123), TypeError, "pretrained_dir must be a str"),
+    "factors dtype": (
+        lambda: tk.ops.factors(_NAN_CORES, tk.TTSpec.linear(4, 4, ranks=2), dtype=torch.int32),
+        TypeError,
+        "dtype must be a floating-point",
+    ),
+    "factors spec": (lambda: tk.ops.factors(_NAN_CORES, "spec"), TypeError, "spec must be a TTSpec"),
+    "schedule step": (
+        lambda: tk.rank.RankSchedule(tk.TTLinear(8, 8), None, every=1, final_rank=1).step("1"),
+        TypeError,
+        "step must be an int",
+    ),
     "tt_round not a list": (lambda: tk.rank.tt_round(torch.randn(1, 4, 1)), TypeError, "cores must be a list"),
 }
 
@@ -547,3 +571,16 @@ def test_load_tt_lora_keeps_per_module_ranks_and_alphas_as_literal_names(tmp_pat
     _edit_json(tmp_path, lambda c: c.update(rank_pattern={"lin.": 2}))  # as a pattern it would match lin1
     with pytest.raises(ValueError, match=r"core 0 of lin1 has shape \(1, 6, 2\), but r = 3"):
         tkpeft.load_tt_lora(_tiny(), str(tmp_path), in_modes=2)
+
+
+def test_the_snapshot_restores_hooks_attributes_and_children():
+    model = net()
+    before = state(model)
+    snapshot = checks.ModelSnapshot(model)
+    model.layers[0].register_forward_hook(lambda *a: None)
+    model.layers[1].q = nn.Identity()
+    model.layers[2].extra = 3
+    model.layers[0].q.weight.requires_grad_(False)
+    snapshot.restore()
+    assert_same_state(before, state(model))
+    assert not model.layers[0]._forward_hooks

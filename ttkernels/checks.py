@@ -245,6 +245,8 @@ def load_safetensors(file: str | os.PathLike) -> dict[str, Tensor]:
 # ------------------------------------------------------------------------------------------------ inputs
 def check_finite_number(value: object, name: str) -> float:
     """``value`` as a float; TypeError for a non-number (a tensor included), ValueError for NaN or inf."""
+    if torch.compiler.is_compiling():  # a traced number may be symbolic: checked by the eager call only
+        return value  # type: ignore[return-value]
     if type(value) not in (float, int) and (isinstance(value, (bool, Tensor)) or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be a real number (not a tensor), got {type(value).__name__} ({value!r})"[:200])
     value = float(value)
@@ -255,7 +257,7 @@ def check_finite_number(value: object, name: str) -> float:
 
 def check_seed(seed: object, name: str = "seed") -> None:
     """None, an int, or an integer tensor of one element; TypeError for anything else (a str, a float)."""
-    if seed is None:
+    if seed is None or torch.compiler.is_compiling():
         return
     if isinstance(seed, Tensor):
         if seed.numel() != 1 or seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool:
@@ -326,7 +328,7 @@ class ModelSnapshot:
         self.modules: list[tuple[nn.Module, dict, dict]] = []
         for module in model.modules():
             attrs = dict(module.__dict__)
-            dicts = {k: dict(v) for k, v in attrs.items() if type(v) in (dict, type(module._modules))}
+            dicts = {k: dict(v) for k, v in attrs.items() if isinstance(v, dict)}  # hooks are OrderedDicts
             self.modules.append((module, attrs, dicts))
         self.grads = [(p, p.requires_grad) for p in model.parameters()]
 

@@ -467,6 +467,8 @@ class MetaTTModel(nn.Module):
     def lora_parameters(self, rank: Optional[int] = None) -> int:
         """What LoRA of ``rank`` (default: the TT's largest rank) on the same targets would train."""
         r = self.config.max_rank if rank is None else rank
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"rank must be a positive int or None, got {rank!r}")
         return sum(r * (self.groups[t.group].in_features + self.groups[t.group].out_features) for t in self.targets)
 
     def trainable_parameters_summary(self) -> str:

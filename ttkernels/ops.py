@@ -436,6 +436,12 @@ def factors(
     backend, this is ``reference.factors`` through torch autograd.
     """
     check_backend_name(backend)
+    if not isinstance(spec, TTSpec):
+        raise TypeError(f"spec must be a TTSpec, got {type(spec).__name__}")
+    if isinstance(cores, Tensor) or not isinstance(cores, Iterable):
+        raise TypeError(f"cores must be a sequence of torch.Tensor (one per mode), got {type(cores).__name__}")
+    cores = list(cores)
+    checks.check_float_dtype(dtype, "dtype")
     fast = (
         backend == "triton"
         and len(cores) > 0

@@ -377,6 +377,8 @@ class RankSchedule:
         raise ValueError(f"no rank fits max_params = {max_params}: rank 1 needs more")
 
     def step(self, step: int) -> Optional[dict]:
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise TypeError(f"step must be an int (the optimizer step count), got {type(step).__name__}")
         if step <= 0 or step % self.every or self.done >= self.stages:
             return None
         self.done += 1

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops, reference
+from . import ops, quantized, reference
 from .spec import TTSpec
 
 __all__ = ["TTLinear", "init_cores_", "new_cores"]
@@ -104,7 +104,8 @@ class TTLinear(nn.Module):
         nn.Module.__init__(self)
         self._attach_base(linear)
         device = linear.weight.device if device is None else device
-        dtype = linear.weight.dtype if dtype is None else dtype
+        if dtype is None:  # a quantized base: its compute dtype, not the packed weight's
+            dtype = quantized.compute_dtype(linear) if self._quantized_base else linear.weight.dtype
         cores = new_cores(spec, device, _adapter_dtype(dtype, adapter_dtype))
         self._attach_adapter(spec, cores, None, alpha, dropout, backend)
         return self
@@ -146,6 +147,10 @@ class TTLinear(nn.Module):
         return self
 
     def _attach_base(self, linear: nn.Linear) -> None:
+        # quantized-base hook: a bitsandbytes layer becomes self.base_layer (ttkernels/quantized.py)
+        self._quantized_base = False
+        if quantized.attach_base(self, linear):
+            return
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         linear.weight.requires_grad_(False)
@@ -182,6 +187,11 @@ class TTLinear(nn.Module):
     def base_weight(self) -> Tensor:
         """The frozen weight as ``(out_features, in_features)`` (a transposed view for a Conv1D-style base,
         whose ``weight`` is stored ``(in_features, out_features)``)."""
+        if self._quantized_base:
+            raise RuntimeError(
+                "the base is a quantized layer: its weight exists only packed (ttkernels.quantized.dequantize_weight "
+                "gives a dense copy)"
+            )
         return self.weight.t() if getattr(self, "_weight_transposed", False) else self.weight
 
     # -------------------------------------------------------------------------------- parameters
@@ -204,12 +214,25 @@ class TTLinear(nn.Module):
             raise ValueError("this TTLinear has a per-sample (task) mode: pass task_ids")
         if not per_sample and task_ids is not None:
             raise ValueError("task_ids was given but this TTLinear has no per-sample (task) mode")
-        if self._disabled and not self.merged:
-            return F.linear(x, self.base_weight, self.bias)
-        if self.merged and not self._disabled:
-            return F.linear(x, self.base_weight, self.bias)
+        base_only = self._disabled != self.merged  # disabled and unmerged, or merged and enabled
         # Adapter on and unmerged, or merged but disabled: then subtract the merged adapter exactly.
         sign = -1.0 if self.merged else 1.0
+        if self._quantized_base:  # quantized-base hook: the base layer's own forward plus the adapter term
+            if base_only:
+                return self.base_layer(x)
+            return quantized.adapter_forward(
+                self.base_layer,
+                x,
+                list(self.cores),
+                self.spec,
+                index=self.index,
+                task_ids=task_ids,
+                scaling=sign * self.scaling,
+                dropout=self.dropout if (self.training and not self.merged) else 0.0,
+                backend=self.backend,
+            )
+        if base_only:
+            return F.linear(x, self.base_weight, self.bias)
         return ops.tt_linear(
             x,
             self.base_weight,
@@ -253,6 +276,9 @@ class TTLinear(nn.Module):
     def _add_delta(self, sign: float) -> None:
         if self.spec.per_sample_mode is not None:
             raise RuntimeError("an adapter with a per-sample (task) mode cannot be merged into one weight")
+        if self._quantized_base:  # quantized-base hook: dequantize, add, requantize (warns about rounding)
+            quantized.add_delta(self.base_layer, self.delta_weight(), sign)
+            return
         w = self.base_weight  # a view: writing it writes the weight
         acc = torch.float64 if w.dtype == torch.float64 else torch.float32
         delta = self.delta_weight().to(device=w.device, dtype=acc)
@@ -269,9 +295,10 @@ class TTLinear(nn.Module):
             self._disabled = previous
 
     def extra_repr(self) -> str:
+        bias = self.base_layer.bias if self._quantized_base else self.bias
         text = (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, modes={self.spec.describe()}, ranks={self.spec.ranks}, "
+            f"bias={bias is not None}, modes={self.spec.describe()}, ranks={self.spec.ranks}, "
             f"params={self.spec.num_params}, scaling={self.scaling:g}, dropout={self.dropout:g}, "
             f"backend={self.backend!r}"
         )

@@ -29,7 +29,7 @@ from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import Tensor, nn
 
-from . import ops, reference
+from . import ops, quantized, reference
 from .metatt import MetaTTConfig, MetaTTModel, get_metatt_model
 from .modules import TTLinear
 
@@ -113,6 +113,14 @@ class TTLoraLinear(nn.Module, LoraLayer):
                 backend=self.tt_backend,
             )  # fmt: skip
         result = base(x, *args, **kwargs)
+        if quantized.is_quantized_linear(base):  # quantized-base hook: adapter terms without the packed weight
+            for a in active:
+                term = quantized.adapter_term(
+                    x, list(self.lora_tt_cores[a]), self.tt_spec[a], scaling=self.scaling[a], dropout=dropout(a),
+                    backend=self.tt_backend,
+                )  # fmt: skip
+                result = result + term.to(result.dtype)
+            return result
         for a in active:  # more than one adapter: each adds its low-rank term to the base output
             zero = torch.zeros((), dtype=x.dtype, device=x.device)
             A, C, B = ops.factors(list(self.lora_tt_cores[a]), self.tt_spec[a], dtype=x.dtype)
@@ -128,6 +136,9 @@ class TTLoraLinear(nn.Module, LoraLayer):
 
     @torch.no_grad()
     def _add_delta(self, adapter: str, sign: float, safe: bool = False) -> None:
+        if quantized.is_quantized_linear(self.get_base_layer()):  # quantized-base hook: warns about rounding
+            quantized.add_delta(self.get_base_layer(), self.get_delta_weight(adapter), sign, safe=safe)
+            return
         w = self.get_base_layer().weight
         acc = torch.float64 if w.dtype == torch.float64 else torch.float32
         new = w.to(acc) + sign * self.get_delta_weight(adapter).to(w.device, acc)

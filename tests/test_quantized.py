@@ -269,6 +269,10 @@ def test_metatt_on_a_quantized_llama_trains_checkpoints_saves_and_merges(llama_d
     assert view._quantized_base and quantized.is_quantized_linear(view.base_layer)
     params = wrapped.shared_parameters()
     assert {p.dtype for p in params} == {torch.float32}
+    # all params counts the 4-bit weights unpacked, as PEFT's print_trainable_parameters does
+    dense = transformers.LlamaForCausalLM.from_pretrained(llama_dir)
+    total = sum(p.numel() for p in dense.parameters()) + sum(p.numel() for p in params)
+    assert f"all params: {total:,}" in wrapped.trainable_parameters_summary()
     assert wrapped.num_trainable_parameters() == sum(p.numel() for p in params)
 
     opt = torch.optim.Adam(params, lr=2e-2)

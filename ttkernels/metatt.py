@@ -40,7 +40,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from . import ops
+from . import ops, quantized
 from .modules import TTLinear, new_cores
 from .spec import Mode, TTSpec
 
@@ -438,7 +438,7 @@ class MetaTTModel(nn.Module):
 
     def trainable_parameters_summary(self) -> str:
         tt = self.num_trainable_parameters()
-        total = sum(p.numel() for p in self.parameters())
+        total = sum(quantized.num_weights(p) for p in self.parameters())  # 4-bit weights counted unpacked
         lora = self.lora_parameters()
         groups = ", ".join(f"{g.name}: {g.spec.num_params} ({len(g.matrices)} matrices)" for g in self.groups.values())
         return (

@@ -46,6 +46,7 @@ __all__ = [
     "compute_dtype",
     "dequantize_weight",
     "is_quantized_linear",
+    "num_weights",
     "quantization_of",
 ]
 
@@ -74,6 +75,14 @@ def quantization_of(module: object) -> Optional[str]:
 def is_quantized_linear(module: object) -> bool:
     """Whether ``module`` is a quantized linear layer this module handles."""
     return quantization_of(module) is not None
+
+
+def num_weights(param: Tensor) -> int:
+    """How many weights ``param`` holds: a bitsandbytes 4-bit parameter packs two per byte of its storage
+    (PEFT's count in ``print_trainable_parameters``), every other tensor one per element."""
+    if type(param).__name__ == "Params4bit":
+        return param.numel() * 2 * param.element_size()
+    return param.numel()
 
 
 def _describe(module: nn.Module) -> str:

@@ -358,3 +358,48 @@ def test_peft_route_on_a_quantized_llama_trains_saves_reloads_and_merges(llama_d
     # the merged model keeps the adapter's effect up to the requantization's rounding
     rounding = 0.25 if bits == 4 else 0.05
     assert (merged_logits - logits).abs().max() < rounding * (base_logits - logits).abs().max()
+
+
+def test_per_sample_task_adapter_over_a_4bit_base_matches_float64():
+    torch.manual_seed(5)
+    spec = tk.TTSpec.build((64,), (48,), 3, index_modes=[tk.Mode.task(3)])
+    base = linear4bit(64, 48)
+    cores = nn.ParameterList([nn.Parameter(c.float()) for c in _random(spec)])
+    tt = tk.TTLinear.from_cores(base, cores, spec, alpha=6.0)
+    x = torch.randn(4, 5, 64)
+    task_ids = torch.tensor([2, 0, 1, 2])
+    y = tt(x, task_ids=task_ids)
+    with torch.no_grad():
+        term64 = torch.stack(
+            [x[i].double() @ tt.delta_weight(task=int(t), scaled=False).double().t() for i, t in enumerate(task_ids)]
+        )
+        torch.testing.assert_close((y - base(x)).double(), tt.scaling * term64, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="pass task_ids"):
+        tt(x)
+    with pytest.raises(IndexError, match="task_ids must lie in"):
+        tt(x, task_ids=torch.tensor([0, 1, 2, 3]))
+
+
+def test_adapter_dropout_over_a_quantized_base_is_the_seeded_mask():
+    torch.manual_seed(6)
+    tt = tk.TTLinear.from_linear(linear8bit(64, 48), ranks=4)
+    random_cores_(tt)
+    x = torch.randn(9, 64, dtype=torch.float32)
+    p, seed = 0.3, 1234
+    term = quantized.adapter_term(x, list(tt.cores), tt.spec, scaling=tt.scaling, dropout=p, seed=seed)
+    keep = reference.dropout_keep(seed, 9, 64, p)
+    x64 = torch.where(keep, x.double() / (1 - p), 0.0)
+    ref = tt.scaling * x64 @ tt.delta_weight(scaled=False).double().t()
+    torch.testing.assert_close(term.double(), ref, atol=1e-4, rtol=1e-4)
+    tt.dropout = p
+    tt.train()
+    y_train = tt(x)
+    tt.eval()
+    y_eval = tt(x)
+    assert not torch.allclose(y_train, y_eval)  # dropout applies in training only
+    with pytest.raises(ValueError, match="dropout"):
+        quantized.adapter_term(x, list(tt.cores), tt.spec, dropout=1.0)
+
+
+def _random(spec):
+    return [torch.randn(*s) * (s[0] * s[1]) ** -0.5 for s in spec.core_shapes]

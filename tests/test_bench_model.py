@@ -117,3 +117,15 @@ def test_gate_refuses_a_broken_adapter(monkeypatch, breakage):
             CPU, torch.float32, _env(), rank=4, configs=("tiny-gqa",), providers=("frozen", "metatt"), **SMALL
         )
     assert [r["provider"] for r in rows] == ["frozen"]
+
+
+def test_quantized_pair_without_bitsandbytes_is_skipped_with_a_warning(monkeypatch):
+    def missing(*args, **kwargs):
+        raise ImportError("No module named 'bitsandbytes'")
+
+    monkeypatch.setattr(bm, "_quantize_base", missing)
+    with pytest.warns(bm.ProviderSkipped, match=r"ttkernels\[bnb\]"):
+        rows = bm.run_model(
+            CPU, torch.float32, _env(), rank=4, configs=("tiny-gqa",), providers=("frozen", "peft-qlora"), **SMALL
+        )
+    assert [r["provider"] for r in rows] == ["frozen"]

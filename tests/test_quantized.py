@@ -443,3 +443,23 @@ def test_adapter_dropout_over_a_quantized_base_is_the_seeded_mask():
 
 def _random(spec):
     return [torch.randn(*s) * (s[0] * s[1]) ** -0.5 for s in spec.core_shapes]
+
+
+def test_merge_into_an_8bit_layer_with_float_weights_drops_its_cached_quantization():
+    torch.manual_seed(8)
+    q = bnb.nn.Linear8bitLt(64, 48, has_fp16_weights=True)
+    q.load_state_dict(nn.Linear(64, 48).state_dict())
+    q = q.to("cpu").eval()
+    tt = tk.TTLinear.from_linear(q, ranks=4).eval()
+    random_cores_(tt)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        tt(x)  # the layer caches its weight's int8 form in eval mode
+        expected_weight = q.weight.detach().float() + tt.delta_weight()
+        with pytest.warns(UserWarning, match="rounding"):
+            tt.merge()
+        assert torch.equal(q.weight.detach().float(), expected_weight)  # float weights: no rounding here
+        fresh = bnb.nn.Linear8bitLt(64, 48, has_fp16_weights=True)
+        fresh.load_state_dict({"weight": expected_weight, "bias": q.bias.detach()})
+        fresh = fresh.to("cpu").eval().requires_grad_(False)
+        torch.testing.assert_close(tt(x), fresh(x), atol=0, rtol=0)

@@ -254,7 +254,8 @@ def add_delta(base: nn.Module, delta: Tensor, sign: float = 1.0, *, safe: bool =
         raise ValueError("merging the adapter gives non-finite weights; the base was left as it was")
     new = _requantized(base, dense)
     base.weight = new
-    if kind == "bnb-8bit" and new.dtype == torch.int8:
-        # the layer takes CB / SCB from its weight on the next forward (Linear8bitLt.init_8bit_state)
+    if kind == "bnb-8bit":
+        # drop the quantized weight the layer keeps in its state: it takes CB / SCB from the new weight on the
+        # next forward (Linear8bitLt.init_8bit_state), or quantizes it again (has_fp16_weights)
         base.state.CB = None
         base.state.SCB = None

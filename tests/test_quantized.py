@@ -317,7 +317,7 @@ def test_metatt_on_a_quantized_llama_trains_checkpoints_saves_and_merges(llama_d
 
     opt = torch.optim.Adam(params, lr=2e-2)
     losses = []
-    for _ in range(6):
+    for _ in range(3):
         opt.zero_grad()
         loss = _loss(wrapped, ids)
         loss.backward()
@@ -372,7 +372,7 @@ def test_peft_route_on_a_quantized_llama_trains_saves_reloads_and_merges(llama_d
     model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     opt = torch.optim.Adam(params, lr=2e-2)
     losses = []
-    for _ in range(6):
+    for _ in range(3):
         opt.zero_grad()
         loss = _loss(model, ids)
         loss.backward()

@@ -21,7 +21,7 @@ rounding (a :class:`UserWarning` says so, as PEFT's does). Unmerge does the reve
 bitsandbytes is optional (``pip install ttkernels[bnb]``): it is never imported here, a layer is recognised
 by its class only when ``bitsandbytes`` is already imported. torchao's quantized linears are not handled.
 
-The layer modules call this module at three places, marked ``quantized-base hook``: attaching the base
+The layer modules call this module at places marked ``quantized-base hook``: attaching the base
 (:func:`attach_base`), the forward (:func:`adapter_forward`) and merging (:func:`add_delta`).
 """
 

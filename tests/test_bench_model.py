@@ -45,20 +45,13 @@ def _expected_metatt_params(config: str, layers: int, rank: int, factored: bool)
     return total
 
 
-def test_model_preset_rows():
-    rank, layers = 4, 2
-    configs = ("llama7b-gqa8", "llama7b-mha")
-    providers = bm.PROVIDERS
+def _available(providers):
     if importlib.util.find_spec("bitsandbytes") is None:  # the 4-bit-base pair needs it (tests/test_quantized.py)
         providers = tuple(p for p in providers if p not in bm.QUANTIZED_PROVIDERS)
-    progress = harness.Progress(bm.total_steps(True, configs, providers), force=False)
-    rows = bm.run_model(
-        CPU, torch.float32, _env(), rank=rank, layers=layers, progress=progress, providers=providers, **SMALL
-    )
-    assert progress.done == bm.total_steps(True, configs, providers)
+    return providers
 
-    by_key = {(r["config"], r["provider"]): r for r in rows}
-    assert set(by_key) == {(c, p) for c in ("tiny-gqa", "tiny-mha") for p in providers}
+
+def _check_rows(by_key, layers, rank):
     for (config, provider), row in by_key.items():
         assert row["preset"] == "model" and row["phase"] == "train_step"
         assert row["M"] == row["batch"] * row["seq"] == 2 * 16
@@ -79,7 +72,37 @@ def test_model_preset_rows():
         if provider.startswith("metatt"):
             expected = _expected_metatt_params(config, layers, rank, provider == "metatt-factored")
             assert row["params"] == expected
-            assert row["params"] < by_key[(config, "peft-lora")]["params"]
+            if (config, "peft-lora") in by_key:
+                assert row["params"] < by_key[(config, "peft-lora")]["params"]
+
+
+def test_model_preset_rows_of_one_config():
+    rank, layers = 4, 2
+    providers = _available(("frozen", "metatt", "metatt-4bit"))
+    rows = bm.run_model(
+        CPU, torch.float32, _env(), rank=rank, layers=layers, configs=("tiny-gqa",), providers=providers, **SMALL
+    )
+    by_key = {(r["config"], r["provider"]): r for r in rows}
+    assert set(by_key) == {("tiny-gqa", p) for p in providers}
+    _check_rows(by_key, layers, rank)
+    if "metatt-4bit" in providers:
+        assert by_key[("tiny-gqa", "metatt-4bit")]["params"] == by_key[("tiny-gqa", "metatt")]["params"]
+
+
+@pytest.mark.slow  # every config and provider: about 45 s on 2 cores
+def test_model_preset_rows():
+    rank, layers = 4, 2
+    configs = ("llama7b-gqa8", "llama7b-mha")
+    providers = _available(bm.PROVIDERS)
+    progress = harness.Progress(bm.total_steps(True, configs, providers), force=False)
+    rows = bm.run_model(
+        CPU, torch.float32, _env(), rank=rank, layers=layers, progress=progress, providers=providers, **SMALL
+    )
+    assert progress.done == bm.total_steps(True, configs, providers)
+
+    by_key = {(r["config"], r["provider"]): r for r in rows}
+    assert set(by_key) == {(c, p) for c in ("tiny-gqa", "tiny-mha") for p in providers}
+    _check_rows(by_key, layers, rank)
     # LoRA's count: r (d_in + d_out) per targeted projection.
     gqa = bm.CONFIGS["tiny-gqa"]
     kv = gqa.hidden // gqa.heads * gqa.kv_heads

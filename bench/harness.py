@@ -299,7 +299,7 @@ def add_ratios(rows: list[dict[str, Any]], base_provider: str = "frozen", fields
     base = {tuple(r.get(k) for k in fields): r["time_ms"] for r in rows if r["provider"] == base_provider}
     for row in rows:
         b = base.get(tuple(row.get(k) for k in fields))
-        row["ratio_to_base"] = row["time_ms"] / b if b else None
+        row["ratio_to_base"] = row["time_ms"] / b if b and row["time_ms"] is not None else None
 
 
 def make_row(

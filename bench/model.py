@@ -30,19 +30,27 @@ trainable parameters, ``zero_grad(set_to_none=True)``):
   ``nn.Linear`` becomes a view of its group's shared cores.
 * ``metatt-factored``: the same layout built here with ``TTLinear.from_cores`` views and ``d_in`` and
   ``d_out`` each split into two modes (``factorize(d, 2)``), which ``MetaTTConfig`` does not offer.
+* ``peft-qlora`` and ``metatt-4bit``, the 4-bit-base pair: every targeted projection of the frozen model is
+  replaced by a ``bitsandbytes.nn.Linear4bit`` (nf4, double quantization, compute dtype = the benchmark
+  dtype) holding the same weights, and PEFT's LoRA (its QLoRA layer, ``r = lora_alpha = rank``) or MetaTT
+  (as ``metatt``) is put on that same 4-bit model. Their rows carry ``base = "nf4"``. Step time, tokens/s and
+  peak memory are measured on a GPU only; on the CPU these rows have them as None ("not measured": the
+  CPU's bitsandbytes path says nothing about a GPU's) and report the counts. Without bitsandbytes the pair
+  gets no row and a :class:`ProviderSkipped` warning.
 
 **The correctness gate.** Before an adapted provider is timed, on a short input (one sample, at most 256
 tokens): (1) its trainable parameters are exactly the adapter's expected count (the base is frozen); (2) at
 its initial state (delta-W = 0) its output equals the frozen model's; (3) after adding N(0, 0.02) noise to
 every adapter parameter (0.02 is LLaMA's weight init std) its output moves away from the frozen output, and
 the move matches the frozen model run with every delta-W merged into its weights (PEFT's
-``get_delta_weight``, TTLinear's ``delta_weight``); (4) a backward gives every adapter parameter a finite,
+``get_delta_weight``, TTLinear's ``delta_weight``; for the 4-bit pair, merged into the dequantized weights); (4) a backward gives every adapter parameter a finite,
 non-zero gradient. A provider that fails gets no row: :func:`run_model` warns with
 :class:`ProviderCheckFailed` naming the check and the numbers, and goes on.
 
 **Metrics** per row: median step time (:func:`bench.harness.measure`, no L2 flush: a whole step is far
 larger than the cache), ``tokens_per_s = M / time``, ``peak_mem_bytes`` (CUDA only), trainable ``params``
-(shared cores counted once), ``saved_bytes_per_token`` (bytes autograd saves over forward + loss, every model
+(shared cores counted once), ``adapter_bytes`` (the trainable parameters' bytes: what an adapter checkpoint
+holds), ``saved_bytes_per_token`` (bytes autograd saves over forward + loss, every model
 parameter and buffer excluded, divided by M; it includes the token-independent tensors saved while the TT
 factors are built from the cores, which weigh per token only at the quick preset's few tokens),
 ``adapter_dtype``, and the gate's numbers under ``check``. A row has no ``d_in`` / ``d_out``: it is told
@@ -69,13 +77,16 @@ from . import harness
 __all__ = [
     "CONFIGS",
     "PROVIDERS",
+    "QUANTIZED_PROVIDERS",
+    "ProviderSkipped",
     "TARGETS",
     "ProviderCheckFailed",
     "run_model",
     "total_steps",
 ]
 
-PROVIDERS = ("frozen", "peft-lora", "metatt", "metatt-factored")
+QUANTIZED_PROVIDERS = ("peft-qlora", "metatt-4bit")
+PROVIDERS = ("frozen", "peft-lora", "metatt", "metatt-factored", *QUANTIZED_PROVIDERS)
 ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 TARGETS = ATTN_TARGETS + MLP_TARGETS
@@ -113,6 +124,10 @@ _LOW_PRECISION_TOLERANCES = (1e-2, 0.2)
 
 class ProviderCheckFailed(UserWarning):
     """A provider failed the correctness gate and was not timed (the message says which check and why)."""
+
+
+class ProviderSkipped(UserWarning):
+    """A provider could not be built here (the message says what is missing) and was not run."""
 
 
 class _GateError(Exception):
@@ -214,6 +229,42 @@ def _attach_metatt_factored(base: nn.Module, rank: int) -> tuple[nn.Module, list
                 view = TTLinear.from_cores(getattr(parent, name), cores, spec, index=index, alpha=rank)
                 setattr(parent, name, view)
     return model, specs
+
+
+@dataclass
+class _Quantized:
+    """The 4-bit copy of the frozen model, its dense twin (the dequantized weights, for the gate's merge
+    check) and the 4-bit model's output on the gate's input."""
+
+    model: nn.Module
+    dense: nn.Module
+    y_frozen: torch.Tensor
+
+
+def _quantize_base(base: nn.Module, x_check: torch.Tensor) -> _Quantized:
+    """Every targeted projection of a copy of ``base`` as an nf4 ``Linear4bit`` with the same weights."""
+    import bitsandbytes as bnb
+
+    from ttkernels.quantized import dequantize_weight
+
+    model, dense = copy.deepcopy(base), copy.deepcopy(base)
+    dtype = x_check.dtype
+    for (_, name, parent), (_, _, dense_parent) in zip(_targets(model), _targets(dense), strict=True):
+        lin = getattr(parent, name)
+        device = lin.weight.device
+        q = bnb.nn.Linear4bit(
+            lin.in_features, lin.out_features, bias=lin.bias is not None, compute_dtype=dtype, quant_type="nf4"
+        )
+        q.weight = bnb.nn.Params4bit(lin.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+        if lin.bias is not None:
+            q.bias = nn.Parameter(lin.bias.data.cpu(), requires_grad=False)
+        q = q.to(device).train()
+        setattr(parent, name, q)
+        getattr(dense_parent, name).weight.data = dequantize_weight(q).to(device=device, dtype=dtype)
+    model.is_loaded_in_4bit = True  # what transformers sets: PEFT then builds its QLoRA layer
+    with torch.no_grad():
+        y_frozen = _hidden(model, x_check)
+    return _Quantized(model, dense, y_frozen)
 
 
 def _lora_params(llama: nn.Module, rank: int) -> int:
@@ -345,6 +396,7 @@ def _measure_provider(
     rank: int,
     warmup: int,
     reps: int,
+    quantized: _Quantized | None = None,
 ) -> dict[str, Any]:
     """Build ``provider`` on a copy of ``base``, gate it, time it; every reference to the model dies on return."""
     device = x.device
@@ -352,24 +404,42 @@ def _measure_provider(
     if provider == "frozen":
         model = base
     else:
+        gate_base = base
+        if provider in QUANTIZED_PROVIDERS:
+            assert quantized is not None
+            gate_base, y_frozen = quantized.dense, quantized.y_frozen
+        metatt_config = MetaTTConfig(list(TARGETS), rank=rank, alpha=rank)
         if provider == "peft-lora":
             model, llama = _attach_lora(base, rank)
             expected = _lora_params(base, rank)
-        elif provider == "metatt":  # the public API: ttkernels.get_metatt_model
-            wrapper = get_metatt_model(copy.deepcopy(base), MetaTTConfig(list(TARGETS), rank=rank, alpha=rank))
+        elif provider == "peft-qlora":
+            model, llama = _attach_lora(quantized.model, rank)
+            expected = _lora_params(base, rank)
+        elif provider in ("metatt", "metatt-4bit"):  # the public API: ttkernels.get_metatt_model
+            start = base if provider == "metatt" else quantized.model
+            wrapper = get_metatt_model(copy.deepcopy(start), metatt_config)
             model, llama = wrapper, wrapper.model
             expected = sum(g.spec.num_params for g in wrapper.groups.values())
         else:
             model, specs = _attach_metatt_factored(base, rank)
             llama, expected = model, sum(s.num_params for s in specs)
         model.train()
-        check = _check_adapter(base, model, llama, x_check, y_frozen, expected)
+        if provider in QUANTIZED_PROVIDERS:
+            from ttkernels.quantized import quantization_of
+
+            kinds = {quantization_of(getattr(getattr(p, n), "base_layer", None)) for _, n, p in _targets(llama)}
+            if kinds != {"bnb-4bit"}:
+                raise _GateError(f"the targeted projections' bases are {kinds}, not all bitsandbytes 4-bit layers")
+        check = _check_adapter(gate_base, model, llama, x_check, y_frozen, expected)
     trainable = [p for p in model.parameters() if p.requires_grad]
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in trainable})
     opt = torch.optim.AdamW(trainable, lr=1e-5) if trainable else None
     step = _make_step(model, x, opt)
-    timing = harness.measure(step, device, warmup=warmup, reps=reps, flush=False)
-    peak = harness.peak_memory(step, device)
+    if provider in QUANTIZED_PROVIDERS and device.type != "cuda":
+        timing, peak = None, None  # not measured: bitsandbytes' CPU path says nothing about a GPU
+    else:
+        timing = harness.measure(step, device, warmup=warmup, reps=reps, flush=False)
+        peak = harness.peak_memory(step, device)
     exclude = list(model.parameters()) + list(model.buffers())
     saved = harness.saved_bytes(lambda: _loss(model, x), exclude=exclude)
     x.grad = None
@@ -378,6 +448,7 @@ def _measure_provider(
         "peak_mem_bytes": peak,
         "saved_bytes": saved,
         "params": sum(p.numel() for p in trainable),
+        "adapter_bytes": sum(p.numel() * p.element_size() for p in trainable),
         "adapter_dtype": ",".join(dtypes) if dtypes else None,
         "check": check,
     }
@@ -412,6 +483,7 @@ def run_model(
     warmup = d_warmup if warmup is None else warmup
     reps = reps or d_reps
     M = batch * seq
+    dtype_name = str(dtype).removeprefix("torch.")
     rows: list[dict[str, Any]] = []
 
     for config_arg in configs:
@@ -424,9 +496,26 @@ def run_model(
         with torch.no_grad():
             y_frozen = _hidden(base, x_check)
 
+        quantized = None
+        if any(p in QUANTIZED_PROVIDERS for p in providers):
+            try:
+                quantized = _quantize_base(base, x_check)
+            except ImportError as e:
+                warnings.warn(
+                    f"model preset: {', '.join(QUANTIZED_PROVIDERS)} need bitsandbytes "
+                    f"(pip install ttkernels[bnb]) and get no row: {e}",
+                    ProviderSkipped,
+                    stacklevel=2,
+                )
+
         for provider in providers:
             try:
-                result = _measure_provider(provider, base, x, x_check, y_frozen, rank, warmup, reps)
+                if provider in QUANTIZED_PROVIDERS and quantized is None:
+                    result = None
+                else:
+                    result = _measure_provider(
+                        provider, base, x, x_check, y_frozen, rank, warmup, reps, quantized=quantized
+                    )
             except _GateError as e:
                 warnings.warn(
                     f"model preset: {provider} on {config} failed its correctness check and gets no row: {e}",
@@ -437,6 +526,7 @@ def run_model(
             _release(device)
             if result is not None:
                 timing = result["timing"]
+                time_ms = None if timing is None else timing.median_ms
                 rows.append(
                     harness.make_row(
                         preset="model",
@@ -457,9 +547,11 @@ def run_model(
                         heads=shape.heads,
                         kv_heads=shape.kv_heads,
                         attn_implementation=_attn_impl(base),
-                        tokens_per_s=harness.rate(M, timing.median_ms, 1.0),
+                        base="nf4" if provider in QUANTIZED_PROVIDERS else dtype_name,
+                        tokens_per_s=None if time_ms is None else harness.rate(M, time_ms, 1.0),
                         peak_mem_bytes=result["peak_mem_bytes"],
                         params=result["params"],
+                        adapter_bytes=result["adapter_bytes"],
                         saved_bytes_per_token=result["saved_bytes"] / M,
                         adapter_dtype=result["adapter_dtype"],
                         check=result["check"],
@@ -468,6 +560,6 @@ def run_model(
             if progress is not None:
                 progress.step(f"model {config} {provider}")
 
-        del base, x, x_check, y_frozen
+        del base, x, x_check, y_frozen, quantized
         _release(device)
     return rows

@@ -1,6 +1,7 @@
 """The ``model`` preset on the CPU: its rows, its parameter counts, and a correctness gate that refuses a
 broken adapter (the broken provider gets no row and a ProviderCheckFailed warning)."""
 
+import importlib.util
 import math
 
 import pytest
@@ -44,23 +45,25 @@ def _expected_metatt_params(config: str, layers: int, rank: int, factored: bool)
     return total
 
 
-def test_model_preset_rows():
-    rank, layers = 4, 2
-    configs = ("llama7b-gqa8", "llama7b-mha")
-    progress = harness.Progress(bm.total_steps(True, configs), force=False)
-    rows = bm.run_model(CPU, torch.float32, _env(), rank=rank, layers=layers, progress=progress, **SMALL)
-    assert progress.done == bm.total_steps(True, configs)
+def _available(providers):
+    if importlib.util.find_spec("bitsandbytes") is None:  # the 4-bit-base pair needs it (tests/test_quantized.py)
+        providers = tuple(p for p in providers if p not in bm.QUANTIZED_PROVIDERS)
+    return providers
 
-    by_key = {(r["config"], r["provider"]): r for r in rows}
-    assert set(by_key) == {(c, p) for c in ("tiny-gqa", "tiny-mha") for p in bm.PROVIDERS}
+
+def _check_rows(by_key, layers, rank):
     for (config, provider), row in by_key.items():
         assert row["preset"] == "model" and row["phase"] == "train_step"
         assert row["M"] == row["batch"] * row["seq"] == 2 * 16
         assert row["layers"] == layers
-        assert row["time_ms"] > 0 and row["tokens_per_s"] > 0
-        assert math.isclose(row["tokens_per_s"], row["M"] / (row["time_ms"] * 1e-3), rel_tol=1e-9)
+        if provider in bm.QUANTIZED_PROVIDERS:  # the 4-bit pair is timed on a GPU only
+            assert row["time_ms"] is None and row["tokens_per_s"] is None and row["base"] == "nf4"
+        else:
+            assert row["time_ms"] > 0 and row["tokens_per_s"] > 0 and row["base"] == "float32"
+            assert math.isclose(row["tokens_per_s"], row["M"] / (row["time_ms"] * 1e-3), rel_tol=1e-9)
         assert row["saved_bytes_per_token"] > 0
         assert row["peak_mem_bytes"] is None  # CPU
+        assert row["adapter_bytes"] == 4 * row["params"]  # float32 adapters
         if provider == "frozen":
             assert row["params"] == 0 and row["adapter_dtype"] is None and row["check"] is None
         else:
@@ -69,7 +72,37 @@ def test_model_preset_rows():
         if provider.startswith("metatt"):
             expected = _expected_metatt_params(config, layers, rank, provider == "metatt-factored")
             assert row["params"] == expected
-            assert row["params"] < by_key[(config, "peft-lora")]["params"]
+            if (config, "peft-lora") in by_key:
+                assert row["params"] < by_key[(config, "peft-lora")]["params"]
+
+
+def test_model_preset_rows_of_one_config():
+    rank, layers = 4, 2
+    providers = _available(("frozen", "metatt", "metatt-4bit"))
+    rows = bm.run_model(
+        CPU, torch.float32, _env(), rank=rank, layers=layers, configs=("tiny-gqa",), providers=providers, **SMALL
+    )
+    by_key = {(r["config"], r["provider"]): r for r in rows}
+    assert set(by_key) == {("tiny-gqa", p) for p in providers}
+    _check_rows(by_key, layers, rank)
+    if "metatt-4bit" in providers:
+        assert by_key[("tiny-gqa", "metatt-4bit")]["params"] == by_key[("tiny-gqa", "metatt")]["params"]
+
+
+@pytest.mark.slow  # every config and provider: about 45 s on 2 cores
+def test_model_preset_rows():
+    rank, layers = 4, 2
+    configs = ("llama7b-gqa8", "llama7b-mha")
+    providers = _available(bm.PROVIDERS)
+    progress = harness.Progress(bm.total_steps(True, configs, providers), force=False)
+    rows = bm.run_model(
+        CPU, torch.float32, _env(), rank=rank, layers=layers, progress=progress, providers=providers, **SMALL
+    )
+    assert progress.done == bm.total_steps(True, configs, providers)
+
+    by_key = {(r["config"], r["provider"]): r for r in rows}
+    assert set(by_key) == {(c, p) for c in ("tiny-gqa", "tiny-mha") for p in providers}
+    _check_rows(by_key, layers, rank)
     # LoRA's count: r (d_in + d_out) per targeted projection.
     gqa = bm.CONFIGS["tiny-gqa"]
     kv = gqa.hidden // gqa.heads * gqa.kv_heads
@@ -77,6 +110,10 @@ def test_model_preset_rows():
     assert by_key[("tiny-gqa", "peft-lora")]["params"] == layers * per_layer
     # MHA's k/v join q/o in one 4-matrix group: the same cores count differently from GQA's.
     assert by_key[("tiny-mha", "metatt")]["params"] != by_key[("tiny-gqa", "metatt")]["params"]
+    # the 4-bit pair adapts the same projections: the same counts as over the float base
+    for config in ("tiny-gqa", "tiny-mha") if "peft-qlora" in providers else ():
+        assert by_key[(config, "peft-qlora")]["params"] == by_key[(config, "peft-lora")]["params"]
+        assert by_key[(config, "metatt-4bit")]["params"] == by_key[(config, "metatt")]["params"]
 
 
 def _adapter_ignored(self, x, task_ids=None):
@@ -101,5 +138,17 @@ def test_gate_refuses_a_broken_adapter(monkeypatch, breakage):
     with pytest.warns(bm.ProviderCheckFailed, match=expect):
         rows = bm.run_model(
             CPU, torch.float32, _env(), rank=4, configs=("tiny-gqa",), providers=("frozen", "metatt"), **SMALL
+        )
+    assert [r["provider"] for r in rows] == ["frozen"]
+
+
+def test_quantized_pair_without_bitsandbytes_is_skipped_with_a_warning(monkeypatch):
+    def missing(*args, **kwargs):
+        raise ImportError("No module named 'bitsandbytes'")
+
+    monkeypatch.setattr(bm, "_quantize_base", missing)
+    with pytest.warns(bm.ProviderSkipped, match=r"ttkernels\[bnb\]"):
+        rows = bm.run_model(
+            CPU, torch.float32, _env(), rank=4, configs=("tiny-gqa",), providers=("frozen", "peft-qlora"), **SMALL
         )
     assert [r["provider"] for r in rows] == ["frozen"]

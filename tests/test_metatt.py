@@ -457,6 +457,7 @@ def test_replace_cores_with_padded_ranks_keeps_outputs_and_tells_the_optimizer()
 
 
 # --------------------------------------------------------------------------------------- compile
+@pytest.mark.slow  # > 10 s on 2 cores; test_guarantees compiles a MetaTT model in the fast suite
 def test_metatt_model_compiles_fullgraph():
     w = task_model("llama")
     ids, tasks = ids_batch(2, 4), torch.tensor([1, 2])
@@ -466,6 +467,7 @@ def test_metatt_model_compiles_fullgraph():
 
 
 # ------------------------------------------------------------------------------- the real MiniLM
+@pytest.mark.slow  # > 10 s on 2 cores; the tiny BERT / GPT-2 / LLaMA models cover it in the fast suite
 def test_pretrained_minilm(tmp_path):
     tok, model = load_minilm()
     batch = tok(

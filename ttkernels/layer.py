@@ -7,9 +7,15 @@ PEFT's ``LoraLayer``) uses the same pieces: :func:`check_alpha`, :func:`adapter_
 delta-W (:meth:`AdapterLayer.delta_weight`) and the adapted forward (:meth:`AdapterLayer.adapter_forward`);
 the base owns
 
-* the frozen base: ``weight`` / ``bias`` shared with the wrapped module and frozen; ``weight_transposed`` says
-  that the weight is stored ``(in_features, out_features)`` (transformers' ``Conv1D``, GPT-2), and
-  :attr:`AdapterLayer.base_weight` always reads ``(out_features, in_features)``;
+* the frozen base, of one of these kinds (:func:`base_kind`, the layer's ``base_kind``):
+
+  - ``"linear"`` / ``"conv1d"``: ``weight`` / ``bias`` shared with the wrapped module and frozen;
+    ``weight_transposed`` says that the weight is stored ``(in_features, out_features)`` (transformers'
+    ``Conv1D``, GPT-2), and :attr:`AdapterLayer.base_weight` always reads ``(out_features, in_features)``;
+  - ``"bnb-4bit"`` / ``"bnb-8bit"``: a bitsandbytes quantized linear (:mod:`ttkernels.quantized`), registered
+    as the submodule ``base_layer`` (its state-dict entries, quantization statistics included, stay its own),
+    frozen; ``weight`` / ``bias`` are None and ``base_weight`` raises (the weight exists only packed). The base
+    computes with its own forward and the adapter adds its term;
 * ``alpha`` and ``scaling``: one validation (:func:`check_alpha`) and one formula (:func:`adapter_scaling`);
 * merge / unmerge and disabling, with the guarantees below, and the forward around them.
 
@@ -34,6 +40,16 @@ weights). While merged:
 
 Under ``torch.compile`` the forward does not look at the cores' versions (call ``unmerge()`` and ``merge()``
 after changing cores there). A merged per-sample (task) adapter does not exist: such adapters refuse to merge.
+
+**Over a quantized base** (:class:`QuantizedMergeGuard`) merging dequantizes the weight, adds delta-W in float32
+and quantizes the sum again (a ``UserWarning`` says that the merged outputs differ from the adapter's by that
+rounding). The guard keeps the packed weight Parameter from before the merge (and an 8-bit layer's cached int8
+weight and scales): not a copy, since the merge installs a new Parameter, so keeping it costs the packed
+weight's memory. ``unmerge()`` puts it back, bit for bit; ``adapter_disabled()`` computes with it; changed cores
+are merged again from it; safe_merge and the refused backward hold as above. What cannot be done exactly is
+refused: ``state_dict()`` of a merged layer over a quantized base raises (unmerge first, or
+``merge_and_unload()`` for a merged quantized model), and so does loading a merged state dict
+(``weight_before_merge``) into one.
 """
 
 from __future__ import annotations
@@ -47,6 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import quantized
 from .checks import check_alpha
 
 __all__ = [
@@ -54,11 +71,15 @@ __all__ = [
     "INPUT_DTYPES",
     "AdapterLayer",
     "MergeGuard",
+    "QuantizedMergeGuard",
     "adapter_scaling",
     "add_delta_",
+    "base_compute_dtype",
+    "base_kind",
     "check_alpha",
     "guard_merged_output",
     "is_conv1d",
+    "merge_guard_for",
     "param_group_holding",
     "register_merge_hooks",
     "swap_parameters",
@@ -91,8 +112,30 @@ def is_conv1d(module: object) -> bool:
     )
 
 
+def base_kind(module: nn.Module) -> str:
+    """The kind of frozen base ``module`` is: ``"bnb-4bit"`` / ``"bnb-8bit"`` (a bitsandbytes quantized linear),
+    ``"linear"`` or ``"conv1d"``; TypeError for anything else."""
+    kind = quantized.quantization_of(module)
+    if kind is not None:
+        return kind
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if is_conv1d(module):
+        return "conv1d"
+    raise TypeError(f"the base layer must be an nn.Linear or a Conv1D, got {type(module).__name__}")
+
+
+def base_compute_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype the base computes in: its weight's, or a quantized layer's compute dtype (not the packed
+    weight's)."""
+    if quantized.is_quantized_linear(module):
+        return quantized.compute_dtype(module)
+    return module.weight.dtype
+
+
 def base_features(module: nn.Module) -> tuple[int, int, bool]:
-    """``(in_features, out_features, weight_transposed)`` of an ``nn.Linear`` or a ``Conv1D``."""
+    """``(in_features, out_features, weight_transposed)`` of an ``nn.Linear`` (quantized ones included) or a
+    ``Conv1D``."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features, False
     if is_conv1d(module):
@@ -196,6 +239,66 @@ class MergeGuard:
         self.original = original.detach().to(device=weight.device, dtype=weight.dtype).clone()
 
 
+class QuantizedMergeGuard(MergeGuard):
+    """The :class:`MergeGuard` of a quantized base. Its target is the base module (not a weight tensor): a merge
+    installs a new packed weight, and ``original`` is the base's :func:`~ttkernels.quantized.packed_state` from
+    before the first merge (the old Parameter itself, not a copy)."""
+
+    @torch.no_grad()
+    def merge(
+        self,
+        base: nn.Module,
+        deltas: Sequence[Tensor],
+        params: Sequence[Tensor],
+        *,
+        safe: bool = False,
+        what: str = "the adapter",
+    ) -> None:
+        delta = _sum(deltas)
+        if safe and not torch.isfinite(delta).all():
+            raise ValueError(f"merging {what} refused: its delta-W holds non-finite values (safe_merge=True)")
+        new = quantized.merged_weight(base, delta, safe=safe, what=what)  # checks before anything changes
+        if self.original is None:
+            self.original = quantized.packed_state(base)
+        quantized.install_weight(base, new)
+        self.fingerprint = self.fingerprint_of(params)
+
+    @torch.no_grad()
+    def restore(self, base: nn.Module) -> None:
+        if self.original is not None:
+            quantized.set_packed_state(base, self.original)
+        self.original, self.fingerprint = None, ()
+
+    @torch.no_grad()
+    def remerge(self, base: nn.Module, deltas: Sequence[Tensor], params: Sequence[Tensor]) -> None:
+        assert self.original is not None
+        quantized.install_weight(base, quantized.merged_weight(base, _sum(deltas), source=self.original))
+        self.fingerprint = self.fingerprint_of(params)
+
+    def adopt(self, base: nn.Module, original: Tensor, where: str) -> None:
+        raise ValueError(
+            f"{where}: a merged state cannot be loaded into a layer over a quantized base (the weight it kept is "
+            "packed; it is not saved). Load an unmerged state dict and merge() after loading"
+        )
+
+    @contextlib.contextmanager
+    def kept(self, base: nn.Module) -> Iterator[nn.Module]:
+        """Within the block ``base`` holds the kept (unmerged) weight."""
+        assert self.original is not None
+        current = quantized.packed_state(base)
+        quantized.set_packed_state(base, self.original)
+        try:
+            yield base
+        finally:
+            self.original = quantized.packed_state(base)  # an 8-bit forward moves its scales into base.state
+            quantized.set_packed_state(base, current)
+
+
+def merge_guard_for(base: nn.Module) -> MergeGuard:
+    """The merge guard of a layer over ``base``: a :class:`QuantizedMergeGuard` for a quantized base."""
+    return QuantizedMergeGuard() if quantized.is_quantized_linear(base) else MergeGuard()
+
+
 class _RefuseBackward(torch.autograd.Function):
     """Identity forward; its backward refuses (a merged layer's cores would get no gradient)."""
 
@@ -270,16 +373,24 @@ class AdapterLayer(nn.Module):
 
     # ------------------------------------------------------------------------------ building
     def _attach_base(self, base: nn.Module) -> None:
-        """Share (not copy) and freeze the base's weight and bias; ``base`` is kept for :meth:`unload`."""
+        """Share (not copy) and freeze the base's weight and bias; ``base`` is kept for :meth:`unload`. A
+        quantized base is registered as the submodule ``base_layer`` instead (see the module docstring)."""
+        self.base_kind = base_kind(base)
         self.in_features, self.out_features, self.weight_transposed = base_features(base)
-        base.weight.requires_grad_(False)
-        self.weight = base.weight
-        bias = getattr(base, "bias", None)
-        if bias is not None:
-            bias.requires_grad_(False)
-        self.bias = bias
-        self.__dict__["_base_module"] = base  # not a submodule: its Parameters are registered here
-        self.__dict__["_merge_guard"] = MergeGuard()
+        if self.quantized_base:
+            base.requires_grad_(False)
+            self.base_layer = base
+            self.weight = None
+            self.bias = None
+        else:
+            base.weight.requires_grad_(False)
+            self.weight = base.weight
+            bias = getattr(base, "bias", None)
+            if bias is not None:
+                bias.requires_grad_(False)
+            self.bias = bias
+        self.__dict__["_base_module"] = base  # a dense base is no submodule: its Parameters are registered here
+        self.__dict__["_merge_guard"] = merge_guard_for(base)
         self.merged = False
         self._disabled = False
         register_merge_hooks(self)
@@ -291,13 +402,29 @@ class AdapterLayer(nn.Module):
 
     @property
     def base_module(self) -> nn.Module:
-        """The wrapped ``nn.Linear`` / ``Conv1D`` (its Parameters are this layer's ``weight`` and ``bias``)."""
+        """The wrapped ``nn.Linear`` / ``Conv1D`` (its Parameters are this layer's ``weight`` and ``bias``), or
+        the quantized layer (``base_layer``)."""
         return self.__dict__["_base_module"]
+
+    @property
+    def quantized_base(self) -> bool:
+        """True over a bitsandbytes quantized base (``base_kind`` ``"bnb-4bit"`` / ``"bnb-8bit"``)."""
+        return self.base_kind.startswith("bnb-")
 
     @property
     def base_weight(self) -> Tensor:
         """The frozen weight as ``(out_features, in_features)`` (a transposed view for a Conv1D-style base)."""
+        if self.quantized_base:
+            raise RuntimeError(
+                "the base is a quantized layer: its weight exists only packed (ttkernels.quantized.dequantize_weight "
+                "gives a dense copy)"
+            )
         return self.weight.t() if self.weight_transposed else self.weight
+
+    @property
+    def base_bias(self) -> Optional[Tensor]:
+        """The frozen bias (a quantized base's own), or None."""
+        return self.base_layer.bias if self.quantized_base else self.bias
 
     @property
     def disabled(self) -> bool:
@@ -355,14 +482,28 @@ class AdapterLayer(nn.Module):
         if self.merged:
             params = list(self.cores)
             guard = self.__dict__["_merge_guard"]
-            guard.refresh(self.weight, params, lambda: [self._stored(self.delta_weight())])
+            guard.refresh(self._merge_target(), params, lambda: [self._stored(self.delta_weight())])
             if self._disabled:
-                w = guard.original.t() if self.weight_transposed else guard.original
-                return self._base_linear(x, w)
-            return guard_merged_output(self._base_linear(x, self.base_weight), type(self).__name__, params)
+                return self._kept_base_forward(x)
+            return guard_merged_output(self.base_forward(x), type(self).__name__, params)
         if self._disabled:
-            return self._base_linear(x, self.base_weight)
+            return self.base_forward(x)
         return self.adapter_forward(x, **kwargs)
+
+    def base_forward(self, x: Tensor) -> Tensor:
+        """The frozen base alone: ``x W^T + b``, or a quantized base's own forward."""
+        if self.quantized_base:
+            return self.base_layer(x)
+        return self._base_linear(x, self.base_weight)
+
+    def _kept_base_forward(self, x: Tensor) -> Tensor:
+        """The base with the weight kept by the merge (merged and disabled): exactly the unmerged base."""
+        guard = self.__dict__["_merge_guard"]
+        if self.quantized_base:
+            with guard.kept(self.base_layer):
+                return self.base_layer(x)
+        w = guard.original.t() if self.weight_transposed else guard.original
+        return self._base_linear(x, w)
 
     def _base_linear(self, x: Tensor, weight: Tensor) -> Tensor:
         if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
@@ -373,6 +514,10 @@ class AdapterLayer(nn.Module):
         return F.linear(x, weight, self.bias)
 
     # ------------------------------------------------------------------------------ merge
+    def _merge_target(self) -> Any:
+        """What the merge guard writes: the base weight, or a quantized base module."""
+        return self.base_layer if self.quantized_base else self.weight
+
     def _stored(self, delta: Tensor) -> Tensor:
         """``delta`` ``(out, in)`` in the stored weight's orientation."""
         return delta.t() if self.weight_transposed else delta
@@ -388,7 +533,7 @@ class AdapterLayer(nn.Module):
             return
         self._check_mergeable()
         guard = self.__dict__["_merge_guard"]
-        guard.merge(self.weight, [self._stored(self.delta_weight())], list(self.cores), safe=safe_merge)
+        guard.merge(self._merge_target(), [self._stored(self.delta_weight())], list(self.cores), safe=safe_merge)
         self.merged = True
 
     @torch.no_grad()
@@ -396,20 +541,25 @@ class AdapterLayer(nn.Module):
         """The base weight back to what it was before :meth:`merge`, bit for bit (no-op when not merged)."""
         if not self.merged:
             return
-        self.__dict__["_merge_guard"].restore(self.weight)
+        self.__dict__["_merge_guard"].restore(self._merge_target())
         self.merged = False
 
     @torch.no_grad()
     def merge_and_unload(self, safe_merge: bool = False) -> nn.Module:
         """Add delta-W into the base module's weight for good and return the base module (``nn.Linear`` or
-        ``Conv1D``); no copy of the weight is kept. Unmerges first if merged."""
+        ``Conv1D``, or the quantized layer, requantized with a rounding warning); no copy of the weight is kept.
+        Unmerges first if merged."""
         self.unmerge()
         self._check_mergeable()
-        add_delta_(self.weight, self._stored(self.delta_weight()), safe=safe_merge)
+        if self.quantized_base:
+            quantized.add_delta(self.base_layer, self.delta_weight(), safe=safe_merge)
+        else:
+            add_delta_(self.weight, self._stored(self.delta_weight()), safe=safe_merge)
         return self.base_module
 
-    def _merge_state(self) -> tuple[MergeGuard, Tensor, str, None]:
-        return self.__dict__["_merge_guard"], self.weight, "weight", None
+    def _merge_state(self) -> tuple[MergeGuard, Any, str, None]:
+        key = "base_layer.weight" if self.quantized_base else "weight"
+        return self.__dict__["_merge_guard"], self._merge_target(), key, None
 
     def _resume_merge(self, names: Sequence[str], *, from_weight: bool = False) -> None:
         if names not in ([], [""]):
@@ -417,7 +567,8 @@ class AdapterLayer(nn.Module):
         if from_weight:
             self.merge()
         else:
-            self.__dict__["_merge_guard"].remerge(self.weight, [self._stored(self.delta_weight())], list(self.cores))
+            guard = self.__dict__["_merge_guard"]
+            guard.remerge(self._merge_target(), [self._stored(self.delta_weight())], list(self.cores))
             self.merged = True
 
     @contextlib.contextmanager
@@ -432,8 +583,8 @@ class AdapterLayer(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ state dicts
-# A mergeable layer (AdapterLayer, the PEFT layer) answers ``_merge_state()`` with (its MergeGuard, the base
-# weight, the weight's state-dict key under the layer's prefix, the names of the merged adapters or None for a
+# A mergeable layer (AdapterLayer, the PEFT layer) answers ``_merge_state()`` with (its MergeGuard, what the
+# guard writes (the base weight, or a quantized base module), the weight's state-dict key under the layer's prefix, the names of the merged adapters or None for a
 # single adapter) and ``_resume_merge(names)`` (merged again from the kept weight the guard has just adopted).
 def register_merge_hooks(module: nn.Module) -> None:
     """State-dict hooks of a mergeable layer: a merged layer's state dict records the kept weight (and the merged
@@ -449,6 +600,12 @@ def _before_key(weight_key: str) -> str:
 
 def _state_dict_post_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
     guard, _, key, names = module._merge_state()
+    if guard.original is not None and isinstance(guard, QuantizedMergeGuard):
+        raise RuntimeError(
+            f"state_dict() of a merged {type(module).__name__} over a quantized base is refused: the weight it "
+            "kept for an exact unmerge is packed and is not saved. unmerge() first (exact), or merge_and_unload() "
+            "for a merged quantized model"
+        )
     if guard.original is not None:
         state_dict[prefix + _before_key(key)] = guard.original.detach().clone()
         for name in names or ():

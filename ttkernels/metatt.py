@@ -42,7 +42,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from . import checks, ops
+from . import checks, ops, quantized
 from .layer import adapter_scaling, check_alpha
 from .layer import is_conv1d as _is_conv1d
 from .modules import TTLinear, new_cores
@@ -473,7 +473,7 @@ class MetaTTModel(nn.Module):
 
     def trainable_parameters_summary(self) -> str:
         tt = self.num_trainable_parameters()
-        total = sum(p.numel() for p in self.parameters())
+        total = sum(quantized.num_weights(p) for p in self.parameters())  # 4-bit weights counted unpacked
         lora = self.lora_parameters()
         groups = ", ".join(f"{g.name}: {g.spec.num_params} ({len(g.matrices)} matrices)" for g in self.groups.values())
         return (

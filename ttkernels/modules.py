@@ -19,8 +19,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import checks, ops, reference
-from .layer import AdapterLayer, base_features, check_alpha, is_conv1d
+from . import checks, ops, quantized, reference
+from .layer import AdapterLayer, base_compute_dtype, base_features, check_alpha, is_conv1d
 from .spec import TTSpec
 
 __all__ = ["TTLinear", "init_cores_", "new_cores"]
@@ -101,7 +101,9 @@ class TTLinear(AdapterLayer):
     ) -> TTLinear:
         """Wrap ``linear`` (its weight and bias are shared, not copied, and frozen) with a new adapter.
 
-        ``device`` / ``dtype`` default to the base weight's and only steer the new cores.
+        ``device`` / ``dtype`` default to the base weight's and only steer the new cores. ``linear`` may be a
+        bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` (see :mod:`ttkernels.quantized`): then ``dtype`` defaults
+        to its compute dtype.
         """
         _check_linear(linear)
         spec = TTSpec.linear(
@@ -112,7 +114,7 @@ class TTLinear(AdapterLayer):
         nn.Module.__init__(self)
         self._attach_base(linear)
         device = linear.weight.device if device is None else device
-        dtype = linear.weight.dtype if dtype is None else dtype
+        dtype = base_compute_dtype(linear) if dtype is None else dtype
         cores_dtype = _adapter_dtype(dtype, adapter_dtype)
         checks.check_device(device)
         checks.check_adapter_size(spec.num_params, linear.in_features * linear.out_features, "the TT adapter")
@@ -219,6 +221,18 @@ class TTLinear(AdapterLayer):
         return super().forward(x, task_ids=task_ids)
 
     def adapter_forward(self, x: Tensor, task_ids: Optional[Tensor] = None) -> Tensor:
+        if self.quantized_base:  # the base's own forward plus the adapter term (the weight is packed)
+            return quantized.adapter_forward(
+                self.base_layer,
+                x,
+                list(self.cores),
+                self.spec,
+                index=self.index,
+                task_ids=task_ids,
+                scaling=self.scaling,
+                dropout=self.dropout if self.training else 0.0,
+                backend=self.backend,
+            )
         return ops.tt_linear(
             x,
             self.base_weight,
@@ -250,7 +264,7 @@ class TTLinear(AdapterLayer):
     def extra_repr(self) -> str:
         text = (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, modes={self.spec.describe()}, ranks={self.spec.ranks}, "
+            f"bias={self.base_bias is not None}, modes={self.spec.describe()}, ranks={self.spec.ranks}, "
             f"params={self.spec.num_params}, scaling={self.scaling:g}, dropout={self.dropout:g}, "
             f"backend={self.backend!r}"
         )

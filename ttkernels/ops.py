@@ -54,7 +54,9 @@ __all__ = [
     "BACKENDS",
     "Backend",
     "BackendUnavailableError",
+    "expand_task_ids",
     "factors",
+    "input_compute_dtype",
     "register_backend",
     "resolve_backend",
     "tt_adapter",
@@ -483,7 +485,7 @@ def _check_shape(t: Tensor, name: str, shape: tuple[int, ...], meaning: str) -> 
         raise ValueError(f"{name} has shape {tuple(t.shape)} but must be {shape} ({meaning})")
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
+def input_compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype the layer computes in: autocast's when it is on for x's device (as nn.Linear does)."""
     dev = x.device.type
     if dev == "meta":
@@ -493,7 +495,9 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _expand_task_ids(task_ids: object, lead: tuple[int, ...]) -> Tensor:
+def expand_task_ids(task_ids: object, lead: tuple[int, ...]) -> Tensor:
+    """``task_ids`` (x's leading shape or a prefix of it, one id per sample) checked and expanded to one int64
+    id per row of x flattened to ``(-1, in_features)``."""
     ids = _check_tensor(task_ids, "task_ids")
     if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise TypeError(f"task_ids must be an integer tensor, got {ids.dtype}")
@@ -565,7 +569,7 @@ def tt_adapter(
             _check_shape(C, "C", (C.shape[0], ra, rb), "num_tasks x r_a x r_b")
             if task_ids is None:
                 raise ValueError(f"C has a per-sample axis of {C.shape[0]} tasks: pass task_ids")
-            task_ids = _expand_task_ids(task_ids, lead)
+            task_ids = expand_task_ids(task_ids, lead)
         else:
             raise ValueError(f"C must be 2-D or 3-D, got shape {tuple(C.shape)}")
     p = check_dropout(dropout)
@@ -577,7 +581,7 @@ def tt_adapter(
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
 
-    dtype = _compute_dtype(x)
+    dtype = input_compute_dtype(x)
     cast = {"x": x, "weight": weight, "bias": bias}
     for name, t in cast.items():
         if t is None or t.dtype == dtype:
@@ -632,7 +636,7 @@ def tt_linear(
     if isinstance(cores, Tensor) or not isinstance(cores, Iterable):
         raise TypeError(f"cores must be a sequence of torch.Tensor (one per mode), got {type(cores).__name__}")
     cores = list(cores)
-    dtype = _compute_dtype(x) if isinstance(x, Tensor) and x.is_floating_point() else None
+    dtype = input_compute_dtype(x) if isinstance(x, Tensor) and x.is_floating_point() else None
     A, C, B = factors(cores, spec, index, dtype=dtype, backend=backend)
     return tt_adapter(
         x,

@@ -31,8 +31,15 @@ from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import Tensor, nn
 
-from . import checks, ops, reference
-from .layer import MergeGuard, adapter_scaling, check_alpha, guard_merged_output, register_merge_hooks
+from . import checks, ops, quantized, reference
+from .layer import (
+    MergeGuard,
+    adapter_scaling,
+    check_alpha,
+    guard_merged_output,
+    merge_guard_for,
+    register_merge_hooks,
+)
 from .metatt import MetaTTConfig, MetaTTModel, get_metatt_model
 from .modules import TTLinear
 from .spec import TTSpec
@@ -51,6 +58,9 @@ class TTLoraLinear(nn.Module, LoraLayer):
     exact ``unmerge()``, ``merge(safe_merge=True)`` refuses non-finite deltas, a backward through a merged layer
     is refused, merged cores that change are merged again at the next forward, and a merged layer's state dict
     records the kept weight (``base_layer.weight_before_merge``) and the merged adapters (``merged.<name>``).
+    Over a bitsandbytes quantized base (:mod:`ttkernels.quantized`) the forward is the base's own plus each
+    adapter's term, and merging is the base's :class:`~ttkernels.layer.QuantizedMergeGuard`'s (requantized with
+    a warning, unmerged exactly; a merged layer's state dict is refused).
     """
 
     adapter_layer_names = LoraLayer.adapter_layer_names + ("lora_tt_cores",)
@@ -69,7 +79,7 @@ class TTLoraLinear(nn.Module, LoraLayer):
         self.tt_dropout: dict = {}
         self.fan_in_fan_out = config.fan_in_fan_out
         self._active_adapter = adapter_name
-        self.__dict__["_merge_guard"] = MergeGuard()
+        self.__dict__["_merge_guard"] = merge_guard_for(self.get_base_layer())
         register_merge_hooks(self)
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kw)
 
@@ -118,7 +128,7 @@ class TTLoraLinear(nn.Module, LoraLayer):
             return base(x, *args, **kwargs)
         if self.merged:
             params = self._merged_cores()
-            self.__dict__["_merge_guard"].refresh(base.weight, params, self._merged_deltas)
+            self.__dict__["_merge_guard"].refresh(self._merge_target(), params, self._merged_deltas)
             return guard_merged_output(base(x, *args, **kwargs), type(self).__name__, params)
         active = [a for a in self.active_adapters if a in self.lora_tt_cores]
         dropout = lambda a: self.tt_dropout[a] if self.training else 0.0
@@ -130,6 +140,14 @@ class TTLoraLinear(nn.Module, LoraLayer):
                 backend=self.tt_backend,
             )  # fmt: skip
         result = base(x, *args, **kwargs)
+        if quantized.is_quantized_linear(base):  # adapter terms without the packed weight
+            for a in active:
+                term = quantized.adapter_term(
+                    x, list(self.lora_tt_cores[a]), self.tt_spec[a], scaling=self.scaling[a], dropout=dropout(a),
+                    backend=self.tt_backend,
+                )  # fmt: skip
+                result = result + term.to(result.dtype)
+            return result
         for a in active:  # more than one adapter: each adds its low-rank term to the base output
             zero = torch.zeros((), dtype=x.dtype, device=x.device)
             A, C, B = ops.factors(list(self.lora_tt_cores[a]), self.tt_spec[a], dtype=x.dtype)
@@ -142,6 +160,11 @@ class TTLoraLinear(nn.Module, LoraLayer):
         """The scaled dense delta-W ``(out_features, in_features)``, for merging."""
         dW = reference.dense_delta(list(self.lora_tt_cores[adapter]), self.tt_spec[adapter]).t()
         return dW * self.scaling[adapter]
+
+    def _merge_target(self) -> Any:
+        """What the merge guard writes: the base weight, or a quantized base module."""
+        base = self.get_base_layer()
+        return base if quantized.is_quantized_linear(base) else base.weight
 
     def _merged_cores(self) -> list[Tensor]:
         return [p for a in self.merged_adapters if a in self.lora_tt_cores for p in self.lora_tt_cores[a]]
@@ -158,12 +181,12 @@ class TTLoraLinear(nn.Module, LoraLayer):
         params = self._merged_cores() + [p for a in todo for p in self.lora_tt_cores[a]]
         deltas = [self.get_delta_weight(a) for a in todo]
         self.__dict__["_merge_guard"].merge(
-            self.get_base_layer().weight, deltas, params, safe=safe_merge, what=f"adapter(s) {todo}"
+            self._merge_target(), deltas, params, safe=safe_merge, what=f"adapter(s) {todo}"
         )
         self.merged_adapters.extend(todo)
 
-    def _merge_state(self) -> tuple[MergeGuard, Tensor, str, list[str]]:
-        return self.__dict__["_merge_guard"], self.get_base_layer().weight, "base_layer.weight", self.merged_adapters
+    def _merge_state(self) -> tuple[MergeGuard, Any, str, list[str]]:
+        return self.__dict__["_merge_guard"], self._merge_target(), "base_layer.weight", self.merged_adapters
 
     def _resume_merge(self, names: list[str], *, from_weight: bool = False) -> None:
         unknown = [n for n in names if n not in self.lora_tt_cores]
@@ -174,14 +197,14 @@ class TTLoraLinear(nn.Module, LoraLayer):
         else:
             self.merged_adapters.extend(names)
             guard = self.__dict__["_merge_guard"]
-            guard.remerge(self.get_base_layer().weight, self._merged_deltas(), self._merged_cores())
+            guard.remerge(self._merge_target(), self._merged_deltas(), self._merged_cores())
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Every merged adapter out: the base weight back to what it was, bit for bit."""
         if not self.merged_adapters:
             return
-        self.__dict__["_merge_guard"].restore(self.get_base_layer().weight)
+        self.__dict__["_merge_guard"].restore(self._merge_target())
         self.merged_adapters.clear()
 
     # LoraLayer's versions look adapters up in lora_A

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..layer import AdapterLayer
+from ..layer import AdapterLayer, base_compute_dtype
 from .ops import TTM_BACKENDS, ttm_apply
 from .reference import ttm_dense
 from .spec import TTMSpec, spec_of
@@ -24,6 +24,10 @@ class TTMLinear(AdapterLayer):
     ``replace_cores()``). delta-W starts at zero (the last core is zero; the others are drawn from
     ``N(0, 1 / (r_{k-1} n_k))``). No dropout. ``backend`` is :func:`~ttkernels.ttm.ttm_apply`'s (``"auto"``: the
     torch sweep on the CPU, the measured choice between the fused kernels and reconstruct-then-GEMM on a GPU).
+
+    ``from_linear`` also takes a bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` (:mod:`ttkernels.quantized`):
+    the layer computes ``base(x) + scaling * x dW^T`` with the base's own forward, the cores default to float32
+    (float64 for a float64 compute dtype), and merging requantizes (with a warning; unmerge is exact).
     """
 
     def __init__(
@@ -78,7 +82,7 @@ class TTMLinear(AdapterLayer):
             raise TypeError(f"adapter_dtype must be a floating-point torch.dtype or None, got {adapter_dtype!r}")
         self._set_alpha(alpha, spec.max_rank)
         self._attach_base(base)
-        wd = base.weight.dtype
+        wd = base_compute_dtype(base)
         dtype = adapter_dtype or (wd if wd in (torch.float32, torch.float64) else torch.float32)
         self.spec = spec
         self.cores = nn.ParameterList(
@@ -111,7 +115,7 @@ class TTMLinear(AdapterLayer):
         return spec
 
     def adapter_forward(self, x: Tensor) -> Tensor:
-        y = self._base_linear(x, self.weight)
+        y = self.base_forward(x)
         return y + ttm_apply(x, list(self.cores), scaling=self.scaling, backend=self.backend).to(y.dtype)
 
     def delta_weight(self, *, scaled: bool = True) -> Tensor:
@@ -121,7 +125,7 @@ class TTMLinear(AdapterLayer):
 
     def extra_repr(self) -> str:
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.base_bias is not None}, "
             f"cores={self.spec.describe()}, params={self.spec.num_params}, scaling={self.scaling:g}, "
             f"backend={self.backend}" + (", merged=True" if self.merged else "")
         )

@@ -427,13 +427,20 @@ std::tuple<at::Tensor, at::Tensor> grad_dy(const at::Tensor& dy, const at::Tenso
   if (M == 0) return {dU, at::zeros({rb, d_out}, dy.options())};
   at::Tensor dB = new_output({rb, d_out}, dy.options());
   const bool deterministic = at::globalContext().deterministicAlgorithms();
-  const int64_t parts = deterministic ? ttk_grad_dy_blocks(M, rb) : 1;
+  const int sms = num_sms(dy);
+  const int64_t slices = ttk_grad_dy_slices(M, d_out, rb, sms);
+  const int64_t splits = ttk_grad_dy_splits(M, d_out, rb, deterministic ? 1 : 0, sms);
+  const int64_t parts = deterministic ? splits : 1;
   const auto f32 = dy.options().dtype(at::kFloat);
-  // Deterministic: every block writes its whole (rb, d_out) piece, so the buffer needs no zeroing.
+  // Every slice writes its whole piece of dU_buf, and in deterministic mode every split its whole piece of the
+  // dB buffer: no zeroing. Neither buffer grows with M beyond the size of dU itself (see grad_dy.cu).
+  at::Tensor dU_buf = slices > 1 ? at::empty({slices * M * rb}, f32) : at::Tensor();
   at::Tensor buf = deterministic ? at::empty({parts * rb * d_out}, f32) : at::zeros({rb * d_out}, f32);
   check_launch(op, ttk_grad_dy_launch(dtype, dy.const_data_ptr(), U.const_data_ptr(), B.const_data_ptr(),
-                                      dU.mutable_data_ptr(), buf.mutable_data_ptr<float>(), deterministic ? 1 : 0, M,
-                                      d_out, rb, static_cast<float>(scaling), stream_of(dy)));
+                                      dU.mutable_data_ptr(), slices > 1 ? dU_buf.mutable_data_ptr<float>() : nullptr,
+                                      buf.mutable_data_ptr<float>(), deterministic ? 1 : 0, sms, M, d_out, rb,
+                                      static_cast<float>(scaling), stream_of(dy)));
+  if (slices > 1) finalize(op, dU_buf, slices, dU, static_cast<float>(scaling));
   finalize(op, buf, parts, dB, static_cast<float>(scaling));
   return {dU, dB};
 }

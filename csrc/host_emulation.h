@@ -10,8 +10,10 @@
 // blockDim threads (std::thread) that meet at __syncthreads() on a std::barrier, so shared memory is a plain
 // `static` array (one block at a time uses it), atomicAdd is an atomic fetch-add, and the kernel code is the
 // same source the GPU runs: indexing, masking, tiling, synchronisation and reductions are exercised as
-// written. What it cannot show: speed, the GPU's memory model beyond __syncthreads, warp-level behaviour
-// (the kernels use none), and anything the compiler does differently for sm_80 / sm_90.
+// written. A 16-byte vector load (tt_common.cuh's load_vec) checks its address is 16-byte aligned, as the GPU
+// requires: a misaligned one makes the launch return cudaErrorMisalignedAddress. What it cannot show: speed,
+// the GPU's memory model beyond __syncthreads, warp-level behaviour (the kernels use none), and anything the
+// compiler does differently for sm_80 / sm_90.
 #pragma once
 
 #if !defined(TTK_HOST_EMULATION) || defined(__CUDACC__)
@@ -21,6 +23,7 @@
 #include <atomic>
 #include <barrier>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <functional>
 #include <thread>
@@ -44,6 +47,19 @@ inline thread_local uint3 block_idx;
 inline thread_local dim3 grid_dim;
 inline thread_local dim3 block_dim;
 inline thread_local std::barrier<>* block_barrier = nullptr;
+inline std::atomic<bool> misaligned{false};  // a vector load saw an address that is not 16-byte aligned
+
+inline void load_16_bytes(void* dst, const void* src) {
+  if (reinterpret_cast<uintptr_t>(src) % 16 != 0) {
+    misaligned = true;
+    std::memset(dst, 0xff, 16);  // NaN-like garbage instead of the data
+    return;
+  }
+  std::memcpy(dst, src, 16);
+}
+
+// The status of the last launch: what the GPU would report for a misaligned vector load.
+inline cudaError_t last_error() { return misaligned.exchange(false) ? cudaErrorMisalignedAddress : cudaSuccess; }
 
 // Runs body() once per thread of every block of the grid, blocks in order.
 inline void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
@@ -91,4 +107,4 @@ using std::fmaf;
 
 #define TTK_LAUNCH(kernel, grid, block, stream, ...) \
   ((void)(stream), ::ttkernels::emu::launch(dim3(grid), dim3(block), [&] { kernel(__VA_ARGS__); }))
-#define TTK_LAST_ERROR() cudaSuccess
+#define TTK_LAST_ERROR() ::ttkernels::emu::last_error()

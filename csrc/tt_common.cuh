@@ -6,7 +6,10 @@
 //   runtime rank to one of them;
 // * TTK_LAUNCH / TTK_LAST_ERROR: a kernel launch and its status, which host_emulation.h replaces to run the
 //   kernels on the CPU in tests (-DTTK_HOST_EMULATION);
-// * DropoutArgs: the seed, threshold and scale of csrc/dropout_hash.cuh, passed by value to kernels.
+// * DropoutArgs: the seed, threshold and scale of csrc/dropout_hash.cuh, passed by value to kernels;
+// * load_vec: one 16-byte global load (8 fp16 / bf16 or 4 fp32 elements) converted to float, and can_vec, the
+//   launcher's test that a row-major operand allows it (base address 16-byte aligned, row length a multiple
+//   of the vector width); the emulation checks the alignment of every vector load.
 // Every index that is hashed is a uint32 (the bindings refuse more than 2^32 rows or columns).
 #pragma once
 
@@ -102,5 +105,33 @@ cudaError_t dispatch_dtype(ttk_dtype dtype, F&& f) {
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Elements of T in one 16-byte vector.
+template <typename T>
+constexpr int vec_width() {
+  return static_cast<int>(16 / sizeof(T));
+}
+
+// out[i] = float(p[i]) for i < vec_width<T>(), in one 16-byte load; p must be 16-byte aligned.
+template <typename T>
+__device__ __forceinline__ void load_vec(const T* __restrict__ p, float* out) {
+  constexpr int n = vec_width<T>();
+#if defined(TTK_HOST_EMULATION) && !defined(__CUDACC__)
+  T e[n];
+  emu::load_16_bytes(e, p);
+#else
+  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+  const T* e = reinterpret_cast<const T*>(&raw);
+#endif
+#pragma unroll
+  for (int i = 0; i < n; ++i) out[i] = to_float(e[i]);
+}
+
+// Whether a row-major operand with rows of `row_len` elements starting at p can be read with load_vec at
+// every column that is a multiple of the vector width.
+template <typename T>
+inline bool can_vec(const void* p, int64_t row_len) {
+  return p != nullptr && reinterpret_cast<uintptr_t>(p) % 16 == 0 && row_len % vec_width<T>() == 0;
+}
 
 }  // namespace ttkernels

@@ -49,8 +49,9 @@ i64, u64, u32, f32, cint, vp = (
 )
 SIGNATURES = {
     "ttk_shrink_launch": [cint, vp, vp, vp, vp, i64, vp, vp, i64, i64, i64, i64, cint, u64, u32, f32, vp],
-    "ttk_grad_dy_blocks": [i64, i64],
-    "ttk_grad_dy_launch": [cint, vp, vp, vp, vp, vp, cint, i64, i64, i64, f32, vp],
+    "ttk_grad_dy_slices": [i64, i64, i64, cint],
+    "ttk_grad_dy_splits": [i64, i64, i64, cint, cint],
+    "ttk_grad_dy_launch": [cint, vp, vp, vp, vp, vp, vp, cint, cint, i64, i64, i64, f32, vp],
     "ttk_token_reduce_splits": [i64, i64, cint],
     "ttk_token_reduce_launch": [cint, vp, vp, vp, i64, vp, i64, cint, i64, i64, i64, cint, u64, u32, f32, vp],
     "ttk_accumulate_launch": [cint, vp, vp, vp, i64, i64, i64, i64, i64, f32, cint, u64, u32, f32, vp],
@@ -110,7 +111,7 @@ def lib(tmp_path_factory):
     for name, args in SIGNATURES.items():
         fn = getattr(handle, name)
         fn.argtypes = args
-        fn.restype = ctypes.c_int64 if name.endswith(("_blocks", "_splits")) else ctypes.c_int
+        fn.restype = ctypes.c_int64 if name.endswith(("_slices", "_splits")) else ctypes.c_int
     return handle
 
 
@@ -179,10 +180,15 @@ class Emulated:
         dU = poisoned(m, rb, dtype=dy.dtype)
         if m == 0:
             return dU, torch.zeros(rb, n, dtype=dy.dtype)
-        parts = self.lib.ttk_grad_dy_blocks(m, rb) if self.det else 1
+        slices = self.lib.ttk_grad_dy_slices(m, n, rb, NUM_SMS)
+        splits = self.lib.ttk_grad_dy_splits(m, n, rb, int(self.det), NUM_SMS)
+        parts = splits if self.det else 1
+        dU_buf = poisoned(slices * m * rb, dtype=torch.float32) if slices > 1 else None
         buf = poisoned(parts * rb * n, dtype=torch.float32) if self.det else torch.zeros(rb * n)
-        self._ok(self.lib.ttk_grad_dy_launch(CODE[dy.dtype], ptr(dy), ptr(U), ptr(B), ptr(dU), ptr(buf),
-                                             int(self.det), m, n, rb, scaling, None))  # fmt: skip
+        self._ok(self.lib.ttk_grad_dy_launch(CODE[dy.dtype], ptr(dy), ptr(U), ptr(B), ptr(dU), ptr(dU_buf), ptr(buf),
+                                             int(self.det), NUM_SMS, m, n, rb, scaling, None))  # fmt: skip
+        if slices > 1:
+            self._finalize(dU_buf, slices, dU, scaling)
         dB = poisoned(rb, n, dtype=dy.dtype)
         self._finalize(buf, parts, dB, scaling)
         return dU, dB
@@ -305,6 +311,46 @@ def test_grad_dy(lib, shape, det, dtype):
     (dU, dB), (dU64, dB64), (dUt, dBt) = both(Emulated(lib, det), "grad_dy", dy, U, B, 0.5)
     check("dU", dU, dU64, dUt, dtype)
     check("dB", dB, dB64, dBt, dtype)
+
+
+def offset_copy(t, by=1):
+    """t's values in a contiguous tensor whose data starts `by` elements into its storage (not 16-byte aligned)."""
+    flat = torch.empty(t.numel() + by, dtype=t.dtype)
+    out = flat[by:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+# (M, d_out, rb): row lengths that allow 16-byte loads, several column slices (few row tiles on NUM_SMS = 3), several
+# row tiles per split (many rows), ranks in every bucket
+GRAD_DY_GRID = [(70, 160, 24), (1500, 96, 16), (33, 64, 128), (5, 1000, 3), (300, 40, 70)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", GRAD_DY_GRID)
+@pytest.mark.parametrize("det", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "offset"])
+def test_grad_dy_slices_splits_and_vector_loads(lib, shape, det, aligned, dtype):
+    m, d_out, rb = shape
+    dy, U, B = rnd(m, d_out, dtype=dtype), rnd(m, rb, dtype=dtype), rnd(rb, d_out, dtype=dtype, scale=rb**-0.5)
+    if not aligned:  # the launcher must fall back to scalar loads (a misaligned vector load fails the launch)
+        dy, B = offset_copy(dy), offset_copy(B)
+    (dU, dB), (dU64, dB64), (dUt, dBt) = both(Emulated(lib, det), "grad_dy", dy, U, B, 0.5)
+    check("dU", dU, dU64, dUt, dtype)
+    check("dB", dB, dB64, dBt, dtype)
+
+
+def test_grad_dy_plan_and_bounded_buffers(lib):
+    """More than one column slice when the rows are few, more than one row tile per split when they are many, and a
+    deterministic dB buffer that does not grow with M."""
+    assert lib.ttk_grad_dy_slices(70, 160, 24, NUM_SMS) > 1
+    assert lib.ttk_grad_dy_splits(1500, 96, 16, 1, NUM_SMS) < 1500 // 64
+    sms, n, rb = 132, 4096, 128
+    sizes = [lib.ttk_grad_dy_splits(m, n, rb, 1, sms) * rb * n * 4 for m in (8192, 65536, 2**20)]
+    assert max(sizes) <= 64 * 2**20 and sizes[-1] <= sizes[0] * 1.01
+    # the dU buffer (slices > 1 only when the rows are few) stays within a few MiB at the decode and training shapes
+    for m in (1, 32, 8192, 65536):
+        assert lib.ttk_grad_dy_slices(m, n, rb, sms) * m * rb * 4 <= 64 * 2**20
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -457,7 +503,8 @@ def test_kron_grads_split_and_repeat_bit_for_bit(lib):
         ("ttk_shrink_launch", [0, None, None, None, None, 0, None, None, 0, 4, 2, 2, 0, 0, 0, 1.0, None]),
         ("ttk_shrink_launch", [0, None, None, None, None, 0, None, None, 4, 4, 129, 129, 0, 0, 0, 1.0, None]),
         ("ttk_shrink_launch", [7, None, None, None, None, 0, None, None, 4, 4, 2, 2, 0, 0, 0, 1.0, None]),
-        ("ttk_grad_dy_launch", [0, None, None, None, None, None, 0, 4, 4, 0, 1.0, None]),
+        ("ttk_grad_dy_launch", [0, None, None, None, None, None, None, 0, 3, 4, 4, 0, 1.0, None]),
+        ("ttk_grad_dy_launch", [0, None, None, None, None, None, None, 0, 3, 4, 4096, 4, 1.0, None]),
         ("ttk_token_reduce_launch", [0, None, None, None, 1, None, 0, 0, 4, 4, 2, 0, 0, 0, 1.0, None]),
         ("ttk_accumulate_launch", [0, None, None, None, 1, 1, 4, 0, 2, 1.0, 0, 0, 0, 1.0, None]),
         ("ttk_rowmix_launch", [0, None, None, None, 0, 0, None, 4, 0, 2, None]),

@@ -48,7 +48,8 @@ i64, u64, u32, f32, cint, vp = (
     ctypes.c_void_p,
 )
 SIGNATURES = {
-    "ttk_shrink_launch": [cint, vp, vp, vp, vp, i64, vp, vp, i64, i64, i64, i64, cint, u64, u32, f32, vp],
+    "ttk_shrink_splits": [i64, i64, cint],
+    "ttk_shrink_launch": [cint, vp, vp, vp, vp, i64, vp, vp, vp, cint, i64, i64, i64, i64, cint, u64, u32, f32, vp],
     "ttk_grad_dy_slices": [i64, i64, i64, cint],
     "ttk_grad_dy_splits": [i64, i64, i64, cint, cint],
     "ttk_grad_dy_launch": [cint, vp, vp, vp, vp, vp, vp, cint, cint, i64, i64, i64, f32, vp],
@@ -154,8 +155,11 @@ class Emulated:
         S, U = poisoned(m, ra, dtype=x.dtype), (None if C is None else poisoned(m, rb, dtype=x.dtype))
         if m:
             T = C.shape[0] if C is not None and C.dim() == 3 else 0
+            splits = self.lib.ttk_shrink_splits(m, x.shape[1], NUM_SMS)
+            partial = poisoned(splits * m * ra, dtype=torch.float32) if splits > 1 else None
             self._ok(self.lib.ttk_shrink_launch(CODE[x.dtype], ptr(x), ptr(A), ptr(C), ptr(task_ids), T, ptr(S),
-                                                ptr(U), m, x.shape[1], ra, rb, *self._drop(p, seed), None))  # fmt: skip
+                                                ptr(U), ptr(partial), NUM_SMS, m, x.shape[1], ra, rb,
+                                                *self._drop(p, seed), None))  # fmt: skip
         return S, (S if C is None else U)
 
     def mid(self, S, C, task_ids):
@@ -288,6 +292,29 @@ def test_shrink_and_mid(lib, shape, kind, p, dtype):
     check("U", U, U64, Ut, dtype)
     U2, U64b, Utb = both(emu, "mid", S, C, ids)
     check("mid", U2, U64b, Utb, dtype)
+
+
+# (M, d_in, ra, rb): split-K at decode (1 and 5 tokens over 1000 / 1031 columns: several K ranges, the last one
+# short), rows that allow 16-byte loads (d_in a multiple of 8) and rows that do not, every rank bucket
+SHRINK_SPLIT_K = [(1, 1000, 16, 16), (5, 1031, 33, 7), (3, 512, 128, 100), (40, 264, 3, 70)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["none", "task"])
+@pytest.mark.parametrize("shape", SHRINK_SPLIT_K)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "offset"])
+def test_shrink_split_k_and_vector_loads(lib, shape, kind, p, aligned, dtype):
+    m, d_in, ra, rb = shape
+    assert lib.ttk_shrink_splits(m, d_in, NUM_SMS) > 1
+    rb = ra if kind == "none" else rb
+    x, A = rnd(m, d_in, dtype=dtype), rnd(d_in, ra, dtype=dtype, scale=d_in**-0.5)
+    if not aligned:  # the launcher must fall back to scalar loads (a misaligned vector load fails the launch)
+        x = offset_copy(x)
+    C, ids = middle(kind, ra, rb, 4, dtype, m)
+    (S, U), (S64, U64), (St, Ut) = both(Emulated(lib), "shrink", x, A, C, ids, p, seed())
+    check("S", S, S64, St, dtype)
+    check("U", U, U64, Ut, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -500,9 +527,10 @@ def test_kron_grads_split_and_repeat_bit_for_bit(lib):
 @pytest.mark.parametrize(
     "name, args",
     [
-        ("ttk_shrink_launch", [0, None, None, None, None, 0, None, None, 0, 4, 2, 2, 0, 0, 0, 1.0, None]),
-        ("ttk_shrink_launch", [0, None, None, None, None, 0, None, None, 4, 4, 129, 129, 0, 0, 0, 1.0, None]),
-        ("ttk_shrink_launch", [7, None, None, None, None, 0, None, None, 4, 4, 2, 2, 0, 0, 0, 1.0, None]),
+        ("ttk_shrink_launch", [0, None, None, None, None, 0, None, None, None, 3, 0, 4, 2, 2, 0, 0, 0, 1.0, None]),
+        ("ttk_shrink_launch", [0, None, None, None, None, 0, None, None, None, 3, 4, 4, 129, 129, 0, 0, 0, 1.0, None]),
+        ("ttk_shrink_launch", [7, None, None, None, None, 0, None, None, None, 3, 4, 4, 2, 2, 0, 0, 0, 1.0, None]),
+        ("ttk_shrink_launch", [0, None, None, None, None, 0, None, None, None, 3, 4, 4096, 2, 2, 0, 0, 0, 1.0, None]),
         ("ttk_grad_dy_launch", [0, None, None, None, None, None, None, 0, 3, 4, 4, 0, 1.0, None]),
         ("ttk_grad_dy_launch", [0, None, None, None, None, None, None, 0, 3, 4, 4096, 4, 1.0, None]),
         ("ttk_token_reduce_launch", [0, None, None, None, 1, None, 0, 0, 4, 4, 2, 0, 0, 0, 1.0, None]),

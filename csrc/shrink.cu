@@ -76,7 +76,7 @@ __device__ __forceinline__ void write_s_and_u(const float* ss, const T* __restri
 // x. One split: it writes S and U. Several: it writes its fp32 partial sums, every element of
 // partial[s][rows][ra], and shrink_finish_kernel adds the splits in order.
 template <typename T, int RP>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)  // ptxas otherwise picks 32 registers and spills for <float, 64>
     shrink_kernel(const T* __restrict__ x, const T* __restrict__ A, const T* __restrict__ C,
                   const int64_t* __restrict__ task_ids, int64_t num_tasks, T* __restrict__ S, T* __restrict__ U,
                   float* __restrict__ partial, int64_t k_per_split, int vec, int64_t M, int64_t K, int ra, int rb,

@@ -104,7 +104,7 @@ cudaError_t dispatch_dtype(ttk_dtype dtype, F&& f) {
   return cudaErrorInvalidValue;
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Elements of T in one 16-byte vector.
 template <typename T>

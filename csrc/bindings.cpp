@@ -314,7 +314,7 @@ std::tuple<at::Tensor, at::Tensor> shrink(const at::Tensor& x, const at::Tensor&
   if (M == 0) return {S, U};
   const Dropout d = dropout_of(p, seed);
   const int sms = num_sms(x);
-  const int64_t splits = ttk_shrink_splits(M, d_in, sms);
+  const int64_t splits = ttk_shrink_splits(M, d_in, ra, sms);
   // split-K (few rows): fp32 partial sums, every element written; bounded (a few MiB) since the rows are few
   at::Tensor partial = splits > 1 ? at::empty({splits * M * ra}, x.options().dtype(at::kFloat)) : at::Tensor();
   check_launch(op, ttk_shrink_launch(dtype, x.const_data_ptr(), A.const_data_ptr(), ptr_or_null(C),

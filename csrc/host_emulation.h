@@ -10,10 +10,10 @@
 // blockDim threads (std::thread) that meet at __syncthreads() on a std::barrier, so shared memory is a plain
 // `static` array (one block at a time uses it), atomicAdd is an atomic fetch-add, and the kernel code is the
 // same source the GPU runs: indexing, masking, tiling, synchronisation and reductions are exercised as
-// written. A 16-byte vector load (tt_common.cuh's load_vec) checks its address is 16-byte aligned, as the GPU
-// requires: a misaligned one makes the launch return cudaErrorMisalignedAddress. What it cannot show: speed,
-// the GPU's memory model beyond __syncthreads, warp-level behaviour (the kernels use none), and anything the
-// compiler does differently for sm_80 / sm_90.
+// written. Vector loads (tt_common.cuh's load_vec from global memory, load_shared from shared memory) check
+// that their address is aligned as the GPU requires: a misaligned one makes the launch return
+// cudaErrorMisalignedAddress. What it cannot show: speed, the GPU's memory model beyond __syncthreads,
+// warp-level behaviour (the kernels use none), and anything the compiler does differently for sm_80 / sm_90.
 #pragma once
 
 #if !defined(TTK_HOST_EMULATION) || defined(__CUDACC__)
@@ -56,6 +56,16 @@ inline void load_16_bytes(void* dst, const void* src) {
     return;
   }
   std::memcpy(dst, src, 16);
+}
+
+// A vector load of `bytes` that the GPU requires to be `align`-byte aligned (shared-memory float2 / float4).
+inline void load_aligned(void* dst, const void* src, size_t bytes, size_t align) {
+  if (reinterpret_cast<uintptr_t>(src) % align != 0) {
+    misaligned = true;
+    std::memset(dst, 0xff, bytes);
+    return;
+  }
+  std::memcpy(dst, src, bytes);
 }
 
 // The status of the last launch: what the GPU would report for a misaligned vector load.

@@ -30,16 +30,44 @@ namespace ttkernels {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kRows = 32;   // rows of x per block
-constexpr int kChunk = 64;  // columns of x (rows of A) per step
-constexpr int kRowGroups = kThreads / 16;
-constexpr int kRowsPerThread = kRows / kRowGroups;
-constexpr int64_t kMinChunksPerSplit = 2;  // a split walks at least 128 columns of x
+constexpr int kTileRows = 4;               // rows of S per thread (one 128-bit shared load of x per step)
+constexpr int kFinishRows = 32;            // rows per block of the finishing kernel
+constexpr int64_t kMinChunksPerSplit = 2;  // a split walks at least two chunks of K
 constexpr int64_t kMaxSplits = 64;
+
+// The shape of a block for the rank bucket RP: kRankGroups threads share a row group and own kTileRanks
+// consecutive ranks each; a block covers kRows rows and walks K in chunks of kChunk columns.
+template <int RP>
+struct Shape {
+  static constexpr int kRankGroups = RP <= 32 ? 8 : 16;
+  static constexpr int kTileRanks = RP / kRankGroups;                  // 2, 4, 4, 8
+  static constexpr int kRows = kThreads / kRankGroups * kTileRows;      // 128, 128, 64, 64
+  static constexpr int kChunk = RP >= 128 ? 32 : 64;
+  static constexpr int kPitch = kRows + 4;                              // xs row pitch: 16-byte aligned rows
+  static constexpr int kXs = kChunk * kPitch;                           // xs[k][row], drop(x) transposed
+  static constexpr int kAs = kChunk * RP;                               // as[k][j]
+  static constexpr int kSs = kRows * (RP + 1);                          // ss[row][j], the rounded S tile
+  static constexpr int kSmem = kXs + kAs > kSs ? kXs + kAs : kSs;
+};
+
+int64_t rows_per_block(int64_t ra) {
+  switch (rank_pad(ra)) {
+    case 16:
+      return Shape<16>::kRows;
+    case 32:
+      return Shape<32>::kRows;
+    case 64:
+      return Shape<64>::kRows;
+    default:
+      return Shape<128>::kRows;
+  }
+}
+
+int64_t chunk_of(int64_t ra) { return rank_pad(ra) >= 128 ? Shape<128>::kChunk : Shape<16>::kChunk; }
 
 // Writes the block's rows of S from ss (the rounded S tile, [kRows][RP + 1], fp32) and, when C is given, U = S C
 // (C per row by task_ids; a row whose id is out of range gets NaN). Called by every thread of the block.
-template <typename T, int RP>
+template <typename T, int RP, int kRows>
 __device__ __forceinline__ void write_s_and_u(const float* ss, const T* __restrict__ C,
                                               const int64_t* __restrict__ task_ids, int64_t num_tasks,
                                               T* __restrict__ S, T* __restrict__ U, int64_t row0, int64_t M, int ra,
@@ -76,45 +104,51 @@ __device__ __forceinline__ void write_s_and_u(const float* ss, const T* __restri
 // x. One split: it writes S and U. Several: it writes its fp32 partial sums, every element of
 // partial[s][rows][ra], and shrink_finish_kernel adds the splits in order.
 template <typename T, int RP>
-__global__ void __launch_bounds__(kThreads, 2)  // ptxas otherwise picks 32 registers and spills for <float, 64>
+__global__ void __launch_bounds__(kThreads, 2)
     shrink_kernel(const T* __restrict__ x, const T* __restrict__ A, const T* __restrict__ C,
                   const int64_t* __restrict__ task_ids, int64_t num_tasks, T* __restrict__ S, T* __restrict__ U,
                   float* __restrict__ partial, int64_t k_per_split, int vec, int64_t M, int64_t K, int ra, int rb,
                   DropoutArgs drop) {
-  constexpr int kXs = kRows * (kChunk + 1);
-  constexpr int kAs = kChunk * RP;
-  constexpr int kSs = kRows * (RP + 1);
-  constexpr int kSmem = (kXs + kAs > kSs) ? kXs + kAs : kSs;
-  static_assert(kSmem * 4 + kRows * 4 <= 48 * 1024, "static shared memory above 48 KiB");
-  constexpr int kRanksPerThread = RP / 16;
-  __shared__ float smem[kSmem];
+  using Sh = Shape<RP>;
+  constexpr int kRows = Sh::kRows;
+  constexpr int kChunk = Sh::kChunk;
+  constexpr int kPitch = Sh::kPitch;
+  constexpr int TC = Sh::kTileRanks;
+  static_assert(Sh::kSmem * 4 + kRows * 4 <= 48 * 1024, "static shared memory above 48 KiB");
+  __shared__ __align__(16) float smem[Sh::kSmem];
   __shared__ uint32_t row_hash[kRows];
-  float* xs = smem;        // [kRows][kChunk + 1]
-  float* as = smem + kXs;  // [kChunk][RP]
+  float* xs = smem;           // [kChunk][kPitch]
+  float* as = smem + Sh::kXs;  // [kChunk][RP]
 
   const int tid = threadIdx.x;
-  const int col = tid % 16;        // this thread's ranks: col, col + 16, ...
-  const int row_group = tid / 16;  // this thread's rows: row_group, row_group + 16
+  const int rank0 = (tid % Sh::kRankGroups) * TC;    // this thread's ranks: rank0 .. rank0 + TC - 1
+  const int trow0 = (tid / Sh::kRankGroups) * kTileRows;  // this thread's rows: trow0 .. trow0 + 3
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows;
   const int64_t k_begin = static_cast<int64_t>(blockIdx.y) * k_per_split;
   const int64_t k_end = k_begin + k_per_split < K ? k_begin + k_per_split : K;
+  const bool live = rank0 < ra;  // a thread whose ranks are all padding skips the products
 
-  if (drop.enabled && tid < kRows) row_hash[tid] = dropout_row_hash(drop.seed, static_cast<uint32_t>(row0 + tid));
+  if (drop.enabled) {
+    for (int i = tid; i < kRows; i += kThreads) {
+      row_hash[i] = dropout_row_hash(drop.seed, static_cast<uint32_t>(row0 + i));
+    }
+  }
 
-  float acc[kRowsPerThread][kRanksPerThread];
+  float acc[kTileRows][TC];
 #pragma unroll
-  for (int w = 0; w < kRowsPerThread; ++w)
+  for (int w = 0; w < kTileRows; ++w)
 #pragma unroll
-    for (int q = 0; q < kRanksPerThread; ++q) acc[w][q] = 0.0f;
+    for (int q = 0; q < TC; ++q) acc[w][q] = 0.0f;
 
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kChunk) {
     __syncthreads();  // the previous step's tiles are consumed (and row_hash is visible)
+    // drop(x) tile, transposed into xs[k][i]: consecutive threads take consecutive rows, so the shared stores do
+    // not conflict; a warp's 16-byte loads of one column range cover whole sectors across the block's threads.
     if (vec) {
       constexpr int V = vec_width<T>();
-      constexpr int kPerRow = kChunk / V;
-      for (int e = tid; e < kRows * kPerRow; e += kThreads) {
-        const int i = e / kPerRow;
-        const int k = (e % kPerRow) * V;
+      for (int e = tid; e < kRows * (kChunk / V); e += kThreads) {
+        const int i = e % kRows;
+        const int k = (e / kRows) * V;
         const int64_t row = row0 + i;
         const int64_t kk = k0 + k;
         float v[V];
@@ -133,12 +167,12 @@ __global__ void __launch_bounds__(kThreads, 2)  // ptxas otherwise picks 32 regi
           for (int t = 0; t < V; ++t) v[t] = 0.0f;
         }
 #pragma unroll
-        for (int t = 0; t < V; ++t) xs[i * (kChunk + 1) + k + t] = v[t];
+        for (int t = 0; t < V; ++t) xs[(k + t) * kPitch + i] = v[t];
       }
     } else {
       for (int e = tid; e < kRows * kChunk; e += kThreads) {
+        const int k = e % kChunk;  // consecutive threads read consecutive columns of a row
         const int i = e / kChunk;
-        const int k = e % kChunk;
         const int64_t row = row0 + i;
         const int64_t kk = k0 + k;
         float v = 0.0f;
@@ -149,7 +183,7 @@ __global__ void __launch_bounds__(kThreads, 2)  // ptxas otherwise picks 32 regi
                                                                                      : 0.0f;
           }
         }
-        xs[i * (kChunk + 1) + k] = v;
+        xs[k * kPitch + i] = v;
       }
     }
     for (int e = tid; e < kChunk * RP; e += kThreads) {
@@ -160,16 +194,16 @@ __global__ void __launch_bounds__(kThreads, 2)  // ptxas otherwise picks 32 regi
     }
     __syncthreads();
     const int steps = k_end - k0 < kChunk ? static_cast<int>(k_end - k0) : kChunk;
-    for (int k = 0; k < steps; ++k) {
-      float xv[kRowsPerThread];
+    if (live) {
+      for (int k = 0; k < steps; ++k) {
+        float xv[kTileRows];
+        float av[TC];
+        load_shared<kTileRows>(xs + k * kPitch + trow0, xv);  // one 128-bit load
+        load_shared<TC>(as + k * RP + rank0, av);             // 64- to 2 x 128-bit loads
 #pragma unroll
-      for (int w = 0; w < kRowsPerThread; ++w) xv[w] = xs[(row_group + kRowGroups * w) * (kChunk + 1) + k];
+        for (int w = 0; w < kTileRows; ++w)
 #pragma unroll
-      for (int q = 0; q < kRanksPerThread; ++q) {
-        if (col + 16 * q >= ra) break;  // loops stop at the real rank
-        const float av = as[k * RP + col + 16 * q];
-#pragma unroll
-        for (int w = 0; w < kRowsPerThread; ++w) acc[w][q] = fmaf(xv[w], av, acc[w][q]);
+          for (int q = 0; q < TC; ++q) acc[w][q] = fmaf(xv[w], av[q], acc[w][q]);
       }
     }
   }
@@ -177,11 +211,11 @@ __global__ void __launch_bounds__(kThreads, 2)  // ptxas otherwise picks 32 regi
   if (partial != nullptr) {
     float* out = partial + static_cast<int64_t>(blockIdx.y) * M * ra;
 #pragma unroll
-    for (int w = 0; w < kRowsPerThread; ++w) {
-      const int64_t row = row0 + row_group + kRowGroups * w;
+    for (int w = 0; w < kTileRows; ++w) {
+      const int64_t row = row0 + trow0 + w;
 #pragma unroll
-      for (int q = 0; q < kRanksPerThread; ++q) {
-        const int j = col + 16 * q;
+      for (int q = 0; q < TC; ++q) {
+        const int j = rank0 + q;
         if (row < M && j < ra) out[row * ra + j] = acc[w][q];
       }
     }
@@ -190,24 +224,22 @@ __global__ void __launch_bounds__(kThreads, 2)  // ptxas otherwise picks 32 regi
   __syncthreads();  // xs / as are reused for the rounded S tile
   float* ss = smem;  // [kRows][RP + 1]
 #pragma unroll
-  for (int w = 0; w < kRowsPerThread; ++w) {
-    const int i = row_group + kRowGroups * w;
+  for (int w = 0; w < kTileRows; ++w)
 #pragma unroll
-    for (int q = 0; q < kRanksPerThread; ++q) ss[i * (RP + 1) + col + 16 * q] = round_trip<T>(acc[w][q]);
-  }
+    for (int q = 0; q < TC; ++q) ss[(trow0 + w) * (RP + 1) + rank0 + q] = round_trip<T>(acc[w][q]);
   __syncthreads();
-  write_s_and_u<T, RP>(ss, C, task_ids, num_tasks, S, U, row0, M, ra, rb);
+  write_s_and_u<T, RP, kRows>(ss, C, task_ids, num_tasks, S, U, row0, M, ra, rb);
 }
 
-// S = round(sum over splits s = 0, 1, ... of partial[s]) and U = S C, for 32 rows per block.
+// S = round(sum over splits s = 0, 1, ... of partial[s]) and U = S C, for kFinishRows rows per block.
 template <typename T, int RP>
 __global__ void __launch_bounds__(kThreads)
     shrink_finish_kernel(const float* __restrict__ partial, int64_t splits, const T* __restrict__ C,
                          const int64_t* __restrict__ task_ids, int64_t num_tasks, T* __restrict__ S,
                          T* __restrict__ U, int64_t M, int ra, int rb) {
-  __shared__ float ss[kRows * (RP + 1)];
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows;
-  for (int e = threadIdx.x; e < kRows * ra; e += kThreads) {
+  __shared__ float ss[kFinishRows * (RP + 1)];
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kFinishRows;
+  for (int e = threadIdx.x; e < kFinishRows * ra; e += kThreads) {
     const int i = e / ra;
     const int j = e % ra;
     const int64_t row = row0 + i;
@@ -218,35 +250,36 @@ __global__ void __launch_bounds__(kThreads)
     ss[i * (RP + 1) + j] = round_trip<T>(v);
   }
   __syncthreads();
-  write_s_and_u<T, RP>(ss, C, task_ids, num_tasks, S, U, row0, M, ra, rb);
+  write_s_and_u<T, RP, kFinishRows>(ss, C, task_ids, num_tasks, S, U, row0, M, ra, rb);
 }
 
 struct Plan {
   int64_t splits, k_per_split;
 };
 
-// Split-K when the rows give fewer than two blocks per SM (decode): about four blocks per SM, each at least
-// kMinChunksPerSplit chunks of K. A function of (M, K, SM count) only.
-Plan plan(int64_t M, int64_t K, int num_sms) {
+// Split-K when the rows give fewer than two blocks per SM (decode, and M up to a few thousand at small ranks):
+// about two blocks per SM, each at least kMinChunksPerSplit chunks of K. A function of (M, K, ra, SM count) only.
+Plan plan(int64_t M, int64_t K, int64_t ra, int num_sms) {
   const int64_t sms = num_sms > 0 ? num_sms : 1;
-  const int64_t row_blocks = ceil_div(M, kRows);
-  const int64_t chunks = ceil_div(K, kChunk);
-  if (row_blocks >= 2 * sms) return Plan{1, chunks * kChunk};
-  int64_t want = ceil_div(4 * sms, row_blocks);
+  const int64_t row_blocks = ceil_div(M, rows_per_block(ra));
+  const int64_t chunk = chunk_of(ra);
+  const int64_t chunks = ceil_div(K, chunk);
+  if (row_blocks >= 2 * sms) return Plan{1, chunks * chunk};
+  int64_t want = ceil_div(2 * sms, row_blocks);
   const int64_t most = ceil_div(chunks, kMinChunksPerSplit);
   if (want > most) want = most;
   if (want > kMaxSplits) want = kMaxSplits;
   const int64_t per = ceil_div(chunks, want < 1 ? 1 : want);
-  return Plan{ceil_div(chunks, per), per * kChunk};
+  return Plan{ceil_div(chunks, per), per * chunk};
 }
 
 }  // namespace
 }  // namespace ttkernels
 
-extern "C" int64_t ttk_shrink_splits(int64_t M, int64_t K, int num_sms) {
+extern "C" int64_t ttk_shrink_splits(int64_t M, int64_t K, int64_t ra, int num_sms) {
   using namespace ttkernels;
-  if (M <= 0 || K <= 0) return 0;
-  return plan(M, K, num_sms).splits;
+  if (M <= 0 || K <= 0 || ra < 1 || ra > kMaxRank) return 0;
+  return plan(M, K, ra, num_sms).splits;
 }
 
 extern "C" cudaError_t ttk_shrink_launch(ttk_dtype dtype, const void* x, const void* A, const void* C,
@@ -259,11 +292,11 @@ extern "C" cudaError_t ttk_shrink_launch(ttk_dtype dtype, const void* x, const v
   if (ra < 1 || ra > kMaxRank || rb < 1 || rb > kMaxRank) return cudaErrorInvalidValue;
   if ((C == nullptr) != (U == nullptr) || (C == nullptr && task_ids != nullptr)) return cudaErrorInvalidValue;
   if (C == nullptr && ra != rb) return cudaErrorInvalidValue;
-  if (ceil_div(M, kRows) > INT_MAX) return cudaErrorInvalidValue;
-  const Plan p = plan(M, K, num_sms);
+  if (ceil_div(M, rows_per_block(ra)) > INT_MAX) return cudaErrorInvalidValue;
+  const Plan p = plan(M, K, ra, num_sms);
   if ((p.splits > 1) != (partial != nullptr)) return cudaErrorInvalidValue;
   const DropoutArgs drop = make_dropout(dropout, seed, threshold, scale);
-  const dim3 grid(static_cast<unsigned>(ceil_div(M, kRows)), static_cast<unsigned>(p.splits));
+  const dim3 grid(static_cast<unsigned>(ceil_div(M, rows_per_block(ra))), static_cast<unsigned>(p.splits));
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const int vec = can_vec<T>(x, K) ? 1 : 0;
@@ -276,7 +309,8 @@ extern "C" cudaError_t ttk_shrink_launch(ttk_dtype dtype, const void* x, const v
       cudaError_t err = TTK_LAST_ERROR();
       if (err != cudaSuccess || p.splits == 1) return err;
       auto* finish = shrink_finish_kernel<T, RP>;
-      TTK_LAUNCH(finish, dim3(grid.x), kThreads, stream, static_cast<const float*>(partial), p.splits,
+      const dim3 finish_grid(static_cast<unsigned>(ceil_div(M, kFinishRows)));
+      TTK_LAUNCH(finish, finish_grid, kThreads, stream, static_cast<const float*>(partial), p.splits,
                  static_cast<const T*>(C), task_ids, num_tasks, static_cast<T*>(S), static_cast<T*>(U), M,
                  static_cast<int>(ra), static_cast<int>(rb));
       return TTK_LAST_ERROR();

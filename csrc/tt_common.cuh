@@ -7,6 +7,7 @@
 // * TTK_LAUNCH / TTK_LAST_ERROR: a kernel launch and its status, which host_emulation.h replaces to run the
 //   kernels on the CPU in tests (-DTTK_HOST_EMULATION);
 // * DropoutArgs: the seed, threshold and scale of csrc/dropout_hash.cuh, passed by value to kernels;
+// * load_shared: 64- / 128-bit loads of fp32 from shared memory into registers;
 // * load_vec: one 16-byte global load (8 fp16 / bf16 or 4 fp32 elements) converted to float, and can_vec, the
 //   launcher's test that a row-major operand allows it (base address 16-byte aligned, row length a multiple
 //   of the vector width); the emulation checks the alignment of every vector load.
@@ -125,6 +126,45 @@ __device__ __forceinline__ void load_vec(const T* __restrict__ p, float* out) {
 #endif
 #pragma unroll
   for (int i = 0; i < n; ++i) out[i] = to_float(e[i]);
+}
+
+// out[i] = p[i] for i < N (2, 4 or 8) from shared memory in one 64-bit, one 128-bit or two 128-bit loads; p must be
+// aligned to 8 (N = 2) or 16 bytes.
+template <int N>
+struct SharedLoad;
+template <>
+struct SharedLoad<2> {
+  __device__ __forceinline__ static void run(const float* p, float* out) {
+    const float2 v = *reinterpret_cast<const float2*>(p);
+    out[0] = v.x;
+    out[1] = v.y;
+  }
+};
+template <>
+struct SharedLoad<4> {
+  __device__ __forceinline__ static void run(const float* p, float* out) {
+    const float4 v = *reinterpret_cast<const float4*>(p);
+    out[0] = v.x;
+    out[1] = v.y;
+    out[2] = v.z;
+    out[3] = v.w;
+  }
+};
+template <>
+struct SharedLoad<8> {
+  __device__ __forceinline__ static void run(const float* p, float* out) {
+    SharedLoad<4>::run(p, out);
+    SharedLoad<4>::run(p + 4, out + 4);
+  }
+};
+
+template <int N>
+__device__ __forceinline__ void load_shared(const float* p, float* out) {
+#if defined(TTK_HOST_EMULATION) && !defined(__CUDACC__)
+  emu::load_aligned(out, p, N * sizeof(float), N == 2 ? 8 : 16);
+#else
+  SharedLoad<N>::run(p, out);
+#endif
 }
 
 // Whether a row-major operand with rows of `row_len` elements starting at p can be read with load_vec at

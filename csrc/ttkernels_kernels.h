@@ -38,9 +38,9 @@ cudaError_t ttk_dropout_launch(ttk_dtype dtype, const void* x, void* y, int64_t 
 // Each returns cudaErrorInvalidValue for arguments out of these ranges, otherwise the launch status.
 
 // Step 2 (shrink.cu): S = drop(x) A, and U = S C when C is given (shared, or per row by task_ids). When
-// ttk_shrink_splits(M, K, num_sms) > 1 (few rows: split-K), `partial` is an fp32 (splits, M, ra) workspace (every
-// element written, no zeroing); otherwise it must be null.
-int64_t ttk_shrink_splits(int64_t M, int64_t K, int num_sms);
+// ttk_shrink_splits(M, K, ra, num_sms) > 1 (few rows: split-K), `partial` is an fp32 (splits, M, ra) workspace
+// (every element written, no zeroing); otherwise it must be null.
+int64_t ttk_shrink_splits(int64_t M, int64_t K, int64_t ra, int num_sms);
 cudaError_t ttk_shrink_launch(ttk_dtype dtype, const void* x, const void* A, const void* C, const int64_t* task_ids,
                               int64_t num_tasks, void* S, void* U, float* partial, int num_sms, int64_t M, int64_t K,
                               int64_t ra, int64_t rb, int dropout, uint64_t seed, uint32_t threshold, float scale,

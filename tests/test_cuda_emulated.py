@@ -48,7 +48,7 @@ i64, u64, u32, f32, cint, vp = (
     ctypes.c_void_p,
 )
 SIGNATURES = {
-    "ttk_shrink_splits": [i64, i64, cint],
+    "ttk_shrink_splits": [i64, i64, i64, cint],
     "ttk_shrink_launch": [cint, vp, vp, vp, vp, i64, vp, vp, vp, cint, i64, i64, i64, i64, cint, u64, u32, f32, vp],
     "ttk_grad_dy_slices": [i64, i64, i64, cint],
     "ttk_grad_dy_splits": [i64, i64, i64, cint, cint],
@@ -155,7 +155,7 @@ class Emulated:
         S, U = poisoned(m, ra, dtype=x.dtype), (None if C is None else poisoned(m, rb, dtype=x.dtype))
         if m:
             T = C.shape[0] if C is not None and C.dim() == 3 else 0
-            splits = self.lib.ttk_shrink_splits(m, x.shape[1], NUM_SMS)
+            splits = self.lib.ttk_shrink_splits(m, x.shape[1], ra, NUM_SMS)
             partial = poisoned(splits * m * ra, dtype=torch.float32) if splits > 1 else None
             self._ok(self.lib.ttk_shrink_launch(CODE[x.dtype], ptr(x), ptr(A), ptr(C), ptr(task_ids), T, ptr(S),
                                                 ptr(U), ptr(partial), NUM_SMS, m, x.shape[1], ra, rb,
@@ -306,7 +306,7 @@ SHRINK_SPLIT_K = [(1, 1000, 16, 16), (5, 1031, 33, 7), (3, 512, 128, 100), (40, 
 @pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "offset"])
 def test_shrink_split_k_and_vector_loads(lib, shape, kind, p, aligned, dtype):
     m, d_in, ra, rb = shape
-    assert lib.ttk_shrink_splits(m, d_in, NUM_SMS) > 1
+    assert lib.ttk_shrink_splits(m, d_in, ra, NUM_SMS) > 1
     rb = ra if kind == "none" else rb
     x, A = rnd(m, d_in, dtype=dtype), rnd(d_in, ra, dtype=dtype, scale=d_in**-0.5)
     if not aligned:  # the launcher must fall back to scalar loads (a misaligned vector load fails the launch)

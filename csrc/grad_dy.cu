@@ -19,10 +19,13 @@
 // row tile (so the blocks that add into the same dB columns do not do it in lockstep): the chunk of dY and of
 // B^T go to shared memory (fp32; 16-byte vector loads when the rows allow it), each thread adds to its
 // (rows / 16) x (RP / 16) piece of dU (registers) and computes RP / 8 elements of the chunk's U^T dY, which it
-// adds to dB_buf at once. Loops over ranks stop at the real rank.
+// adds to dB_buf at once. Loops over ranks stop at the real rank. That is the fp32 path (exact fp32 FMA; no
+// TF32). fp16 / bf16 take grad_dy_mma_kernel: the same plan with both products on tensor cores (WMMA 16 x 16 x 16,
+// fp32 accumulation; operands kept in their storage type in shared memory).
 // Limits: 1 <= M, 1 <= N, 1 <= rb <= 128.
-// Checked by: tests/test_cuda_emulated.py against the float64 reference on the CPU (both modes, several slices
-// and splits, bitwise repeatability of the deterministic mode), tests/test_cuda_backend.py on a GPU.
+// Checked by: tests/test_cuda_emulated.py against the float64 reference on the CPU (both paths, both modes, several
+// slices and splits, aligned and unaligned rows, bitwise repeatability of the deterministic mode; the WMMA calls
+// run through host_emulation.h's emulation), tests/test_cuda_backend.py on a GPU.
 #include <limits.h>
 #include <stdint.h>
 
@@ -188,6 +191,182 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The same step for fp16 / bf16 on tensor cores (WMMA, 16 x 16 x 16 tiles, fp32 accumulators): the same grid,
+// row tiles, chunks, rotation and outputs as grad_dy_kernel. The U tile, the dY chunk and the B chunk stay in
+// their storage type in shared memory (16-byte copies when the rows allow them). dU: warp w keeps the
+// accumulators of the 16 x 16 tiles w, w + 8, ... of the row tile's dU across the chunks; dB: the chunk's
+// (RP x 32) U^T dY is one set of 16 x 16 tiles spread over the warps, staged in shared memory (fp32) and added to
+// dB_buf by all threads as in grad_dy_kernel.
+template <typename T, int RP>
+__global__ void __launch_bounds__(kThreads)
+    grad_dy_mma_kernel(const T* __restrict__ dy, const T* __restrict__ U, const T* __restrict__ B,
+                       T* __restrict__ dU, float* __restrict__ dU_buf, float* __restrict__ dB_buf, int deterministic,
+                       int64_t slice_cols, int64_t tiles_per_split, int vec, int64_t M, int64_t N, int rb,
+                       float scaling) {
+  static_assert(sizeof(T) == 2, "tensor-core path: fp16 / bf16");
+  constexpr int kRows = rows_per_block<RP>();
+  constexpr int kWarps = kThreads / 32;
+  constexpr int kLdU = RP + 8;      // T elements per row of us (rows 16-byte aligned, banks staggered)
+  constexpr int kLdC = kCols + 8;   // T elements per row of dys and bs
+  constexpr int kLdSu = RP + 4;     // floats per row of the dU stage
+  constexpr int kLdSb = kCols + 4;  // floats per row of the dB stage
+  constexpr int kStage = kRows * kLdSu > RP * kLdSb ? kRows * kLdSu : RP * kLdSb;
+  constexpr int kFragU = (kRows / 16) * (RP / 16);
+  constexpr int kUPerWarp = (kFragU + kWarps - 1) / kWarps;
+  constexpr int kFragB = (RP / 16) * (kCols / 16);
+  constexpr int V = 8;  // T elements per 16 bytes
+  static_assert((kRows * kLdU + kRows * kLdC + RP * kLdC) * 2 + kStage * 4 <= 48 * 1024, "shared memory");
+  __shared__ __align__(32) uint16_t us_raw[kRows * kLdU];  // U tile [i][j]
+  __shared__ __align__(32) uint16_t dys_raw[kRows * kLdC];  // dY chunk [i][n]
+  __shared__ __align__(32) uint16_t bs_raw[RP * kLdC];      // B chunk [j][n]
+  __shared__ __align__(32) float stage[kStage];
+  T* us = reinterpret_cast<T*>(us_raw);
+  T* dys = reinterpret_cast<T*>(dys_raw);
+  T* bs = reinterpret_cast<T*>(bs_raw);
+
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int64_t slice = blockIdx.x;
+  const int64_t split = blockIdx.y;
+  const int64_t col_begin = slice * slice_cols;
+  const int64_t col_end = col_begin + slice_cols < N ? col_begin + slice_cols : N;
+  const int chunks = static_cast<int>(ceil_div(col_end - col_begin, kCols));
+  const int64_t tile_begin = split * tiles_per_split;
+  const int64_t tiles = ceil_div(M, kRows);
+  const int64_t tile_end = tile_begin + tiles_per_split < tiles ? tile_begin + tiles_per_split : tiles;
+  float* out = deterministic ? dB_buf + split * rb * N : dB_buf;
+  const T zero = from_float<T>(0.0f);
+
+  // rows x 32 columns of the row-major (rows, N) matrix p into dst[i * kLdC + n], zero outside the ranges
+  auto stage_chunk = [&](const T* __restrict__ p, int64_t r0, int64_t r_end, int rows, int64_t n0, T* dst) {
+    if (vec) {
+      for (int e = tid; e < rows * (kCols / V); e += kThreads) {
+        const int i = e / (kCols / V);
+        const int n = (e % (kCols / V)) * V;
+        const int64_t row = r0 + i;
+        if (row < r_end && n0 + n < col_end) {
+          copy_16b(dst + i * kLdC + n, p + row * N + n0 + n);  // col_end is a multiple of V
+        } else {
+#pragma unroll
+          for (int t = 0; t < V; ++t) dst[i * kLdC + n + t] = zero;
+        }
+      }
+    } else {
+      for (int e = tid; e < rows * kCols; e += kThreads) {
+        const int i = e / kCols;
+        const int n = e % kCols;
+        const int64_t row = r0 + i;
+        dst[i * kLdC + n] = (row < r_end && n0 + n < col_end) ? p[row * N + n0 + n] : zero;
+      }
+    }
+  };
+
+  for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+    const int64_t row0 = tile * kRows;
+    __syncthreads();  // the previous tile's U and dU stage are consumed
+    for (int e = tid; e < kRows * RP; e += kThreads) {
+      const int i = e / RP;
+      const int j = e % RP;
+      const int64_t row = row0 + i;
+      us[i * kLdU + j] = (row < M && j < rb) ? U[row * rb + j] : zero;
+    }
+
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> du[kUPerWarp];
+#pragma unroll
+    for (int u = 0; u < kUPerWarp; ++u) wmma::fill_fragment(du[u], 0.0f);
+
+    const int start = static_cast<int>(tile % chunks);
+    for (int cc = 0; cc < chunks; ++cc) {
+      const int chunk = cc + start < chunks ? cc + start : cc + start - chunks;
+      const int64_t n0 = col_begin + static_cast<int64_t>(chunk) * kCols;
+      __syncthreads();  // the previous chunk and its dB stage are consumed (and us is visible)
+      stage_chunk(dy, row0, M, kRows, n0, dys);
+      stage_chunk(B, 0, rb, RP, n0, bs);
+      __syncthreads();
+
+      // dU tiles += dY chunk (row_major) x B chunk^T (B's rows are the columns of a col_major operand)
+#pragma unroll
+      for (int u = 0; u < kUPerWarp; ++u) {
+        const int f = warp + kWarps * u;
+        if (f >= kFragU) break;  // warp-uniform
+        const int ib = f / (RP / 16);
+        const int jb = f % (RP / 16);
+#pragma unroll
+        for (int kb = 0; kb < kCols / 16; ++kb) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
+          wmma::load_matrix_sync(a, dys + ib * 16 * kLdC + kb * 16, kLdC);
+          wmma::load_matrix_sync(b, bs + jb * 16 * kLdC + kb * 16, kLdC);
+          wmma::mma_sync(du[u], a, b, du[u]);
+        }
+      }
+      // the chunk's U^T dY tiles: U^T is U's tile read as a col_major operand
+      for (int g = (warp - kFragU % kWarps + kWarps) % kWarps; g < kFragB; g += kWarps) {
+        const int jb = g / (kCols / 16);
+        const int nb = g % (kCols / 16);
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> db;
+        wmma::fill_fragment(db, 0.0f);
+        for (int ib = 0; ib < kRows / 16; ++ib) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> a;
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+          wmma::load_matrix_sync(a, us + ib * 16 * kLdU + jb * 16, kLdU);
+          wmma::load_matrix_sync(b, dys + ib * 16 * kLdC + nb * 16, kLdC);
+          wmma::mma_sync(db, a, b, db);
+        }
+        wmma::store_matrix_sync(stage + jb * 16 * kLdSb + nb * 16, db, kLdSb, wmma::mem_row_major);
+      }
+      __syncthreads();
+      for (int e = tid; e < rb * kCols; e += kThreads) {
+        const int j = e / kCols;
+        const int n = e % kCols;
+        if (n0 + n >= col_end) continue;
+        const float v = stage[j * kLdSb + n];
+        float* dst = out + j * N + n0 + n;
+        if (!deterministic) {
+          atomicAdd(dst, v);
+        } else if (tile == tile_begin) {
+          *dst = v;  // this (split, rank, column) belongs to this thread alone
+        } else {
+          *dst += v;
+        }
+      }
+    }
+
+    __syncthreads();  // the last chunk's dB stage is consumed
+#pragma unroll
+    for (int u = 0; u < kUPerWarp; ++u) {
+      const int f = warp + kWarps * u;
+      if (f >= kFragU) break;
+      const int ib = f / (RP / 16);
+      const int jb = f % (RP / 16);
+      wmma::store_matrix_sync(stage + ib * 16 * kLdSu + jb * 16, du[u], kLdSu, wmma::mem_row_major);
+    }
+    __syncthreads();
+    for (int e = tid; e < kRows * rb; e += kThreads) {
+      const int i = e / rb;
+      const int j = e % rb;
+      const int64_t row = row0 + i;
+      if (row >= M) continue;
+      const float v = stage[i * kLdSu + j];
+      if (dU_buf != nullptr) {
+        dU_buf[(slice * M + row) * rb + j] = v;
+      } else {
+        dU[row * rb + j] = from_float<T>(scaling * v);
+      }
+    }
+  }
+}
+
+// fp32 stays on the exact FMA path (no TF32); fp16 / bf16 take the tensor cores.
+template <typename T, int RP>
+struct KernelFor {
+  static auto get() { return grad_dy_mma_kernel<T, RP>; }
+};
+template <int RP>
+struct KernelFor<float, RP> {
+  static auto get() { return grad_dy_kernel<float, RP>; }
+};
+
 // Column slices and rows tiles per split of the grid (see the file header).
 struct Plan {
   int64_t slices, slice_cols, splits, tiles_per_split;
@@ -240,7 +419,7 @@ extern "C" cudaError_t ttk_grad_dy_launch(ttk_dtype dtype, const void* dy, const
     return dispatch_rank(rb, [&](auto rp) {
       constexpr int RP = decltype(rp)::value;
       const dim3 grid(static_cast<unsigned>(p.slices), static_cast<unsigned>(p.splits));
-      auto* kernel = grad_dy_kernel<T, RP>;
+      auto* kernel = KernelFor<T, RP>::get();
       TTK_LAUNCH(kernel, grid, kThreads, stream, static_cast<const T*>(dy), static_cast<const T*>(U),
                  static_cast<const T*>(B), static_cast<T*>(dU), dU_buf, dB_buf, deterministic, p.slice_cols,
                  p.tiles_per_split, vec, M, N, static_cast<int>(rb), scaling);

@@ -7,6 +7,8 @@
 // * TTK_LAUNCH / TTK_LAST_ERROR: a kernel launch and its status, which host_emulation.h replaces to run the
 //   kernels on the CPU in tests (-DTTK_HOST_EMULATION);
 // * DropoutArgs: the seed, threshold and scale of csrc/dropout_hash.cuh, passed by value to kernels;
+// * wmma: nvcuda::wmma (tensor cores), or its emulation in host_emulation.h; copy_16b: a 16-byte copy from global
+//   to shared memory;
 // * load_shared: 64- / 128-bit loads of fp32 from shared memory into registers;
 // * load_vec: one 16-byte global load (8 fp16 / bf16 or 4 fp32 elements) converted to float, and can_vec, the
 //   launcher's test that a row-major operand allows it (base address 16-byte aligned, row length a multiple
@@ -27,7 +29,14 @@
 
 #if defined(TTK_HOST_EMULATION) && !defined(__CUDACC__)
 #include "host_emulation.h"
+namespace ttkernels {
+namespace wmma = emu::wmma;
+}  // namespace ttkernels
 #else
+#include <mma.h>
+namespace ttkernels {
+namespace wmma = nvcuda::wmma;
+}  // namespace ttkernels
 // kernel is a plain name or a function pointer (a template-id's commas would split the macro's arguments).
 #define TTK_LAUNCH(kernel, grid, block, stream, ...) kernel<<<(grid), (block), 0, (stream)>>>(__VA_ARGS__)
 #define TTK_LAST_ERROR() cudaGetLastError()
@@ -126,6 +135,16 @@ __device__ __forceinline__ void load_vec(const T* __restrict__ p, float* out) {
 #endif
 #pragma unroll
   for (int i = 0; i < n; ++i) out[i] = to_float(e[i]);
+}
+
+// 16 bytes from global memory (16-byte aligned) to shared memory (16-byte aligned), without conversion.
+__device__ __forceinline__ void copy_16b(void* dst, const void* src) {
+#if defined(TTK_HOST_EMULATION) && !defined(__CUDACC__)
+  emu::load_aligned(dst, src, 16, 16);
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0) emu::misaligned = true;
+#else
+  *reinterpret_cast<uint4*>(dst) = __ldg(reinterpret_cast<const uint4*>(src));
+#endif
 }
 
 // out[i] = p[i] for i < N (2, 4 or 8) from shared memory in one 64-bit, one 128-bit or two 128-bit loads; p must be

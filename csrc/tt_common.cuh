@@ -122,19 +122,36 @@ constexpr int vec_width() {
   return static_cast<int>(16 / sizeof(T));
 }
 
-// out[i] = float(p[i]) for i < vec_width<T>(), in one 16-byte load; p must be 16-byte aligned.
-template <typename T>
+// out[i] = float(p[i]) for i < vec_width<T>(), in one 16-byte load; p must be 16-byte aligned. kReadOnly: through
+// the read-only data cache (only for data no thread writes while the kernel runs).
+template <typename T, bool kReadOnly = true>
 __device__ __forceinline__ void load_vec(const T* __restrict__ p, float* out) {
   constexpr int n = vec_width<T>();
 #if defined(TTK_HOST_EMULATION) && !defined(__CUDACC__)
   T e[n];
   emu::load_16_bytes(e, p);
 #else
-  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+  const uint4 raw = kReadOnly ? __ldg(reinterpret_cast<const uint4*>(p)) : *reinterpret_cast<const uint4*>(p);
   const T* e = reinterpret_cast<const T*>(&raw);
 #endif
 #pragma unroll
   for (int i = 0; i < n; ++i) out[i] = to_float(e[i]);
+}
+
+// p[i] = v[i] for i < vec_width<T>(), in one 16-byte store; p must be 16-byte aligned.
+template <typename T>
+__device__ __forceinline__ void store_vec(T* p, const T* v) {
+#if defined(TTK_HOST_EMULATION) && !defined(__CUDACC__)
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) {
+    emu::misaligned = true;
+    return;
+  }
+  std::memcpy(p, v, 16);
+#else
+  uint4 raw;
+  memcpy(&raw, v, 16);
+  *reinterpret_cast<uint4*>(p) = raw;
+#endif
 }
 
 // 16 bytes from global memory (16-byte aligned) to shared memory (16-byte aligned), without conversion.

@@ -329,6 +329,36 @@ def test_expand(lib, shape, bias, dtype):
     check("y", y, y64, yt, dtype)
 
 
+# (M, d_in, d_out, ra, rb): rows that allow 16-byte updates of out (d_out, d_in multiples of 8), ranks over more than
+# one 32-rank chunk and not multiples of 16, tiles cut by M and N
+ACCUMULATE_ROWS = [(37, 24, 136, 40, 40), (5, 64, 16, 3, 3), (70, 128, 264, 16, 16), (33, 8, 8, 100, 77)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ACCUMULATE_ROWS)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_accumulate_vector_rows(lib, shape, p, dtype):
+    m, d_in, d_out, ra, rb = shape
+    emu = Emulated(lib)
+    x, W = rnd(m, d_in, dtype=dtype), rnd(d_out, d_in, dtype=dtype, scale=d_in**-0.5)
+    U, B = rnd(m, rb, dtype=dtype), rnd(rb, d_out, dtype=dtype, scale=rb**-0.5)
+    y, y64, yt = both(emu, "expand", x, W, None, U, B, 0.75)
+    check("y", y, y64, yt, dtype)
+    dy, dS, A = rnd(m, d_out, dtype=dtype), rnd(m, ra, dtype=dtype), rnd(d_in, ra, dtype=dtype, scale=ra**-0.5)
+    Wt = rnd(d_out, d_in, dtype=dtype, scale=d_out**-0.5)
+    s = seed()
+    dx, dx64, dxt = both(emu, "grad_x", dy, Wt, dS, A, p, s)
+    check("dx", dx, dx64, dxt, dtype)
+    # the same update on an out whose rows are not 16-byte aligned (scalar updates) gives the same bits
+    base = dy @ Wt
+    moved = offset_copy(base)
+    drop = emu._drop(p, s)
+    assert (
+        lib.ttk_accumulate_launch(CODE[dtype], ptr(moved), ptr(dS), ptr(A), 1, ra, m, d_in, ra, 1.0, *drop, None) == 0
+    )
+    assert torch.equal(moved, dx)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("det", [False, True], ids=["atomic", "deterministic"])

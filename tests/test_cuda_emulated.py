@@ -446,6 +446,24 @@ def test_grad_a(lib, shape, p, det, dtype):
     check("dA", dA, dA64, dAt, dtype)
 
 
+# (M, d_in, ra): rows of x that allow 16-byte loads, several column blocks and row splits, ranks in every bucket
+GRAD_A_ROWS = [(300, 136, 16), (45, 64, 33), (700, 24, 100), (1, 8, 1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", GRAD_A_ROWS)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("det", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "offset"])
+def test_grad_a_vector_rows(lib, shape, p, det, aligned, dtype):
+    m, d_in, ra = shape
+    x, dS = rnd(m, d_in, dtype=dtype), rnd(m, ra, dtype=dtype)
+    if not aligned:  # the launcher must fall back to scalar loads (a misaligned vector load fails the launch)
+        x = offset_copy(x)
+    dA, dA64, dAt = both(Emulated(lib, det), "grad_a", x, dS, p, seed())
+    check("dA", dA, dA64, dAt, dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dropout_masks_are_the_reference_hash_bit_for_bit(lib, dtype):
     """S = drop(x) I, the dropout op, and drop'(dS I^T) added to zero all equal the reference's drop(x)."""

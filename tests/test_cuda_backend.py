@@ -489,6 +489,31 @@ def test_out_of_range_task_ids_give_nan_rows_without_a_host_sync(ext):
     torch.cuda.synchronize()
 
 
+@needs_cuda
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_ops_never_synchronize_with_the_host(ext, deterministic):
+    """Every adapter op, task ids included, under torch's sync debug mode set to raise on a host sync."""
+    m, d_in, d_out, ra, rb = 37, 96, 80, 16, 8
+    x, A, C, B = rnd(m, d_in), rnd(d_in, ra), rnd(3, ra, rb), rnd(rb, d_out)
+    ids, W, dy = torch.randint(0, 3, (m,), device="cuda"), rnd(d_out, d_in), rnd(m, d_out)
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        S, U = ext.shrink(x, A, C, ids, 0.1, 3)
+        ext.shrink(x[:1], A, None, None, 0.0, 3)  # split-K
+        ext.mid(S, C, ids)
+        ext.expand(x, W, None, U, B, 0.5)
+        dU, _ = ext.grad_dy(dy, U, B, 0.5)
+        dS, _ = ext.grad_mid(S, dU, C, ids)
+        ext.grad_x(dy, W, dS, A, 0.1, 3)
+        ext.grad_a(x, dS, 0.1, 3)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        torch.use_deterministic_algorithms(old)
+    torch.cuda.synchronize()
+
+
 # -------------------------------------------------------------------------------- fused op, autograd
 @needs_cuda
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -272,6 +272,13 @@ def seed():
     return int(torch.randint(0, 2**62, ()).item())
 
 
+# (dtype, aligned) of the vector-load tests: every dtype with rows whose addresses allow 16-byte loads, bf16 with
+# rows that do not (the scalar fallback); the other dtypes' unaligned runs are slow (the full run has them).
+VEC_CASES = [(d, True) for d in DTYPES] + [(torch.bfloat16, False)]
+VEC_CASES += [pytest.param(d, False, marks=pytest.mark.slow) for d in (torch.float32, torch.float16)]
+VEC_IDS = ["fp32", "fp16", "bf16", "bf16-offset", "fp32-offset", "fp16-offset"]
+
+
 # (M, d_in, d_out, ra, rb): empty, one token, primes, per-bond ranks, the rank buckets, several row blocks
 SHAPES = [(0, 13, 11, 3, 3), (1, 13, 11, 1, 1), (7, 29, 31, 5, 3), (37, 67, 131, 16, 19), (71, 37, 41, 33, 64),
           (13, 23, 19, 128, 100), (97, 70, 45, 8, 8)]  # fmt: skip
@@ -299,11 +306,10 @@ def test_shrink_and_mid(lib, shape, kind, p, dtype):
 SHRINK_SPLIT_K = [(1, 1000, 16, 16), (5, 1031, 33, 7), (3, 512, 128, 100), (40, 264, 3, 70)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype, aligned", VEC_CASES, ids=VEC_IDS)
 @pytest.mark.parametrize("kind", ["none", "task"])
 @pytest.mark.parametrize("shape", SHRINK_SPLIT_K)
 @pytest.mark.parametrize("p", [0.0, 0.3])
-@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "offset"])
 def test_shrink_split_k_and_vector_loads(lib, shape, kind, p, aligned, dtype):
     m, d_in, ra, rb = shape
     assert lib.ttk_shrink_splits(m, d_in, ra, NUM_SMS) > 1
@@ -383,10 +389,9 @@ def offset_copy(t, by=1):
 GRAD_DY_GRID = [(70, 160, 24), (1500, 96, 16), (33, 64, 128), (5, 1000, 3), (300, 40, 70)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype, aligned", VEC_CASES, ids=VEC_IDS)
 @pytest.mark.parametrize("shape", GRAD_DY_GRID)
 @pytest.mark.parametrize("det", [False, True], ids=["atomic", "deterministic"])
-@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "offset"])
 def test_grad_dy_slices_splits_and_vector_loads(lib, shape, det, aligned, dtype):
     m, d_out, rb = shape
     dy, U, B = rnd(m, d_out, dtype=dtype), rnd(m, rb, dtype=dtype), rnd(rb, d_out, dtype=dtype, scale=rb**-0.5)
@@ -450,11 +455,10 @@ def test_grad_a(lib, shape, p, det, dtype):
 GRAD_A_ROWS = [(300, 136, 16), (45, 64, 33), (700, 24, 100), (1, 8, 1)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype, aligned", VEC_CASES, ids=VEC_IDS)
 @pytest.mark.parametrize("shape", GRAD_A_ROWS)
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("det", [False, True], ids=["atomic", "deterministic"])
-@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "offset"])
 def test_grad_a_vector_rows(lib, shape, p, det, aligned, dtype):
     m, d_in, ra = shape
     x, dS = rnd(m, d_in, dtype=dtype), rnd(m, ra, dtype=dtype)

@@ -258,14 +258,14 @@ struct Plan {
 };
 
 // Split-K when the rows give fewer than two blocks per SM (decode, and M up to a few thousand at small ranks):
-// about two blocks per SM, each at least kMinChunksPerSplit chunks of K. A function of (M, K, ra, SM count) only.
+// about four blocks per SM, each at least kMinChunksPerSplit chunks of K. A function of (M, K, ra, SM count) only.
 Plan plan(int64_t M, int64_t K, int64_t ra, int num_sms) {
   const int64_t sms = num_sms > 0 ? num_sms : 1;
   const int64_t row_blocks = ceil_div(M, rows_per_block(ra));
   const int64_t chunk = chunk_of(ra);
   const int64_t chunks = ceil_div(K, chunk);
   if (row_blocks >= 2 * sms) return Plan{1, chunks * chunk};
-  int64_t want = ceil_div(2 * sms, row_blocks);
+  int64_t want = ceil_div(4 * sms, row_blocks);
   const int64_t most = ceil_div(chunks, kMinChunksPerSplit);
   if (want > most) want = most;
   if (want > kMaxSplits) want = kMaxSplits;

@@ -289,12 +289,12 @@ struct ReduceFor<float, RP> {
 }  // namespace
 }  // namespace ttkernels
 
-// Row splits of a reduction over M rows and I columns: enough blocks for about two per SM, at least 256 rows
+// Row splits of a reduction over M rows and I columns: enough blocks for about four per SM, at least 256 rows
 // each; a function of the shape and the SM count only, so the deterministic mode repeats bit for bit.
 extern "C" int64_t ttk_token_reduce_splits(int64_t M, int64_t I, int num_sms) {
   using namespace ttkernels;
   const int64_t col_blocks = ceil_div(I, kColsPerBlock);
-  int64_t splits = ceil_div(2 * static_cast<int64_t>(num_sms > 0 ? num_sms : 1), col_blocks);
+  int64_t splits = ceil_div(4 * static_cast<int64_t>(num_sms > 0 ? num_sms : 1), col_blocks);
   const int64_t most = ceil_div(M, kMinRowsPerSplit);
   if (splits > most) splits = most;
   if (splits > 65535) splits = 65535;

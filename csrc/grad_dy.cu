@@ -14,7 +14,7 @@
 //
 // Launch: a 2-D grid (slices, splits) of 256-thread blocks, so that there are about four blocks per SM when
 // the rows alone give fewer (a column slice is a multiple of 32 columns; at most kMaxSlices). A block walks the
-// row tiles of its split (64 rows, 32 for ranks above 64, to stay within 48 KiB of shared memory): U's tile goes
+// row tiles of its split (128 rows up to rank 16, 64 up to 64, 32 above, within 48 KiB of shared memory): U's tile goes
 // to shared memory, then the tile's 32-column chunks of its slice, starting at a chunk that rotates with the
 // row tile (so the blocks that add into the same dB columns do not do it in lockstep): the chunk of dY and of
 // B^T go to shared memory (fp32; 16-byte vector loads when the rows allow it), each thread adds to its
@@ -40,12 +40,17 @@ constexpr int64_t kMaxSlices = 8;
 constexpr int64_t kBlocksPerSm = 4;
 constexpr int64_t kDetBufBytes = int64_t{64} << 20;  // the deterministic dB buffer stays under this
 
+// Rows per tile: dB takes one fp32 addition per (rank, column) per tile, so taller tiles mean fewer of them;
+// shared memory and registers (no spills) limit the tiles of the larger ranks.
 template <int RP>
 constexpr int rows_per_block() {
-  return RP >= 128 ? 32 : 64;
+  return RP <= 16 ? 128 : (RP >= 128 ? 32 : 64);
 }
 
-int64_t rows_per_tile(int64_t rb) { return rank_pad(rb) >= 128 ? 32 : 64; }
+int64_t rows_per_tile(int64_t rb) {
+  const int rp = rank_pad(rb);
+  return rp <= 16 ? 128 : (rp >= 128 ? 32 : 64);
+}
 
 // Stages a kRows x 32 chunk of the row-major (rows, ld) matrix p (rows >= row_end or columns >= col_end read as
 // zero) into dst[i * pitch + n] as fp32, with 16-byte loads when vec.
@@ -240,6 +245,7 @@ __global__ void __launch_bounds__(kThreads)
   // rows x 32 columns of the row-major (rows, N) matrix p into dst[i * kLdC + n], zero outside the ranges
   auto stage_chunk = [&](const T* __restrict__ p, int64_t r0, int64_t r_end, int rows, int64_t n0, T* dst) {
     if (vec) {
+#pragma unroll 1
       for (int e = tid; e < rows * (kCols / V); e += kThreads) {
         const int i = e / (kCols / V);
         const int n = (e % (kCols / V)) * V;
@@ -264,6 +270,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
     const int64_t row0 = tile * kRows;
     __syncthreads();  // the previous tile's U and dU stage are consumed
+#pragma unroll 1
     for (int e = tid; e < kRows * RP; e += kThreads) {
       const int i = e / RP;
       const int j = e % RP;

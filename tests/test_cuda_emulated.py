@@ -386,7 +386,7 @@ def offset_copy(t, by=1):
 
 # (M, d_out, rb): row lengths that allow 16-byte loads, several column slices (few row tiles on NUM_SMS = 3), several
 # row tiles per split (many rows), ranks in every bucket
-GRAD_DY_GRID = [(70, 160, 24), (1500, 96, 16), (33, 64, 128), (5, 1000, 3), (300, 40, 70)]
+GRAD_DY_GRID = [(70, 160, 24), (3000, 96, 16), (33, 64, 128), (5, 1000, 3), (300, 40, 70)]
 
 
 @pytest.mark.parametrize("dtype, aligned", VEC_CASES, ids=VEC_IDS)
@@ -406,7 +406,7 @@ def test_grad_dy_plan_and_bounded_buffers(lib):
     """More than one column slice when the rows are few, more than one row tile per split when they are many, and a
     deterministic dB buffer that does not grow with M."""
     assert lib.ttk_grad_dy_slices(70, 160, 24, NUM_SMS) > 1
-    assert lib.ttk_grad_dy_splits(1500, 96, 16, 1, NUM_SMS) < 1500 // 64
+    assert lib.ttk_grad_dy_splits(3000, 96, 16, 1, NUM_SMS) < 3000 // 128
     sms, n, rb = 132, 4096, 128
     sizes = [lib.ttk_grad_dy_splits(m, n, rb, 1, sms) * rb * n * 4 for m in (8192, 65536, 2**20)]
     assert max(sizes) <= 64 * 2**20 and sizes[-1] <= sizes[0] * 1.01

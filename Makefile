@@ -1,6 +1,6 @@
 # ttkernels: `make quick` (install + the CPU benchmark, the main job), `make test` (the fast suite), `make demo`,
 # `make lint`, `make bench` (all presets on this machine), `make plots`, `make publish-results`,
-# `make test-slow`, `make test-aot`, `make test-all`, `make cmake-build`, `make triton36`.
+# `make test-slow`, `make test-aot`, `make test-all`, `make cmake-build`, `make triton36`, `make cuda-gate`.
 # Everything runs in the virtual environment $(VENV), created and filled on first use.
 # Benchmark rows and figures go to $(BENCH_OUT) (git-ignored); only `make publish-results` writes the tracked
 # bench/results/ that the README shows.
@@ -21,7 +21,7 @@ PUBLISHED ?= bench/results
 PYTEST ?= $(PY) -m pytest -q
 
 .PHONY: install quick demo test test-slow test-aot test-all lint format bench plots publish-results overhead gpu \
-	cmake-build triton36 clean
+	cmake-build triton36 cuda-gate clean
 
 install: $(STAMP)
 
@@ -106,6 +106,11 @@ triton36: $(STAMP)
 	PYTHONPATH=$(abspath $(T36)) $(PY) -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning \
 	  tests/test_triton.py tests/test_triton_factors.py tests/test_ttm_kernels.py
 	PYTHONPATH=$(abspath $(T36)) $(PY) -m ttkernels._triton_kernels.aot --arch 90 --dtypes bf16 --jobs 2
+
+# Static gate of the CUDA kernels, no GPU needed: every kernel instantiation compiled for sm_90a (nvcc -Xptxas -v)
+# uses at most 128 registers per thread and spills nothing; fails otherwise (about 2 minutes on 2 cores).
+cuda-gate:
+	CUDA_HOME=$(CUDA_HOME) $(PYTHON) csrc/ptxas_gate.py --arch sm_90a --max-registers 128
 
 clean:
 	rm -rf build dist *.egg-info ttkernels/_C*.so $(STAMP)

@@ -102,13 +102,57 @@ def _default_max_jobs() -> int:
     return max(1, jobs)
 
 
-def _nvcc_major(nvcc: str) -> int | None:
+def _nvcc_release(nvcc: str) -> str | None:
+    """ "13.0" from `nvcc --version`, or None when it cannot be run or read."""
     try:
         out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    m = re.search(r"release (\d+)\.", out)
-    return int(m.group(1)) if m else None
+    m = re.search(r"release (\d+\.\d+)", out)
+    return m.group(1) if m else None
+
+
+def _nvcc_major(nvcc: str) -> int | None:
+    release = _nvcc_release(nvcc)
+    return int(release.split(".")[0]) if release else None
+
+
+def cuda_version_problem(nvcc: str) -> str | None:
+    """None when torch's own cpp_extension check accepts the toolkit of ``nvcc`` for this torch, else a sentence
+    saying exactly why not, with both versions.
+
+    The rule is torch's, not ours: ``torch.utils.cpp_extension._check_cuda_version`` (the check BuildExtension
+    runs) with its CUDA_HOME pointed at this nvcc's toolkit. A minor-version difference only warns there; a major
+    one is refused by the torch versions that refuse it (2.14 does), and accepted by any that accept it. Host
+    compiler bounds for the toolkit are part of the same check. A torch without that function is left to its own
+    BuildExtension.
+    """
+    import torch
+    from torch.utils import cpp_extension as ce
+
+    check = getattr(ce, "_check_cuda_version", None)
+    if check is None:
+        return None
+    release = _nvcc_release(nvcc) or "unknown"
+    home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    saved = ce.CUDA_HOME
+    ce.CUDA_HOME = home
+    try:
+        compiler = ce.get_cxx_compiler()
+        _, compiler_version = ce.get_compiler_abi_compatibility_and_version(compiler)
+        check(compiler, compiler_version)
+    except (RuntimeError, ValueError, OSError, subprocess.SubprocessError) as e:
+        args = e.args
+        text = args[0] % tuple(args[1:]) if len(args) > 1 and isinstance(args[0], str) else str(e)
+        return (
+            f"torch's cpp_extension check refuses this toolkit: nvcc {nvcc} is CUDA {release}, torch "
+            f"{torch.__version__} was built with CUDA {torch.version.cuda} ({text.strip()}). Install a torch built "
+            f"for CUDA {release.split('.')[0]}.x, or point CUDA_HOME at a CUDA {torch.version.cuda.split('.')[0]}.x "
+            f"toolkit"
+        )
+    finally:
+        ce.CUDA_HOME = saved
+    return None
 
 
 def _nvidia_wheel_include_dirs(nvcc_major: int | None) -> list[str]:
@@ -185,15 +229,13 @@ def _cuda_extension() -> tuple[list, dict]:
     if nvcc is None:
         return give_up(why_not)
     nvcc_major = _nvcc_major(nvcc)
-    torch_cuda_major = int(torch.version.cuda.split(".")[0])
-    if nvcc_major is not None and nvcc_major != torch_cuda_major:
-        # torch's BuildExtension would stop on this too, with a less specific message.
-        return give_up(
-            f"{nvcc} is CUDA {nvcc_major}.x but torch {torch.__version__} was built with CUDA {torch.version.cuda}"
-        )
     # torch.utils.cpp_extension reads CUDA_HOME when first imported, just below.
     if not os.environ.get("CUDA_HOME"):
         os.environ["CUDA_HOME"] = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    _say(f"nvcc {nvcc}: CUDA {_nvcc_release(nvcc) or 'unknown'}; torch {torch.__version__}: CUDA {torch.version.cuda}")
+    problem = cuda_version_problem(nvcc)
+    if problem is not None:
+        return give_up(problem)
 
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 

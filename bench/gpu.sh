@@ -4,8 +4,8 @@
 #     bash bench/gpu.sh          (from the repository root; about 9 minutes at most)
 #
 # 1. prints nvidia-smi and the versions of everything that can change a result;
-# 2. builds the CUDA extension in place (ttkernels/_C*.so) with setup.py, timed; a failure is recorded and
-#    the script goes on;
+# 2. prints the toolkit's and torch's CUDA versions, then builds the CUDA extension in place (ttkernels/_C*.so)
+#    with setup.py, timed; a failure is recorded and the script goes on;
 # 3. makes ttkernels importable as installed (an editable pip install without index, dependencies or a
 #    second extension build) when it is not yet, so ttkernels._triton_kernels resolves;
 # 4. runs the whole test suite with TTKERNELS_REQUIRE_CUDA_EXT=1, then the CUDA backend's small tests under
@@ -124,6 +124,11 @@ section "machine and versions"
 step versions "$RESULTS/gpu-versions-$STAMP.log" "$(limit 60 420)" bash -c versions
 
 section "build the CUDA extension in place (setup.py build_ext --inplace)"
+# Both CUDA versions, before anything is compiled: setup.py builds where torch's own cpp_extension check accepts
+# the toolkit (another minor version only warns) and otherwise says why.
+NVCC_BIN="${CUDA_HOME:+$CUDA_HOME/bin/}nvcc"
+echo "toolkit: $("$NVCC_BIN" --version 2>/dev/null | grep -o 'release [0-9.]*' || echo "nvcc not found ($NVCC_BIN)")"
+echo "torch:   $("$PY" -c 'import torch; print(torch.__version__, "built with CUDA", torch.version.cuda)' 2>&1 | tail -1)"
 step build "$RESULTS/gpu-build-$STAMP.log" "$(limit 200 300)" \
 	env TTKERNELS_FORCE_CUDA_BUILD=1 MAX_JOBS="${MAX_JOBS:-16}" "$PY" setup.py build_ext --inplace
 "$PY" -c "import ttkernels._ext as e; print('extension:', e.cuda_extension_path() or 'not built')"

@@ -27,10 +27,11 @@
 // first what does not depend on the device (dims, shapes, dtypes, contiguity, ranks, p, seed), then devices, so
 // all of it can be exercised on a machine without a GPU. The CPU dispatch key is registered with the same
 // functions so that a CPU tensor gets "x must be a CUDA tensor" instead of the dispatcher's generic message;
-// nothing computes on the CPU. Task ids are checked on the host (one device-to-host copy) unless the current
-// stream is capturing a CUDA graph, where a host copy is not allowed; the kernels then turn a row with an
-// out-of-range id into NaN instead of reading out of bounds. The reductions (dB, dC, dA) use fp32 atomics, or,
-// under torch.use_deterministic_algorithms(True), per-block fp32 buffers summed in a fixed order.
+// nothing computes on the CPU. No op synchronizes with the host: task ids are checked for dtype and shape here,
+// and their values on the device: a row whose id is out of range gets NaN in U (shrink, mid) and in dS
+// (grad_mid) and adds nothing to dC, instead of reading out of bounds (the NaN reaches the layer's output and the
+// loss, so a bad id cannot pass silently). The reductions (dB, dC, dA) use fp32 atomics, or, under
+// torch.use_deterministic_algorithms(True), fixed-split fp32 buffers summed in a fixed order.
 // No autograd and no fake kernels here: ttkernels/_cuda_backend.py adds the fakes, ttkernels/ops.py the autograd.
 // The library has no PyInit: load it with torch.ops.load_library(path) (ttkernels/_ext.py does).
 // Checked by: tests/test_cuda_extension.py and tests/test_cuda_backend.py (argument checks on the CPU; results
@@ -46,12 +47,10 @@
 #include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
-#include <ATen/ops/aminmax.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -127,7 +126,7 @@ void check_scaling(const char* op, double scaling) {
   TTK_CHECK(std::isfinite(scaling), "scaling must be finite, got ", scaling);
 }
 
-// task_ids: int64, (M,), contiguous. Values are checked later, on the device side of the checks.
+// task_ids: int64, (M,), contiguous. Their values are the kernels' business (NaN rows; see the header).
 void check_task_ids(const char* op, const at::Tensor& ids, int64_t M) {
   TORCH_CHECK_TYPE(ids.scalar_type() == c10::ScalarType::Long, "ttkernels_cuda::", op,
                    ": task_ids must have dtype int64, got ", ids.scalar_type());
@@ -157,17 +156,6 @@ int64_t check_c(const char* op, const at::Tensor& C, const OptTensor& task_ids, 
 void check_cuda(const char* op, const char* name, const at::Tensor& t, const c10::Device& device) {
   TTK_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
   TTK_CHECK(t.device() == device, name, " is on ", t.device(), " but the first argument is on ", device);
-}
-
-// Host check of the ids' range (one small device-to-host copy), skipped while the stream captures a graph.
-void check_task_range(const char* op, const at::Tensor& ids, int64_t num_tasks) {
-  if (ids.numel() == 0) return;
-  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) return;
-  const auto [lo_t, hi_t] = at::aminmax(ids);
-  const int64_t lo = lo_t.item<int64_t>();
-  const int64_t hi = hi_t.item<int64_t>();
-  TORCH_CHECK_INDEX(lo >= 0 && hi < num_tasks, "ttkernels_cuda::", op, ": task_ids must lie in [0, ", num_tasks,
-                    "), got values from ", lo, " to ", hi);
 }
 
 void check_launch(const char* op, cudaError_t err) {
@@ -321,15 +309,19 @@ std::tuple<at::Tensor, at::Tensor> shrink(const at::Tensor& x, const at::Tensor&
   if (task_ids.has_value()) check_cuda(op, "task_ids", *task_ids, x.device());
 
   const c10::cuda::CUDAGuard device_guard(x.device());
-  if (task_ids.has_value()) check_task_range(op, *task_ids, num_tasks);
   at::Tensor S = new_output({M, ra}, x.options());
   at::Tensor U = C.has_value() ? new_output({M, rb}, x.options()) : at::empty({0}, x.options());
   if (M == 0) return {S, U};
   const Dropout d = dropout_of(p, seed);
+  const int sms = num_sms(x);
+  const int64_t splits = ttk_shrink_splits(M, d_in, ra, sms);
+  // split-K (few rows): fp32 partial sums, every element written; bounded (a few MiB) since the rows are few
+  at::Tensor partial = splits > 1 ? at::empty({splits * M * ra}, x.options().dtype(at::kFloat)) : at::Tensor();
   check_launch(op, ttk_shrink_launch(dtype, x.const_data_ptr(), A.const_data_ptr(), ptr_or_null(C),
                                      ids_or_null(task_ids), num_tasks, S.mutable_data_ptr(),
-                                     C.has_value() ? U.mutable_data_ptr() : nullptr, M, d_in, ra, rb, d.enabled,
-                                     d.seed, d.threshold, d.scale, stream_of(x)));
+                                     C.has_value() ? U.mutable_data_ptr() : nullptr,
+                                     splits > 1 ? partial.mutable_data_ptr<float>() : nullptr, sms, M, d_in, ra, rb,
+                                     d.enabled, d.seed, d.threshold, d.scale, stream_of(x)));
   return {S, U};
 }
 
@@ -348,7 +340,6 @@ at::Tensor mid(const at::Tensor& S, const at::Tensor& C, const OptTensor& task_i
   if (task_ids.has_value()) check_cuda(op, "task_ids", *task_ids, S.device());
 
   const c10::cuda::CUDAGuard device_guard(S.device());
-  if (task_ids.has_value()) check_task_range(op, *task_ids, num_tasks);
   at::Tensor U = new_output({M, rb}, S.options());
   if (M == 0) return U;
   check_launch(op, ttk_rowmix_launch(dtype, S.const_data_ptr(), C.const_data_ptr(), ids_or_null(task_ids), num_tasks,
@@ -427,13 +418,20 @@ std::tuple<at::Tensor, at::Tensor> grad_dy(const at::Tensor& dy, const at::Tenso
   if (M == 0) return {dU, at::zeros({rb, d_out}, dy.options())};
   at::Tensor dB = new_output({rb, d_out}, dy.options());
   const bool deterministic = at::globalContext().deterministicAlgorithms();
-  const int64_t parts = deterministic ? ttk_grad_dy_blocks(M, rb) : 1;
+  const int sms = num_sms(dy);
+  const int64_t slices = ttk_grad_dy_slices(M, d_out, rb, sms);
+  const int64_t splits = ttk_grad_dy_splits(M, d_out, rb, deterministic ? 1 : 0, sms);
+  const int64_t parts = deterministic ? splits : 1;
   const auto f32 = dy.options().dtype(at::kFloat);
-  // Deterministic: every block writes its whole (rb, d_out) piece, so the buffer needs no zeroing.
+  // Every slice writes its whole piece of dU_buf, and in deterministic mode every split its whole piece of the
+  // dB buffer: no zeroing. Neither buffer grows with M beyond the size of dU itself (see grad_dy.cu).
+  at::Tensor dU_buf = slices > 1 ? at::empty({slices * M * rb}, f32) : at::Tensor();
   at::Tensor buf = deterministic ? at::empty({parts * rb * d_out}, f32) : at::zeros({rb * d_out}, f32);
   check_launch(op, ttk_grad_dy_launch(dtype, dy.const_data_ptr(), U.const_data_ptr(), B.const_data_ptr(),
-                                      dU.mutable_data_ptr(), buf.mutable_data_ptr<float>(), deterministic ? 1 : 0, M,
-                                      d_out, rb, static_cast<float>(scaling), stream_of(dy)));
+                                      dU.mutable_data_ptr(), slices > 1 ? dU_buf.mutable_data_ptr<float>() : nullptr,
+                                      buf.mutable_data_ptr<float>(), deterministic ? 1 : 0, sms, M, d_out, rb,
+                                      static_cast<float>(scaling), stream_of(dy)));
+  if (slices > 1) finalize(op, dU_buf, slices, dU, static_cast<float>(scaling));
   finalize(op, buf, parts, dB, static_cast<float>(scaling));
   return {dU, dB};
 }
@@ -460,7 +458,6 @@ std::tuple<at::Tensor, at::Tensor> grad_mid(const at::Tensor& S, const at::Tenso
   if (task_ids.has_value()) check_cuda(op, "task_ids", *task_ids, S.device());
 
   const c10::cuda::CUDAGuard device_guard(S.device());
-  if (task_ids.has_value()) check_task_range(op, *task_ids, num_tasks);
   at::Tensor dS = new_output({M, ra}, S.options());
   if (M == 0) return {dS, at::zeros(C.sizes(), C.options())};
   check_launch(op, ttk_rowmix_launch(dtype, dU.const_data_ptr(), C.const_data_ptr(), ids_or_null(task_ids), num_tasks,

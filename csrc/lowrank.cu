@@ -7,7 +7,9 @@
 //   stored value and rounded once, as addmm with beta = 1 does. With dropout (grad_x), the added term is masked
 //   and scaled with the forward's mask (the derivative of dropout).
 //   Launch: blocks of 256 threads over 32 x 128 tiles of out (rows in grid.x); R is walked in steps of 32
-//   through shared memory; each thread owns a 4 x 4 piece of the tile.
+//   through shared memory, stopping at the real rank. fp16 / bf16: tensor cores (WMMA 16 x 16 x 16, fp32
+//   accumulation; accumulate_mma_kernel) and 16-byte updates of out when its rows allow them; fp32: exact
+//   FMA (no TF32), each thread owning a 4 x 4 piece of the tile.
 // rowmix (mid and step 5's dS): out[row] = in[row] Cm(row), Cm = C or C^T, per row slice C[task_ids[row]].
 //   in: (M, r_in), out: (M, r_out), C: (r_in, r_out) or (T, r_in, r_out); transposed: (r_out, r_in) slices.
 //   One thread per output element (r_in <= 128 products, the rows come from the L1 cache). A row whose task id
@@ -15,7 +17,8 @@
 // finalize: out[e] = round(scale * sum over parts p of buf[p][e]), summed in order p = 0, 1, ...: the fp32
 //   buffers of grad_dy.cu and token_reduce.cu to T.
 // Limits: M, N <= 2^32 with dropout (hashed indices are uint32), 1 <= R <= 128 (accumulate works for any R).
-// Checked by: tests/test_cuda_backend.py against the float64 reference on a GPU; compiled, not run, without one.
+// Checked by: tests/test_cuda_emulated.py against the float64 reference on the CPU (the WMMA calls through
+// host_emulation.h; aligned and unaligned rows of out), tests/test_cuda_backend.py on a GPU.
 #include <limits.h>
 #include <stdint.h>
 
@@ -74,7 +77,8 @@ __global__ void __launch_bounds__(kThreads)
       bs[k * (kAccCols + 1) + n] = (k0 + k < R && col < N) ? to_float(Bm[(k0 + k) * bsk + col * bsn]) : 0.0f;
     }
     __syncthreads();
-    for (int k = 0; k < kAccK; ++k) {
+    const int ksteps = R - k0 < kAccK ? R - k0 : kAccK;  // the real rank only
+    for (int k = 0; k < ksteps; ++k) {
       float uv[kRowsPerThread];
 #pragma unroll
       for (int w = 0; w < kRowsPerThread; ++w) uv[w] = us[(warp + kWarps * w) * (kAccK + 1) + k];
@@ -103,6 +107,129 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
 }
+
+// accumulate for fp16 / bf16 on tensor cores: the same 32 x 128 tiles; U's (32 x 32) and Bm's (32 x 128) chunks of
+// the rank go to shared memory in their storage type, each warp keeps two 16 x 16 fp32 accumulators (rows 16 * (w % 2),
+// columns 32 * (w / 2) and + 16), only the 16-rank steps below R run, and the tile is staged in shared memory (fp32)
+// so that each thread updates 8 consecutive elements of out with one 16-byte load and store when the rows allow it.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    accumulate_mma_kernel(T* __restrict__ out, const T* __restrict__ U, const T* __restrict__ Bm, int64_t bsk,
+                          int64_t bsn, int64_t M, int64_t N, int R, float scaling, DropoutArgs drop, int vec) {
+  static_assert(sizeof(T) == 2, "tensor-core path: fp16 / bf16");
+  constexpr int kLdU = kAccK + 8;     // T elements per row of us
+  constexpr int kLdB = kAccCols + 8;  // T elements per row of bs
+  constexpr int kLdS = kAccCols + 4;  // floats per row of the stage
+  constexpr int V = 8;
+  static_assert((kAccRows * kLdU + kAccK * kLdB) * 2 + kAccRows * kLdS * 4 <= 48 * 1024, "shared memory");
+  __shared__ __align__(32) uint16_t us_raw[kAccRows * kLdU];  // [i][k]
+  __shared__ __align__(32) uint16_t bs_raw[kAccK * kLdB];     // [k][n]
+  __shared__ __align__(32) float stage[kAccRows * kLdS];      // [i][n]
+  T* us = reinterpret_cast<T*>(us_raw);
+  T* bs = reinterpret_cast<T*>(bs_raw);
+
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int ib = warp % 2;       // this warp's 16 rows
+  const int nb = (warp / 2) * 2;  // and its two 16-column tiles
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kAccRows;
+  const int64_t col0 = static_cast<int64_t>(blockIdx.y) * kAccCols;
+  const T zero = from_float<T>(0.0f);
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
+  wmma::fill_fragment(acc[0], 0.0f);
+  wmma::fill_fragment(acc[1], 0.0f);
+
+  for (int k0 = 0; k0 < R; k0 += kAccK) {
+    __syncthreads();
+    for (int e = tid; e < kAccRows * kAccK; e += kThreads) {
+      const int i = e / kAccK;
+      const int k = e % kAccK;
+      const int64_t row = row0 + i;
+      us[i * kLdU + k] = (row < M && k0 + k < R) ? U[row * R + k0 + k] : zero;
+    }
+    for (int e = tid; e < kAccK * kAccCols; e += kThreads) {
+      // consecutive threads read consecutive addresses of Bm, whichever of its strides is 1
+      int k, n;
+      if (bsn == 1) {
+        k = e / kAccCols;
+        n = e % kAccCols;
+      } else {
+        n = e / kAccK;
+        k = e % kAccK;
+      }
+      const int64_t col = col0 + n;
+      bs[k * kLdB + n] = (k0 + k < R && col < N) ? Bm[(k0 + k) * bsk + col * bsn] : zero;
+    }
+    __syncthreads();
+    const int ksteps = R - k0 < kAccK ? static_cast<int>(ceil_div(R - k0, 16)) : kAccK / 16;  // real rank only
+    for (int kb = 0; kb < ksteps; ++kb) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+      wmma::load_matrix_sync(a, us + ib * 16 * kLdU + kb * 16, kLdU);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+        wmma::load_matrix_sync(b, bs + kb * 16 * kLdB + (nb + h) * 16, kLdB);
+        wmma::mma_sync(acc[h], a, b, acc[h]);
+      }
+    }
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    wmma::store_matrix_sync(stage + ib * 16 * kLdS + (nb + h) * 16, acc[h], kLdS, wmma::mem_row_major);
+  }
+  __syncthreads();
+
+  // out += drop'(scaling * tile), V consecutive columns per thread
+  for (int e = tid; e < kAccRows * (kAccCols / V); e += kThreads) {
+    const int i = e / (kAccCols / V);
+    const int n = (e % (kAccCols / V)) * V;
+    const int64_t row = row0 + i;
+    const int64_t col = col0 + n;
+    if (row >= M || col >= N) continue;
+    const uint32_t h = drop.enabled ? dropout_row_hash(drop.seed, static_cast<uint32_t>(row)) : 0u;
+    T* p = out + row * N + col;
+    float add[V];
+#pragma unroll
+    for (int t = 0; t < V; ++t) {
+      add[t] = scaling * stage[i * kLdS + n + t];
+      if (drop.enabled) {
+        add[t] = dropout_keep(h, static_cast<uint32_t>(col + t), drop.threshold) ? add[t] * drop.scale : 0.0f;
+      }
+    }
+    if (vec) {  // N is a multiple of V: the whole vector is in range
+      float cur[V];
+      load_vec<T, false>(p, cur);  // out is written here: not through the read-only cache
+      T res[V];
+#pragma unroll
+      for (int t = 0; t < V; ++t) res[t] = from_float<T>(cur[t] + add[t]);
+      store_vec(p, res);
+    } else {
+      for (int t = 0; t < V && col + t < N; ++t) p[t] = from_float<T>(to_float(p[t]) + add[t]);
+    }
+  }
+}
+
+// fp32 stays on the exact FMA path (no TF32); fp16 / bf16 take the tensor cores.
+template <typename T>
+struct AccumulateFor {
+  static cudaError_t launch(dim3 grid, cudaStream_t stream, T* out, const T* U, const T* Bm, int64_t bsk, int64_t bsn,
+                            int64_t M, int64_t N, int R, float scaling, DropoutArgs drop) {
+    const int vec = can_vec<T>(out, N) ? 1 : 0;
+    auto* kernel = accumulate_mma_kernel<T>;
+    TTK_LAUNCH(kernel, grid, kThreads, stream, out, U, Bm, bsk, bsn, M, N, R, scaling, drop, vec);
+    return TTK_LAST_ERROR();
+  }
+};
+template <>
+struct AccumulateFor<float> {
+  static cudaError_t launch(dim3 grid, cudaStream_t stream, float* out, const float* U, const float* Bm, int64_t bsk,
+                            int64_t bsn, int64_t M, int64_t N, int R, float scaling, DropoutArgs drop) {
+    auto* kernel = accumulate_kernel<float>;
+    TTK_LAUNCH(kernel, grid, kThreads, stream, out, U, Bm, bsk, bsn, M, N, R, scaling, drop);
+    return TTK_LAST_ERROR();
+  }
+};
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
@@ -164,10 +291,8 @@ extern "C" cudaError_t ttk_accumulate_launch(ttk_dtype dtype, void* out, const v
   const dim3 grid(static_cast<unsigned>(ceil_div(M, kAccRows)), static_cast<unsigned>(ceil_div(N, kAccCols)));
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    auto* kernel = accumulate_kernel<T>;
-    TTK_LAUNCH(kernel, grid, kThreads, stream, static_cast<T*>(out), static_cast<const T*>(U),
-               static_cast<const T*>(Bm), bsk, bsn, M, N, static_cast<int>(R), scaling, drop);
-    return TTK_LAST_ERROR();
+    return AccumulateFor<T>::launch(grid, stream, static_cast<T*>(out), static_cast<const T*>(U),
+                                    static_cast<const T*>(Bm), bsk, bsn, M, N, static_cast<int>(R), scaling, drop);
   });
 }
 

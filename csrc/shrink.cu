@@ -8,15 +8,19 @@
 // product accumulates in fp32, S is rounded to T, and U is computed from the rounded S (fp32 accumulation,
 // one rounding). The dropout mask is the hash of dropout_hash.cuh, regenerated, never stored.
 //
-// Launch: one block of 256 threads per 32 rows. The block walks K in steps of 64: a 32 x 64 tile of drop(x)
-// and a 64 x RP tile of A go to shared memory (fp32), and each thread accumulates a 2 x (RP / 16) piece of S in
-// registers (RP = ra padded to 16, 32, 64 or 128: the specialisations for small ranks). Then the rounded S
-// tile stays in shared memory for U = S C, which reads C (tiny, cached) from global memory.
-// Task ids: the binding checks every id on the host before launch; when it cannot (a CUDA graph is being
-// captured), a row whose id is out of range gets U = NaN instead of an out-of-bounds read.
+// Launch: a grid of (row blocks, splits) blocks of 256 threads, 32 rows each. A block walks its range of K in
+// steps of 64: a 32 x 64 tile of drop(x) (16-byte vector loads when x's rows allow them) and a 64 x RP tile of A
+// go to shared memory (fp32), and each thread accumulates a 2 x (RP / 16) piece of S in registers (RP = ra padded
+// to 16, 32, 64 or 128: the specialisations for small ranks; loops stop at the real rank). With one split (the
+// rows give at least two blocks per SM) the rounded S tile stays in shared memory for U = S C, which reads C
+// (tiny, cached) from global memory. Split-K (decode: few rows) cuts K into up to 64 ranges of at least 128
+// columns, for about four blocks per SM; each block writes fp32 partial sums (splits, M, ra), and a second small
+// kernel adds them in split order (deterministic), rounds S and computes U.
+// Task ids are never copied to the host: a row whose id is out of range gets U = NaN instead of an
+// out-of-bounds read.
 // Limits: 1 <= M, K <= 2^32 (hashed indices are uint32), 1 <= ra, rb <= 128.
-// Checked by: tests/test_cuda_backend.py against the float64 reference on a GPU; on a machine without a GPU
-// it is compiled, not run.
+// Checked by: tests/test_cuda_emulated.py against the float64 reference on the CPU (one split and split-K,
+// aligned and unaligned x), tests/test_cuda_backend.py on a GPU.
 #include <limits.h>
 #include <stdint.h>
 
@@ -26,94 +30,56 @@ namespace ttkernels {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kRows = 32;   // rows of x per block
-constexpr int kChunk = 64;  // columns of x (rows of A) per step
-constexpr int kRowGroups = kThreads / 16;
-constexpr int kRowsPerThread = kRows / kRowGroups;
+constexpr int kTileRows = 4;               // rows of S per thread (one 128-bit shared load of x per step)
+constexpr int kFinishRows = 32;            // rows per block of the finishing kernel
+constexpr int64_t kMinChunksPerSplit = 2;  // a split walks at least two chunks of K
+constexpr int64_t kMaxSplits = 64;
 
-template <typename T, int RP>
-__global__ void __launch_bounds__(kThreads)
-    shrink_kernel(const T* __restrict__ x, const T* __restrict__ A, const T* __restrict__ C,
-                  const int64_t* __restrict__ task_ids, int64_t num_tasks, T* __restrict__ S, T* __restrict__ U,
-                  int64_t M, int64_t K, int ra, int rb, DropoutArgs drop) {
-  constexpr int kXs = kRows * (kChunk + 1);
-  constexpr int kAs = kChunk * RP;
-  constexpr int kSs = kRows * (RP + 1);
-  constexpr int kSmem = (kXs + kAs > kSs) ? kXs + kAs : kSs;
-  static_assert(kSmem * 4 + kRows * 4 <= 48 * 1024, "static shared memory above 48 KiB");
-  constexpr int kRanksPerThread = RP / 16;
-  __shared__ float smem[kSmem];
-  __shared__ uint32_t row_hash[kRows];
-  float* xs = smem;        // [kRows][kChunk + 1]
-  float* as = smem + kXs;  // [kChunk][RP]
+// The shape of a block for the rank bucket RP: kRankGroups threads share a row group and own kTileRanks
+// consecutive ranks each; a block covers kRows rows and walks K in chunks of kChunk columns.
+template <int RP>
+struct Shape {
+  static constexpr int kRankGroups = RP <= 32 ? 8 : 16;
+  static constexpr int kTileRanks = RP / kRankGroups;                  // 2, 4, 4, 8
+  static constexpr int kRows = kThreads / kRankGroups * kTileRows;      // 128, 128, 64, 64
+  static constexpr int kChunk = RP >= 128 ? 32 : 64;
+  static constexpr int kPitch = kRows + 4;                              // xs row pitch: 16-byte aligned rows
+  static constexpr int kXs = kChunk * kPitch;                           // xs[k][row], drop(x) transposed
+  static constexpr int kAs = kChunk * RP;                               // as[k][j]
+  static constexpr int kSs = kRows * (RP + 1);                          // ss[row][j], the rounded S tile
+  static constexpr int kSmem = kXs + kAs > kSs ? kXs + kAs : kSs;
+};
 
-  const int tid = threadIdx.x;
-  const int col = tid % 16;        // this thread's ranks: col, col + 16, ...
-  const int row_group = tid / 16;  // this thread's rows: row_group, row_group + 16
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows;
-
-  if (drop.enabled && tid < kRows) row_hash[tid] = dropout_row_hash(drop.seed, static_cast<uint32_t>(row0 + tid));
-
-  float acc[kRowsPerThread][kRanksPerThread];
-#pragma unroll
-  for (int w = 0; w < kRowsPerThread; ++w)
-#pragma unroll
-    for (int q = 0; q < kRanksPerThread; ++q) acc[w][q] = 0.0f;
-
-  for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
-    __syncthreads();  // the previous step's tiles are consumed (and row_hash is visible)
-    for (int e = tid; e < kRows * kChunk; e += kThreads) {
-      const int i = e / kChunk;
-      const int k = e % kChunk;
-      const int64_t row = row0 + i;
-      const int64_t kk = k0 + k;
-      float v = 0.0f;
-      if (row < M && kk < K) {
-        v = to_float(x[row * K + kk]);
-        if (drop.enabled) {
-          v = dropout_keep(row_hash[i], static_cast<uint32_t>(kk), drop.threshold) ? round_trip<T>(v * drop.scale)
-                                                                                   : 0.0f;
-        }
-      }
-      xs[i * (kChunk + 1) + k] = v;
-    }
-    for (int e = tid; e < kChunk * RP; e += kThreads) {
-      const int k = e / RP;
-      const int j = e % RP;
-      const int64_t kk = k0 + k;
-      as[e] = (kk < K && j < ra) ? to_float(A[kk * ra + j]) : 0.0f;
-    }
-    __syncthreads();
-    const int steps = K - k0 < kChunk ? static_cast<int>(K - k0) : kChunk;
-    for (int k = 0; k < steps; ++k) {
-      float xv[kRowsPerThread];
-#pragma unroll
-      for (int w = 0; w < kRowsPerThread; ++w) xv[w] = xs[(row_group + kRowGroups * w) * (kChunk + 1) + k];
-#pragma unroll
-      for (int q = 0; q < kRanksPerThread; ++q) {
-        const float av = as[k * RP + col + 16 * q];
-#pragma unroll
-        for (int w = 0; w < kRowsPerThread; ++w) acc[w][q] = fmaf(xv[w], av, acc[w][q]);
-      }
-    }
+int64_t rows_per_block(int64_t ra) {
+  switch (rank_pad(ra)) {
+    case 16:
+      return Shape<16>::kRows;
+    case 32:
+      return Shape<32>::kRows;
+    case 64:
+      return Shape<64>::kRows;
+    default:
+      return Shape<128>::kRows;
   }
+}
 
-  __syncthreads();  // xs / as are reused for the rounded S tile
-  float* ss = smem;  // [kRows][RP + 1]
-#pragma unroll
-  for (int w = 0; w < kRowsPerThread; ++w) {
-    const int i = row_group + kRowGroups * w;
+int64_t chunk_of(int64_t ra) { return rank_pad(ra) >= 128 ? Shape<128>::kChunk : Shape<16>::kChunk; }
+
+// Writes the block's rows of S from ss (the rounded S tile, [kRows][RP + 1], fp32) and, when C is given, U = S C
+// (C per row by task_ids; a row whose id is out of range gets NaN). Called by every thread of the block.
+template <typename T, int RP, int kRows>
+__device__ __forceinline__ void write_s_and_u(const float* ss, const T* __restrict__ C,
+                                              const int64_t* __restrict__ task_ids, int64_t num_tasks,
+                                              T* __restrict__ S, T* __restrict__ U, int64_t row0, int64_t M, int ra,
+                                              int rb) {
+  const int tid = threadIdx.x;
+  for (int e = tid; e < kRows * ra; e += kThreads) {
+    const int i = e / ra;
+    const int j = e % ra;
     const int64_t row = row0 + i;
-#pragma unroll
-    for (int q = 0; q < kRanksPerThread; ++q) {
-      const int j = col + 16 * q;
-      const T s = from_float<T>(acc[w][q]);
-      ss[i * (RP + 1) + j] = to_float(s);
-      if (row < M && j < ra) S[row * ra + j] = s;
-    }
+    if (row < M) S[row * ra + j] = from_float<T>(ss[i * (RP + 1) + j]);  // exact: ss holds rounded values
   }
   if (C == nullptr) return;
-  __syncthreads();
   for (int e = tid; e < kRows * rb; e += kThreads) {
     const int i = e / rb;
     const int j = e % rb;
@@ -134,30 +100,219 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// grid (row blocks, splits): the block of split s walks the columns [s * k_per_split, (s + 1) * k_per_split) of
+// x. One split: it writes S and U. Several: it writes its fp32 partial sums, every element of
+// partial[s][rows][ra], and shrink_finish_kernel adds the splits in order.
+template <typename T, int RP>
+__global__ void __launch_bounds__(kThreads, 2)
+    shrink_kernel(const T* __restrict__ x, const T* __restrict__ A, const T* __restrict__ C,
+                  const int64_t* __restrict__ task_ids, int64_t num_tasks, T* __restrict__ S, T* __restrict__ U,
+                  float* __restrict__ partial, int64_t k_per_split, int vec, int64_t M, int64_t K, int ra, int rb,
+                  DropoutArgs drop) {
+  using Sh = Shape<RP>;
+  constexpr int kRows = Sh::kRows;
+  constexpr int kChunk = Sh::kChunk;
+  constexpr int kPitch = Sh::kPitch;
+  constexpr int TC = Sh::kTileRanks;
+  static_assert(Sh::kSmem * 4 + kRows * 4 <= 48 * 1024, "static shared memory above 48 KiB");
+  __shared__ __align__(16) float smem[Sh::kSmem];
+  __shared__ uint32_t row_hash[kRows];
+  float* xs = smem;           // [kChunk][kPitch]
+  float* as = smem + Sh::kXs;  // [kChunk][RP]
+
+  const int tid = threadIdx.x;
+  const int rank0 = (tid % Sh::kRankGroups) * TC;    // this thread's ranks: rank0 .. rank0 + TC - 1
+  const int trow0 = (tid / Sh::kRankGroups) * kTileRows;  // this thread's rows: trow0 .. trow0 + 3
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows;
+  const int64_t k_begin = static_cast<int64_t>(blockIdx.y) * k_per_split;
+  const int64_t k_end = k_begin + k_per_split < K ? k_begin + k_per_split : K;
+  const bool live = rank0 < ra;  // a thread whose ranks are all padding skips the products
+
+  if (drop.enabled) {
+    for (int i = tid; i < kRows; i += kThreads) {
+      row_hash[i] = dropout_row_hash(drop.seed, static_cast<uint32_t>(row0 + i));
+    }
+  }
+
+  float acc[kTileRows][TC];
+#pragma unroll
+  for (int w = 0; w < kTileRows; ++w)
+#pragma unroll
+    for (int q = 0; q < TC; ++q) acc[w][q] = 0.0f;
+
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kChunk) {
+    __syncthreads();  // the previous step's tiles are consumed (and row_hash is visible)
+    // drop(x) tile, transposed into xs[k][i]: consecutive threads take consecutive rows, so the shared stores do
+    // not conflict; a warp's 16-byte loads of one column range cover whole sectors across the block's threads.
+    if (vec) {
+      constexpr int V = vec_width<T>();
+      for (int e = tid; e < kRows * (kChunk / V); e += kThreads) {
+        const int i = e % kRows;
+        const int k = (e / kRows) * V;
+        const int64_t row = row0 + i;
+        const int64_t kk = k0 + k;
+        float v[V];
+        if (row < M && kk < k_end) {
+          load_vec(x + row * K + kk, v);  // K is a multiple of V: the whole vector is in range
+          if (drop.enabled) {
+#pragma unroll
+            for (int t = 0; t < V; ++t) {
+              v[t] = dropout_keep(row_hash[i], static_cast<uint32_t>(kk + t), drop.threshold)
+                         ? round_trip<T>(v[t] * drop.scale)
+                         : 0.0f;
+            }
+          }
+        } else {
+#pragma unroll
+          for (int t = 0; t < V; ++t) v[t] = 0.0f;
+        }
+#pragma unroll
+        for (int t = 0; t < V; ++t) xs[(k + t) * kPitch + i] = v[t];
+      }
+    } else {
+      for (int e = tid; e < kRows * kChunk; e += kThreads) {
+        const int k = e % kChunk;  // consecutive threads read consecutive columns of a row
+        const int i = e / kChunk;
+        const int64_t row = row0 + i;
+        const int64_t kk = k0 + k;
+        float v = 0.0f;
+        if (row < M && kk < k_end) {
+          v = to_float(x[row * K + kk]);
+          if (drop.enabled) {
+            v = dropout_keep(row_hash[i], static_cast<uint32_t>(kk), drop.threshold) ? round_trip<T>(v * drop.scale)
+                                                                                     : 0.0f;
+          }
+        }
+        xs[k * kPitch + i] = v;
+      }
+    }
+    for (int e = tid; e < kChunk * RP; e += kThreads) {
+      const int k = e / RP;
+      const int j = e % RP;
+      const int64_t kk = k0 + k;
+      as[e] = (kk < k_end && j < ra) ? to_float(A[kk * ra + j]) : 0.0f;
+    }
+    __syncthreads();
+    const int steps = k_end - k0 < kChunk ? static_cast<int>(k_end - k0) : kChunk;
+    if (live) {
+      for (int k = 0; k < steps; ++k) {
+        float xv[kTileRows];
+        float av[TC];
+        load_shared<kTileRows>(xs + k * kPitch + trow0, xv);  // one 128-bit load
+        load_shared<TC>(as + k * RP + rank0, av);             // 64- to 2 x 128-bit loads
+#pragma unroll
+        for (int w = 0; w < kTileRows; ++w)
+#pragma unroll
+          for (int q = 0; q < TC; ++q) acc[w][q] = fmaf(xv[w], av[q], acc[w][q]);
+      }
+    }
+  }
+
+  if (partial != nullptr) {
+    float* out = partial + static_cast<int64_t>(blockIdx.y) * M * ra;
+#pragma unroll
+    for (int w = 0; w < kTileRows; ++w) {
+      const int64_t row = row0 + trow0 + w;
+#pragma unroll
+      for (int q = 0; q < TC; ++q) {
+        const int j = rank0 + q;
+        if (row < M && j < ra) out[row * ra + j] = acc[w][q];
+      }
+    }
+    return;
+  }
+  __syncthreads();  // xs / as are reused for the rounded S tile
+  float* ss = smem;  // [kRows][RP + 1]
+#pragma unroll
+  for (int w = 0; w < kTileRows; ++w)
+#pragma unroll
+    for (int q = 0; q < TC; ++q) ss[(trow0 + w) * (RP + 1) + rank0 + q] = round_trip<T>(acc[w][q]);
+  __syncthreads();
+  write_s_and_u<T, RP, kRows>(ss, C, task_ids, num_tasks, S, U, row0, M, ra, rb);
+}
+
+// S = round(sum over splits s = 0, 1, ... of partial[s]) and U = S C, for kFinishRows rows per block.
+template <typename T, int RP>
+__global__ void __launch_bounds__(kThreads)
+    shrink_finish_kernel(const float* __restrict__ partial, int64_t splits, const T* __restrict__ C,
+                         const int64_t* __restrict__ task_ids, int64_t num_tasks, T* __restrict__ S,
+                         T* __restrict__ U, int64_t M, int ra, int rb) {
+  __shared__ float ss[kFinishRows * (RP + 1)];
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kFinishRows;
+  for (int e = threadIdx.x; e < kFinishRows * ra; e += kThreads) {
+    const int i = e / ra;
+    const int j = e % ra;
+    const int64_t row = row0 + i;
+    float v = 0.0f;
+    if (row < M) {
+      for (int64_t s = 0; s < splits; ++s) v += partial[(s * M + row) * ra + j];
+    }
+    ss[i * (RP + 1) + j] = round_trip<T>(v);
+  }
+  __syncthreads();
+  write_s_and_u<T, RP, kFinishRows>(ss, C, task_ids, num_tasks, S, U, row0, M, ra, rb);
+}
+
+struct Plan {
+  int64_t splits, k_per_split;
+};
+
+// Split-K when the rows give fewer than two blocks per SM (decode, and M up to a few thousand at small ranks):
+// about four blocks per SM, each at least kMinChunksPerSplit chunks of K. A function of (M, K, ra, SM count) only.
+Plan plan(int64_t M, int64_t K, int64_t ra, int num_sms) {
+  const int64_t sms = num_sms > 0 ? num_sms : 1;
+  const int64_t row_blocks = ceil_div(M, rows_per_block(ra));
+  const int64_t chunk = chunk_of(ra);
+  const int64_t chunks = ceil_div(K, chunk);
+  if (row_blocks >= 2 * sms) return Plan{1, chunks * chunk};
+  int64_t want = ceil_div(4 * sms, row_blocks);
+  const int64_t most = ceil_div(chunks, kMinChunksPerSplit);
+  if (want > most) want = most;
+  if (want > kMaxSplits) want = kMaxSplits;
+  const int64_t per = ceil_div(chunks, want < 1 ? 1 : want);
+  return Plan{ceil_div(chunks, per), per * chunk};
+}
+
 }  // namespace
 }  // namespace ttkernels
 
+extern "C" int64_t ttk_shrink_splits(int64_t M, int64_t K, int64_t ra, int num_sms) {
+  using namespace ttkernels;
+  if (M <= 0 || K <= 0 || ra < 1 || ra > kMaxRank) return 0;
+  return plan(M, K, ra, num_sms).splits;
+}
+
 extern "C" cudaError_t ttk_shrink_launch(ttk_dtype dtype, const void* x, const void* A, const void* C,
-                                         const int64_t* task_ids, int64_t num_tasks, void* S, void* U, int64_t M,
-                                         int64_t K, int64_t ra, int64_t rb, int dropout, uint64_t seed,
-                                         uint32_t threshold, float scale, cudaStream_t stream) {
+                                         const int64_t* task_ids, int64_t num_tasks, void* S, void* U, float* partial,
+                                         int num_sms, int64_t M, int64_t K, int64_t ra, int64_t rb, int dropout,
+                                         uint64_t seed, uint32_t threshold, float scale, cudaStream_t stream) {
   using namespace ttkernels;
   constexpr int64_t kMaxIndex = int64_t{1} << 32;
   if (M <= 0 || K <= 0 || M > kMaxIndex || K > kMaxIndex) return cudaErrorInvalidValue;
   if (ra < 1 || ra > kMaxRank || rb < 1 || rb > kMaxRank) return cudaErrorInvalidValue;
   if ((C == nullptr) != (U == nullptr) || (C == nullptr && task_ids != nullptr)) return cudaErrorInvalidValue;
   if (C == nullptr && ra != rb) return cudaErrorInvalidValue;
-  if (ceil_div(M, kRows) > INT_MAX) return cudaErrorInvalidValue;
+  if (ceil_div(M, rows_per_block(ra)) > INT_MAX) return cudaErrorInvalidValue;
+  const Plan p = plan(M, K, ra, num_sms);
+  if ((p.splits > 1) != (partial != nullptr)) return cudaErrorInvalidValue;
   const DropoutArgs drop = make_dropout(dropout, seed, threshold, scale);
-  const dim3 grid(static_cast<unsigned>(ceil_div(M, kRows)));
+  const dim3 grid(static_cast<unsigned>(ceil_div(M, rows_per_block(ra))), static_cast<unsigned>(p.splits));
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
+    const int vec = can_vec<T>(x, K) ? 1 : 0;
     return dispatch_rank(ra, [&](auto rp) {
       constexpr int RP = decltype(rp)::value;
       auto* kernel = shrink_kernel<T, RP>;
       TTK_LAUNCH(kernel, grid, kThreads, stream, static_cast<const T*>(x), static_cast<const T*>(A),
-                 static_cast<const T*>(C), task_ids, num_tasks, static_cast<T*>(S), static_cast<T*>(U), M, K,
-                 static_cast<int>(ra), static_cast<int>(rb), drop);
+                 static_cast<const T*>(C), task_ids, num_tasks, static_cast<T*>(S), static_cast<T*>(U), partial,
+                 p.k_per_split, vec, M, K, static_cast<int>(ra), static_cast<int>(rb), drop);
+      cudaError_t err = TTK_LAST_ERROR();
+      if (err != cudaSuccess || p.splits == 1) return err;
+      auto* finish = shrink_finish_kernel<T, RP>;
+      const dim3 finish_grid(static_cast<unsigned>(ceil_div(M, kFinishRows)));
+      TTK_LAUNCH(finish, finish_grid, kThreads, stream, static_cast<const float*>(partial), p.splits,
+                 static_cast<const T*>(C), task_ids, num_tasks, static_cast<T*>(S), static_cast<T*>(U), M,
+                 static_cast<int>(ra), static_cast<int>(rb));
       return TTK_LAST_ERROR();
     });
   });

@@ -6,7 +6,13 @@
 //   runtime rank to one of them;
 // * TTK_LAUNCH / TTK_LAST_ERROR: a kernel launch and its status, which host_emulation.h replaces to run the
 //   kernels on the CPU in tests (-DTTK_HOST_EMULATION);
-// * DropoutArgs: the seed, threshold and scale of csrc/dropout_hash.cuh, passed by value to kernels.
+// * DropoutArgs: the seed, threshold and scale of csrc/dropout_hash.cuh, passed by value to kernels;
+// * wmma: nvcuda::wmma (tensor cores), or its emulation in host_emulation.h; copy_16b: a 16-byte copy from global
+//   to shared memory;
+// * load_shared: 64- / 128-bit loads of fp32 from shared memory into registers;
+// * load_vec: one 16-byte global load (8 fp16 / bf16 or 4 fp32 elements) converted to float, and can_vec, the
+//   launcher's test that a row-major operand allows it (base address 16-byte aligned, row length a multiple
+//   of the vector width); the emulation checks the alignment of every vector load.
 // Every index that is hashed is a uint32 (the bindings refuse more than 2^32 rows or columns).
 #pragma once
 
@@ -23,7 +29,14 @@
 
 #if defined(TTK_HOST_EMULATION) && !defined(__CUDACC__)
 #include "host_emulation.h"
+namespace ttkernels {
+namespace wmma = emu::wmma;
+}  // namespace ttkernels
 #else
+#include <mma.h>
+namespace ttkernels {
+namespace wmma = nvcuda::wmma;
+}  // namespace ttkernels
 // kernel is a plain name or a function pointer (a template-id's commas would split the macro's arguments).
 #define TTK_LAUNCH(kernel, grid, block, stream, ...) kernel<<<(grid), (block), 0, (stream)>>>(__VA_ARGS__)
 #define TTK_LAST_ERROR() cudaGetLastError()
@@ -101,6 +114,100 @@ cudaError_t dispatch_dtype(ttk_dtype dtype, F&& f) {
   return cudaErrorInvalidValue;
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Elements of T in one 16-byte vector.
+template <typename T>
+constexpr int vec_width() {
+  return static_cast<int>(16 / sizeof(T));
+}
+
+// out[i] = float(p[i]) for i < vec_width<T>(), in one 16-byte load; p must be 16-byte aligned. kReadOnly: through
+// the read-only data cache (only for data no thread writes while the kernel runs).
+template <typename T, bool kReadOnly = true>
+__device__ __forceinline__ void load_vec(const T* __restrict__ p, float* out) {
+  constexpr int n = vec_width<T>();
+#if defined(TTK_HOST_EMULATION) && !defined(__CUDACC__)
+  T e[n];
+  emu::load_16_bytes(e, p);
+#else
+  const uint4 raw = kReadOnly ? __ldg(reinterpret_cast<const uint4*>(p)) : *reinterpret_cast<const uint4*>(p);
+  const T* e = reinterpret_cast<const T*>(&raw);
+#endif
+#pragma unroll
+  for (int i = 0; i < n; ++i) out[i] = to_float(e[i]);
+}
+
+// p[i] = v[i] for i < vec_width<T>(), in one 16-byte store; p must be 16-byte aligned.
+template <typename T>
+__device__ __forceinline__ void store_vec(T* p, const T* v) {
+#if defined(TTK_HOST_EMULATION) && !defined(__CUDACC__)
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) {
+    emu::misaligned = true;
+    return;
+  }
+  std::memcpy(p, v, 16);
+#else
+  uint4 raw;
+  memcpy(&raw, v, 16);
+  *reinterpret_cast<uint4*>(p) = raw;
+#endif
+}
+
+// 16 bytes from global memory (16-byte aligned) to shared memory (16-byte aligned), without conversion.
+__device__ __forceinline__ void copy_16b(void* dst, const void* src) {
+#if defined(TTK_HOST_EMULATION) && !defined(__CUDACC__)
+  emu::load_aligned(dst, src, 16, 16);
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0) emu::misaligned = true;
+#else
+  *reinterpret_cast<uint4*>(dst) = __ldg(reinterpret_cast<const uint4*>(src));
+#endif
+}
+
+// out[i] = p[i] for i < N (2, 4 or 8) from shared memory in one 64-bit, one 128-bit or two 128-bit loads; p must be
+// aligned to 8 (N = 2) or 16 bytes.
+template <int N>
+struct SharedLoad;
+template <>
+struct SharedLoad<2> {
+  __device__ __forceinline__ static void run(const float* p, float* out) {
+    const float2 v = *reinterpret_cast<const float2*>(p);
+    out[0] = v.x;
+    out[1] = v.y;
+  }
+};
+template <>
+struct SharedLoad<4> {
+  __device__ __forceinline__ static void run(const float* p, float* out) {
+    const float4 v = *reinterpret_cast<const float4*>(p);
+    out[0] = v.x;
+    out[1] = v.y;
+    out[2] = v.z;
+    out[3] = v.w;
+  }
+};
+template <>
+struct SharedLoad<8> {
+  __device__ __forceinline__ static void run(const float* p, float* out) {
+    SharedLoad<4>::run(p, out);
+    SharedLoad<4>::run(p + 4, out + 4);
+  }
+};
+
+template <int N>
+__device__ __forceinline__ void load_shared(const float* p, float* out) {
+#if defined(TTK_HOST_EMULATION) && !defined(__CUDACC__)
+  emu::load_aligned(out, p, N * sizeof(float), N == 2 ? 8 : 16);
+#else
+  SharedLoad<N>::run(p, out);
+#endif
+}
+
+// Whether a row-major operand with rows of `row_len` elements starting at p can be read with load_vec at
+// every column that is a multiple of the vector width.
+template <typename T>
+inline bool can_vec(const void* p, int64_t row_len) {
+  return p != nullptr && reinterpret_cast<uintptr_t>(p) % 16 == 0 && row_len % vec_width<T>() == 0;
+}
 
 }  // namespace ttkernels

@@ -37,17 +37,25 @@ cudaError_t ttk_dropout_launch(ttk_dtype dtype, const void* x, void* y, int64_t 
 // ttk_dropout_launch. Sizes: M rows (tokens) >= 1 (the binding returns early for M = 0); ranks 1..128.
 // Each returns cudaErrorInvalidValue for arguments out of these ranges, otherwise the launch status.
 
-// Step 2 (shrink.cu): S = drop(x) A, and U = S C when C is given (shared, or per row by task_ids).
+// Step 2 (shrink.cu): S = drop(x) A, and U = S C when C is given (shared, or per row by task_ids). When
+// ttk_shrink_splits(M, K, ra, num_sms) > 1 (few rows: split-K), `partial` is an fp32 (splits, M, ra) workspace
+// (every element written, no zeroing); otherwise it must be null.
+int64_t ttk_shrink_splits(int64_t M, int64_t K, int64_t ra, int num_sms);
 cudaError_t ttk_shrink_launch(ttk_dtype dtype, const void* x, const void* A, const void* C, const int64_t* task_ids,
-                              int64_t num_tasks, void* S, void* U, int64_t M, int64_t K, int64_t ra, int64_t rb,
-                              int dropout, uint64_t seed, uint32_t threshold, float scale, cudaStream_t stream);
+                              int64_t num_tasks, void* S, void* U, float* partial, int num_sms, int64_t M, int64_t K,
+                              int64_t ra, int64_t rb, int dropout, uint64_t seed, uint32_t threshold, float scale,
+                              cudaStream_t stream);
 
-// Step 4 (grad_dy.cu): dU = scaling * dY B^T and the fp32 pieces of U^T dY: into dB_buf (rb, N), zeroed, with
-// atomics; or, deterministic, one (rb, N) piece per block into dB_buf (ttk_grad_dy_blocks(M, rb), rb, N).
-int64_t ttk_grad_dy_blocks(int64_t M, int64_t rb);
+// Step 4 (grad_dy.cu): dU = scaling * dY B^T and the fp32 pieces of U^T dY, on a grid of `slices` column slices
+// x `splits` row splits, both functions of (M, N, rb, deterministic, num_sms) only. dU_buf: fp32
+// (slices, M, rb) when slices > 1 (every element written; summed in order into dU by the caller), else null and
+// the kernel writes dU. dB_buf: fp32 (rb, N), zeroed, with atomics; or, deterministic, (splits, rb, N), every
+// element written, summed in order by the caller; its size does not grow with M.
+int64_t ttk_grad_dy_slices(int64_t M, int64_t N, int64_t rb, int num_sms);
+int64_t ttk_grad_dy_splits(int64_t M, int64_t N, int64_t rb, int deterministic, int num_sms);
 cudaError_t ttk_grad_dy_launch(ttk_dtype dtype, const void* dy, const void* U, const void* B, void* dU,
-                               float* dB_buf, int deterministic, int64_t M, int64_t N, int64_t rb, float scaling,
-                               cudaStream_t stream);
+                               float* dU_buf, float* dB_buf, int deterministic, int num_sms, int64_t M, int64_t N,
+                               int64_t rb, float scaling, cudaStream_t stream);
 
 // Steps 5 and 7 (token_reduce.cu): buf[g] += drop(X)^T Y over the rows of group g, split over `splits` row
 // ranges; buf is (deterministic ? splits : 1, num_groups, I, R) fp32, zeroed by the caller.

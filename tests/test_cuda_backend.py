@@ -470,16 +470,47 @@ def test_deterministic_mode_repeats_bit_for_bit():
 
 
 @needs_cuda
-def test_out_of_range_task_ids_are_refused_before_launch(ext):
-    x, A, C = rnd(6, 8), rnd(8, 2), rnd(3, 2, 2)
+def test_out_of_range_task_ids_give_nan_rows_without_a_host_sync(ext):
+    """No op copies the ids to the host: a row with a bad id gets NaN in U, dS and the layer's output, and adds
+    nothing to dC; the good rows keep the reference's values."""
+    m, x, A, C = 6, rnd(6, 8), rnd(8, 2), rnd(3, 2, 2)
     for bad in ([0, 1, 2, 3, 0, 0], [0, -1, 0, 0, 0, 0]):
         ids = torch.tensor(bad, device="cuda")
-        with pytest.raises(IndexError, match=r"shrink: task_ids must lie in \[0, 3\)"):
-            ext.shrink(x, A, C, ids, 0.0, 0)
-        with pytest.raises(IndexError, match=r"grad_mid: task_ids must lie in \[0, 3\)"):
-            ext.grad_mid(rnd(6, 2), rnd(6, 2), C, ids)
-        with pytest.raises(IndexError, match=r"task_ids must lie in \[0, 3\)"):
-            tk.tt_adapter(x, rnd(5, 8), None, A, C, rnd(2, 5), task_ids=ids, backend="cuda")
+        bad_rows = (ids < 0) | (ids >= 3)
+        good = torch.where(bad_rows, torch.zeros_like(ids), ids)
+        S, U = ext.shrink(x, A, C, ids, 0.0, 0)
+        _, U_good = ext.shrink(x, A, C, good, 0.0, 0)
+        assert torch.isnan(U[bad_rows]).all() and torch.equal(U[~bad_rows], U_good[~bad_rows])
+        assert torch.isnan(ext.mid(S, C, ids)[bad_rows]).all()
+        dS, dC = ext.grad_mid(S, rnd(m, 2), C, ids)
+        assert torch.isnan(dS[bad_rows]).all() and torch.isfinite(dS[~bad_rows]).all() and torch.isfinite(dC).all()
+        y = tk.tt_adapter(x, rnd(5, 8), None, A, C, rnd(2, 5), task_ids=ids, backend="cuda")
+        assert torch.isnan(y[bad_rows]).all() and torch.isfinite(y[~bad_rows]).all()
+    torch.cuda.synchronize()
+
+
+@needs_cuda
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_ops_never_synchronize_with_the_host(ext, deterministic):
+    """Every adapter op, task ids included, under torch's sync debug mode set to raise on a host sync."""
+    m, d_in, d_out, ra, rb = 37, 96, 80, 16, 8
+    x, A, C, B = rnd(m, d_in), rnd(d_in, ra), rnd(3, ra, rb), rnd(rb, d_out)
+    ids, W, dy = torch.randint(0, 3, (m,), device="cuda"), rnd(d_out, d_in), rnd(m, d_out)
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        S, U = ext.shrink(x, A, C, ids, 0.1, 3)
+        ext.shrink(x[:1], A, None, None, 0.0, 3)  # split-K
+        ext.mid(S, C, ids)
+        ext.expand(x, W, None, U, B, 0.5)
+        dU, _ = ext.grad_dy(dy, U, B, 0.5)
+        dS, _ = ext.grad_mid(S, dU, C, ids)
+        ext.grad_x(dy, W, dS, A, 0.1, 3)
+        ext.grad_a(x, dS, 0.1, 3)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        torch.use_deterministic_algorithms(old)
     torch.cuda.synchronize()
 
 

@@ -48,9 +48,11 @@ i64, u64, u32, f32, cint, vp = (
     ctypes.c_void_p,
 )
 SIGNATURES = {
-    "ttk_shrink_launch": [cint, vp, vp, vp, vp, i64, vp, vp, i64, i64, i64, i64, cint, u64, u32, f32, vp],
-    "ttk_grad_dy_blocks": [i64, i64],
-    "ttk_grad_dy_launch": [cint, vp, vp, vp, vp, vp, cint, i64, i64, i64, f32, vp],
+    "ttk_shrink_splits": [i64, i64, i64, cint],
+    "ttk_shrink_launch": [cint, vp, vp, vp, vp, i64, vp, vp, vp, cint, i64, i64, i64, i64, cint, u64, u32, f32, vp],
+    "ttk_grad_dy_slices": [i64, i64, i64, cint],
+    "ttk_grad_dy_splits": [i64, i64, i64, cint, cint],
+    "ttk_grad_dy_launch": [cint, vp, vp, vp, vp, vp, vp, cint, cint, i64, i64, i64, f32, vp],
     "ttk_token_reduce_splits": [i64, i64, cint],
     "ttk_token_reduce_launch": [cint, vp, vp, vp, i64, vp, i64, cint, i64, i64, i64, cint, u64, u32, f32, vp],
     "ttk_accumulate_launch": [cint, vp, vp, vp, i64, i64, i64, i64, i64, f32, cint, u64, u32, f32, vp],
@@ -110,7 +112,7 @@ def lib(tmp_path_factory):
     for name, args in SIGNATURES.items():
         fn = getattr(handle, name)
         fn.argtypes = args
-        fn.restype = ctypes.c_int64 if name.endswith(("_blocks", "_splits")) else ctypes.c_int
+        fn.restype = ctypes.c_int64 if name.endswith(("_slices", "_splits")) else ctypes.c_int
     return handle
 
 
@@ -153,8 +155,11 @@ class Emulated:
         S, U = poisoned(m, ra, dtype=x.dtype), (None if C is None else poisoned(m, rb, dtype=x.dtype))
         if m:
             T = C.shape[0] if C is not None and C.dim() == 3 else 0
+            splits = self.lib.ttk_shrink_splits(m, x.shape[1], ra, NUM_SMS)
+            partial = poisoned(splits * m * ra, dtype=torch.float32) if splits > 1 else None
             self._ok(self.lib.ttk_shrink_launch(CODE[x.dtype], ptr(x), ptr(A), ptr(C), ptr(task_ids), T, ptr(S),
-                                                ptr(U), m, x.shape[1], ra, rb, *self._drop(p, seed), None))  # fmt: skip
+                                                ptr(U), ptr(partial), NUM_SMS, m, x.shape[1], ra, rb,
+                                                *self._drop(p, seed), None))  # fmt: skip
         return S, (S if C is None else U)
 
     def mid(self, S, C, task_ids):
@@ -179,10 +184,15 @@ class Emulated:
         dU = poisoned(m, rb, dtype=dy.dtype)
         if m == 0:
             return dU, torch.zeros(rb, n, dtype=dy.dtype)
-        parts = self.lib.ttk_grad_dy_blocks(m, rb) if self.det else 1
+        slices = self.lib.ttk_grad_dy_slices(m, n, rb, NUM_SMS)
+        splits = self.lib.ttk_grad_dy_splits(m, n, rb, int(self.det), NUM_SMS)
+        parts = splits if self.det else 1
+        dU_buf = poisoned(slices * m * rb, dtype=torch.float32) if slices > 1 else None
         buf = poisoned(parts * rb * n, dtype=torch.float32) if self.det else torch.zeros(rb * n)
-        self._ok(self.lib.ttk_grad_dy_launch(CODE[dy.dtype], ptr(dy), ptr(U), ptr(B), ptr(dU), ptr(buf),
-                                             int(self.det), m, n, rb, scaling, None))  # fmt: skip
+        self._ok(self.lib.ttk_grad_dy_launch(CODE[dy.dtype], ptr(dy), ptr(U), ptr(B), ptr(dU), ptr(dU_buf), ptr(buf),
+                                             int(self.det), NUM_SMS, m, n, rb, scaling, None))  # fmt: skip
+        if slices > 1:
+            self._finalize(dU_buf, slices, dU, scaling)
         dB = poisoned(rb, n, dtype=dy.dtype)
         self._finalize(buf, parts, dB, scaling)
         return dU, dB
@@ -262,6 +272,13 @@ def seed():
     return int(torch.randint(0, 2**62, ()).item())
 
 
+# (dtype, aligned) of the vector-load tests: every dtype with rows whose addresses allow 16-byte loads, bf16 with
+# rows that do not (the scalar fallback); the other dtypes' unaligned runs are slow (the full run has them).
+VEC_CASES = [(d, True) for d in DTYPES] + [(torch.bfloat16, False)]
+VEC_CASES += [pytest.param(d, False, marks=pytest.mark.slow) for d in (torch.float32, torch.float16)]
+VEC_IDS = ["fp32", "fp16", "bf16", "bf16-offset", "fp32-offset", "fp16-offset"]
+
+
 # (M, d_in, d_out, ra, rb): empty, one token, primes, per-bond ranks, the rank buckets, several row blocks
 SHAPES = [(0, 13, 11, 3, 3), (1, 13, 11, 1, 1), (7, 29, 31, 5, 3), (37, 67, 131, 16, 19), (71, 37, 41, 33, 64),
           (13, 23, 19, 128, 100), (97, 70, 45, 8, 8)]  # fmt: skip
@@ -284,6 +301,28 @@ def test_shrink_and_mid(lib, shape, kind, p, dtype):
     check("mid", U2, U64b, Utb, dtype)
 
 
+# (M, d_in, ra, rb): split-K at decode (1 and 5 tokens over 1000 / 1031 columns: several K ranges, the last one
+# short), rows that allow 16-byte loads (d_in a multiple of 8) and rows that do not, every rank bucket
+SHRINK_SPLIT_K = [(1, 1000, 16, 16), (5, 1031, 33, 7), (3, 512, 128, 100), (40, 264, 3, 70)]
+
+
+@pytest.mark.parametrize("dtype, aligned", VEC_CASES, ids=VEC_IDS)
+@pytest.mark.parametrize("kind", ["none", "task"])
+@pytest.mark.parametrize("shape", SHRINK_SPLIT_K)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_shrink_split_k_and_vector_loads(lib, shape, kind, p, aligned, dtype):
+    m, d_in, ra, rb = shape
+    assert lib.ttk_shrink_splits(m, d_in, ra, NUM_SMS) > 1
+    rb = ra if kind == "none" else rb
+    x, A = rnd(m, d_in, dtype=dtype), rnd(d_in, ra, dtype=dtype, scale=d_in**-0.5)
+    if not aligned:  # the launcher must fall back to scalar loads (a misaligned vector load fails the launch)
+        x = offset_copy(x)
+    C, ids = middle(kind, ra, rb, 4, dtype, m)
+    (S, U), (S64, U64), (St, Ut) = both(Emulated(lib), "shrink", x, A, C, ids, p, seed())
+    check("S", S, S64, St, dtype)
+    check("U", U, U64, Ut, dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("bias", [True, False])
@@ -296,6 +335,36 @@ def test_expand(lib, shape, bias, dtype):
     check("y", y, y64, yt, dtype)
 
 
+# (M, d_in, d_out, ra, rb): rows that allow 16-byte updates of out (d_out, d_in multiples of 8), ranks over more than
+# one 32-rank chunk and not multiples of 16, tiles cut by M and N
+ACCUMULATE_ROWS = [(37, 24, 136, 40, 40), (5, 64, 16, 3, 3), (70, 128, 264, 16, 16), (33, 8, 8, 100, 77)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ACCUMULATE_ROWS)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_accumulate_vector_rows(lib, shape, p, dtype):
+    m, d_in, d_out, ra, rb = shape
+    emu = Emulated(lib)
+    x, W = rnd(m, d_in, dtype=dtype), rnd(d_out, d_in, dtype=dtype, scale=d_in**-0.5)
+    U, B = rnd(m, rb, dtype=dtype), rnd(rb, d_out, dtype=dtype, scale=rb**-0.5)
+    y, y64, yt = both(emu, "expand", x, W, None, U, B, 0.75)
+    check("y", y, y64, yt, dtype)
+    dy, dS, A = rnd(m, d_out, dtype=dtype), rnd(m, ra, dtype=dtype), rnd(d_in, ra, dtype=dtype, scale=ra**-0.5)
+    Wt = rnd(d_out, d_in, dtype=dtype, scale=d_out**-0.5)
+    s = seed()
+    dx, dx64, dxt = both(emu, "grad_x", dy, Wt, dS, A, p, s)
+    check("dx", dx, dx64, dxt, dtype)
+    # the same update on an out whose rows are not 16-byte aligned (scalar updates) gives the same bits
+    base = dy @ Wt
+    moved = offset_copy(base)
+    drop = emu._drop(p, s)
+    assert (
+        lib.ttk_accumulate_launch(CODE[dtype], ptr(moved), ptr(dS), ptr(A), 1, ra, m, d_in, ra, 1.0, *drop, None) == 0
+    )
+    assert torch.equal(moved, dx)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("det", [False, True], ids=["atomic", "deterministic"])
@@ -305,6 +374,45 @@ def test_grad_dy(lib, shape, det, dtype):
     (dU, dB), (dU64, dB64), (dUt, dBt) = both(Emulated(lib, det), "grad_dy", dy, U, B, 0.5)
     check("dU", dU, dU64, dUt, dtype)
     check("dB", dB, dB64, dBt, dtype)
+
+
+def offset_copy(t, by=1):
+    """t's values in a contiguous tensor whose data starts `by` elements into its storage (not 16-byte aligned)."""
+    flat = torch.empty(t.numel() + by, dtype=t.dtype)
+    out = flat[by:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+# (M, d_out, rb): row lengths that allow 16-byte loads, several column slices (few row tiles on NUM_SMS = 3), several
+# row tiles per split (many rows), ranks in every bucket
+GRAD_DY_GRID = [(70, 160, 24), (3000, 96, 16), (33, 64, 128), (5, 1000, 3), (300, 40, 70)]
+
+
+@pytest.mark.parametrize("dtype, aligned", VEC_CASES, ids=VEC_IDS)
+@pytest.mark.parametrize("shape", GRAD_DY_GRID)
+@pytest.mark.parametrize("det", [False, True], ids=["atomic", "deterministic"])
+def test_grad_dy_slices_splits_and_vector_loads(lib, shape, det, aligned, dtype):
+    m, d_out, rb = shape
+    dy, U, B = rnd(m, d_out, dtype=dtype), rnd(m, rb, dtype=dtype), rnd(rb, d_out, dtype=dtype, scale=rb**-0.5)
+    if not aligned:  # the launcher must fall back to scalar loads (a misaligned vector load fails the launch)
+        dy, B = offset_copy(dy), offset_copy(B)
+    (dU, dB), (dU64, dB64), (dUt, dBt) = both(Emulated(lib, det), "grad_dy", dy, U, B, 0.5)
+    check("dU", dU, dU64, dUt, dtype)
+    check("dB", dB, dB64, dBt, dtype)
+
+
+def test_grad_dy_plan_and_bounded_buffers(lib):
+    """More than one column slice when the rows are few, more than one row tile per split when they are many, and a
+    deterministic dB buffer that does not grow with M."""
+    assert lib.ttk_grad_dy_slices(70, 160, 24, NUM_SMS) > 1
+    assert lib.ttk_grad_dy_splits(3000, 96, 16, 1, NUM_SMS) < 3000 // 128
+    sms, n, rb = 132, 4096, 128
+    sizes = [lib.ttk_grad_dy_splits(m, n, rb, 1, sms) * rb * n * 4 for m in (8192, 65536, 2**20)]
+    assert max(sizes) <= 64 * 2**20 and sizes[-1] <= sizes[0] * 1.01
+    # the dU buffer (slices > 1 only when the rows are few) stays within a few MiB at the decode and training shapes
+    for m in (1, 32, 8192, 65536):
+        assert lib.ttk_grad_dy_slices(m, n, rb, sms) * m * rb * 4 <= 64 * 2**20
 
 
 KINDS = ["none", "shared", "task"]
@@ -345,6 +453,23 @@ def test_grad_x(lib, shape, p, dtype):
 def test_grad_a(lib, shape, p, det, dtype):
     m, d_in, _, ra, _ = shape
     x, dS = rnd(m, d_in, dtype=dtype), rnd(m, ra, dtype=dtype)
+    dA, dA64, dAt = both(Emulated(lib, det), "grad_a", x, dS, p, seed())
+    check("dA", dA, dA64, dAt, dtype)
+
+
+# (M, d_in, ra): rows of x that allow 16-byte loads, several column blocks and row splits, ranks in every bucket
+GRAD_A_ROWS = [(300, 136, 16), (45, 64, 33), (700, 24, 100), (1, 8, 1)]
+
+
+@pytest.mark.parametrize("dtype, aligned", VEC_CASES, ids=VEC_IDS)
+@pytest.mark.parametrize("shape", GRAD_A_ROWS)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("det", [False, True], ids=["atomic", "deterministic"])
+def test_grad_a_vector_rows(lib, shape, p, det, aligned, dtype):
+    m, d_in, ra = shape
+    x, dS = rnd(m, d_in, dtype=dtype), rnd(m, ra, dtype=dtype)
+    if not aligned:  # the launcher must fall back to scalar loads (a misaligned vector load fails the launch)
+        x = offset_copy(x)
     dA, dA64, dAt = both(Emulated(lib, det), "grad_a", x, dS, p, seed())
     check("dA", dA, dA64, dAt, dtype)
 
@@ -468,10 +593,12 @@ def test_kron_grads_split_and_repeat_bit_for_bit(lib):
 @pytest.mark.parametrize(
     "name, args",
     [
-        ("ttk_shrink_launch", [0, None, None, None, None, 0, None, None, 0, 4, 2, 2, 0, 0, 0, 1.0, None]),
-        ("ttk_shrink_launch", [0, None, None, None, None, 0, None, None, 4, 4, 129, 129, 0, 0, 0, 1.0, None]),
-        ("ttk_shrink_launch", [7, None, None, None, None, 0, None, None, 4, 4, 2, 2, 0, 0, 0, 1.0, None]),
-        ("ttk_grad_dy_launch", [0, None, None, None, None, None, 0, 4, 4, 0, 1.0, None]),
+        ("ttk_shrink_launch", [0, None, None, None, None, 0, None, None, None, 3, 0, 4, 2, 2, 0, 0, 0, 1.0, None]),
+        ("ttk_shrink_launch", [0, None, None, None, None, 0, None, None, None, 3, 4, 4, 129, 129, 0, 0, 0, 1.0, None]),
+        ("ttk_shrink_launch", [7, None, None, None, None, 0, None, None, None, 3, 4, 4, 2, 2, 0, 0, 0, 1.0, None]),
+        ("ttk_shrink_launch", [0, None, None, None, None, 0, None, None, None, 3, 4, 4096, 2, 2, 0, 0, 0, 1.0, None]),
+        ("ttk_grad_dy_launch", [0, None, None, None, None, None, None, 0, 3, 4, 4, 0, 1.0, None]),
+        ("ttk_grad_dy_launch", [0, None, None, None, None, None, None, 0, 3, 4, 4096, 4, 1.0, None]),
         ("ttk_token_reduce_launch", [0, None, None, None, 1, None, 0, 0, 4, 4, 2, 0, 0, 0, 1.0, None]),
         ("ttk_accumulate_launch", [0, None, None, None, 1, 1, 4, 0, 2, 1.0, 0, 0, 0, 1.0, None]),
         ("ttk_rowmix_launch", [0, None, None, None, 0, 0, None, 4, 0, 2, None]),

@@ -265,3 +265,54 @@ def test_dropout_on_second_device(ext_path):
     y = _ext.cuda_dropout(x, 5, 0.2)
     assert y.device == x.device
     assert torch.equal(y, _expected(x, 5, 0.2))
+
+
+# ------------------------------------------------------------------------------ setup.py's toolkit check
+def _setup_module(monkeypatch):
+    """setup.py's functions, without running its setup() (nor its extension build)."""
+    import runpy
+
+    import setuptools
+
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: None)
+    monkeypatch.setenv("TTKERNELS_SKIP_CUDA_BUILD", "1")
+    return runpy.run_path(os.path.join(REPO_ROOT, "setup.py"), run_name="setup_under_test")
+
+
+def _fake_toolkit(tmp_path, release):
+    nvcc = tmp_path / f"cuda-{release}" / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}, V{release}.1'\n")
+    nvcc.chmod(0o755)
+    return str(nvcc)
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="needs a CUDA build of torch")
+def test_setup_defers_to_torchs_cuda_version_check(monkeypatch, tmp_path):
+    """A toolkit torch's own cpp_extension check accepts is accepted (another minor version); one it refuses is
+    refused with a message that gives both versions, torch's reason and what to install."""
+    from torch.utils import cpp_extension as ce
+
+    setup = _setup_module(monkeypatch)
+    major, minor = (int(v) for v in torch.version.cuda.split(".")[:2])
+    home_before = ce.CUDA_HOME
+    assert setup["cuda_version_problem"](_fake_toolkit(tmp_path, f"{major}.{minor + 1}")) is None
+    other = f"{major - 1}.{minor}"
+    why = setup["cuda_version_problem"](_fake_toolkit(tmp_path, other))
+    torch_refuses = True
+    try:
+        ce.CUDA_HOME = str(tmp_path / f"cuda-{other}")
+        compiler = ce.get_cxx_compiler()
+        ce._check_cuda_version(compiler, ce.get_compiler_abi_compatibility_and_version(compiler)[1])
+        torch_refuses = False
+    except RuntimeError:
+        pass
+    finally:
+        ce.CUDA_HOME = home_before
+    assert ce.CUDA_HOME == home_before  # the check leaves torch's module as it was
+    if torch_refuses:
+        assert why is not None
+        for part in (f"CUDA {other}", f"built with CUDA {torch.version.cuda}", "mismatches", f"CUDA {major - 1}.x"):
+            assert part in why, (part, why)
+    else:
+        assert why is None

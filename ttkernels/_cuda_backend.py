@@ -7,7 +7,9 @@ which backend to use instead (float64, ranks above 128).
 
 The base GEMMs of steps 3 and 6 are torch's (cuBLAS): ``addmm`` / ``mm``, then a kernel adds the low-rank
 term in place (beta = 1), one rounding. The reductions (dB, dC, dA) use fp32 atomics, or, under
-``torch.use_deterministic_algorithms(True)``, per-block buffers summed in a fixed order.
+``torch.use_deterministic_algorithms(True)``, fixed-split fp32 buffers (bounded whatever the token count) summed
+in a fixed order. No op synchronizes with the host: a task id out of range gives NaN rows (see the README), it is
+never copied to the host to be checked.
 
 The TT-matrix Kronecker-sum ops (:func:`kron_apply`, :func:`kron_grad_q`, :func:`kron_grad_p`; csrc/ttm.cu) are the
 small-bond-rank path of ``ttkernels.ttm``'s contract (``kron_apply_ref`` and its gradients): rank up to

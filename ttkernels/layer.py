@@ -16,6 +16,9 @@ the base owns
     as the submodule ``base_layer`` (its state-dict entries, quantization statistics included, stay its own),
     frozen; ``weight`` / ``bias`` are None and ``base_weight`` raises (the weight exists only packed). The base
     computes with its own forward and the adapter adds its term;
+  - ``"torchao"``: an ``nn.Linear`` whose weight torchao quantized (a tensor subclass), held the same way as a
+    bitsandbytes layer (``base_layer``, its own forward; merging requantizes ``Int8Tensor`` weights and refuses
+    the others);
 * ``alpha`` and ``scaling``: one validation (:func:`check_alpha`) and one formula (:func:`adapter_scaling`);
 * merge / unmerge and disabling, with the guarantees below, and the forward around them.
 
@@ -114,7 +117,8 @@ def is_conv1d(module: object) -> bool:
 
 def base_kind(module: nn.Module) -> str:
     """The kind of frozen base ``module`` is: ``"bnb-4bit"`` / ``"bnb-8bit"`` (a bitsandbytes quantized linear),
-    ``"linear"`` or ``"conv1d"``; TypeError for anything else."""
+    ``"torchao"`` (an ``nn.Linear`` with a torchao-quantized weight), ``"linear"`` or ``"conv1d"``; TypeError for
+    anything else."""
     kind = quantized.quantization_of(module)
     if kind is not None:
         return kind
@@ -408,8 +412,8 @@ class AdapterLayer(nn.Module):
 
     @property
     def quantized_base(self) -> bool:
-        """True over a bitsandbytes quantized base (``base_kind`` ``"bnb-4bit"`` / ``"bnb-8bit"``)."""
-        return self.base_kind.startswith("bnb-")
+        """True over a quantized base (``base_kind`` ``"bnb-4bit"`` / ``"bnb-8bit"`` / ``"torchao"``)."""
+        return self.base_kind in quantized.KINDS
 
     @property
     def base_weight(self) -> Tensor:

@@ -102,8 +102,8 @@ class TTLinear(AdapterLayer):
         """Wrap ``linear`` (its weight and bias are shared, not copied, and frozen) with a new adapter.
 
         ``device`` / ``dtype`` default to the base weight's and only steer the new cores. ``linear`` may be a
-        bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` (see :mod:`ttkernels.quantized`): then ``dtype`` defaults
-        to its compute dtype.
+        bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` or an ``nn.Linear`` with a torchao-quantized weight (see
+        :mod:`ttkernels.quantized`): then ``dtype`` defaults to its compute dtype.
         """
         _check_linear(linear)
         spec = TTSpec.linear(

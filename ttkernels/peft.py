@@ -58,7 +58,7 @@ class TTLoraLinear(nn.Module, LoraLayer):
     exact ``unmerge()``, ``merge(safe_merge=True)`` refuses non-finite deltas, a backward through a merged layer
     is refused, merged cores that change are merged again at the next forward, and a merged layer's state dict
     records the kept weight (``base_layer.weight_before_merge``) and the merged adapters (``merged.<name>``).
-    Over a bitsandbytes quantized base (:mod:`ttkernels.quantized`) the forward is the base's own plus each
+    Over a quantized base (bitsandbytes or torchao, :mod:`ttkernels.quantized`) the forward is the base's own plus each
     adapter's term, and merging is the base's :class:`~ttkernels.layer.QuantizedMergeGuard`'s (requantized with
     a warning, unmerged exactly; a merged layer's state dict is refused).
     """
@@ -132,7 +132,8 @@ class TTLoraLinear(nn.Module, LoraLayer):
             return guard_merged_output(base(x, *args, **kwargs), type(self).__name__, params)
         active = [a for a in self.active_adapters if a in self.lora_tt_cores]
         dropout = lambda a: self.tt_dropout[a] if self.training else 0.0
-        if len(active) == 1 and type(base) is nn.Linear and not args and not kwargs:
+        quantized_base = quantized.is_quantized_linear(base)  # torchao's keeps nn.Linear, its weight is packed
+        if len(active) == 1 and type(base) is nn.Linear and not quantized_base and not args and not kwargs:
             a = active[0]  # the fused op: one call, delta-W never formed
             cores = list(self.lora_tt_cores[a])
             return ops.tt_linear(
@@ -140,7 +141,7 @@ class TTLoraLinear(nn.Module, LoraLayer):
                 backend=self.tt_backend,
             )  # fmt: skip
         result = base(x, *args, **kwargs)
-        if quantized.is_quantized_linear(base):  # adapter terms without the packed weight
+        if quantized_base:  # adapter terms without the packed weight
             for a in active:
                 term = quantized.adapter_term(
                     x, list(self.lora_tt_cores[a]), self.tt_spec[a], scaling=self.scaling[a], dropout=dropout(a),

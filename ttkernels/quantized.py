@@ -1,4 +1,5 @@
-"""Quantized frozen bases: TT adapters over bitsandbytes 4-bit and 8-bit linear layers (QLoRA-style).
+"""Quantized frozen bases: TT adapters over bitsandbytes 4-bit and 8-bit linear layers (QLoRA-style) and
+over torchao-quantized linear layers.
 
 A quantized linear layer (``bitsandbytes.nn.Linear4bit``, nf4 or fp4, and ``bitsandbytes.nn.Linear8bitLt``)
 stores a packed weight whose shape is not the layer's: its features are the layer's own ``in_features`` /
@@ -20,7 +21,19 @@ rounding (a :class:`UserWarning` says so, as PEFT's does). The packed weight fro
 (not copied: the merge installs a new weight Parameter), so unmerge puts it back bit for bit.
 
 bitsandbytes is optional (``pip install ttkernels[bnb]``): it is never imported here, a layer is recognised
-by its class only when ``bitsandbytes`` is already imported. torchao's quantized linears are not handled.
+by its class only when ``bitsandbytes`` is already imported.
+
+**torchao** (``pip install ttkernels[torchao]``; imported here only to requantize a torchao weight):
+``torchao.quantization.quantize_``
+keeps an ``nn.Linear`` and makes its weight a tensor subclass (a ``torchao.utils.TorchAOBaseTensor``:
+``Int8Tensor`` for ``Int8WeightOnlyConfig`` / ``Int8DynamicActivationInt8WeightConfig``, ``Float8Tensor``,
+``IntxUnpackedToInt8Tensor``, ...). Such a layer is the base kind ``"torchao"``: its forward is torchao's, dx
+through it is what torchao's ops give (weight-only int8 gives the full dx; a dynamically quantized activation
+gives none, so dx is the adapter's alone, as under PEFT's LoRA), the compute dtype is the weight's (its high
+precision dtype). Merging requantizes symmetric ``Int8Tensor`` weights (per-row or per-tensor, keeping the
+activation-quantization settings) with the rounding warning; every other torchao weight refuses
+to merge (``TypeError``), since its quantization cannot be redone from the weight alone. Unmerge restores the
+kept weight (the old tensor-subclass Parameter) bit for bit.
 
 The adapter-layer base (:mod:`ttkernels.layer`) treats a quantized layer as a kind of frozen base: it
 registers it as ``base_layer``, runs its forward, and merges through :func:`merged_weight` (keeping the packed
@@ -45,6 +58,7 @@ __all__ = [
     "add_delta",
     "adapter_forward",
     "adapter_term",
+    "check_mergeable",
     "compute_dtype",
     "dequantize_weight",
     "install_weight",
@@ -62,19 +76,35 @@ ROUNDING_WARNING = (
 )
 
 
+KINDS = ("bnb-4bit", "bnb-8bit", "torchao")
+
+
 def _bnb():
     return sys.modules.get("bitsandbytes")
 
 
+def _is_torchao_tensor(t: object) -> bool:
+    """A torchao quantized tensor subclass (only when ``torchao`` is already imported)."""
+    if "torchao" not in sys.modules or not isinstance(t, Tensor):
+        return False
+    utils = sys.modules.get("torchao.utils")
+    base = getattr(utils, "TorchAOBaseTensor", None)
+    return base is not None and isinstance(t, base)
+
+
 def quantization_of(module: object) -> Optional[str]:
-    """``"bnb-4bit"`` for a ``bitsandbytes.nn.Linear4bit``, ``"bnb-8bit"`` for a ``Linear8bitLt``, else None."""
-    bnb = _bnb()
-    if bnb is None or not isinstance(module, nn.Module):
+    """``"bnb-4bit"`` for a ``bitsandbytes.nn.Linear4bit``, ``"bnb-8bit"`` for a ``Linear8bitLt``,
+    ``"torchao"`` for an ``nn.Linear`` whose weight is a torchao quantized tensor, else None."""
+    if not isinstance(module, nn.Module):
         return None
-    if isinstance(module, bnb.nn.Linear4bit):
-        return "bnb-4bit"
-    if isinstance(module, bnb.nn.Linear8bitLt):
-        return "bnb-8bit"
+    bnb = _bnb()
+    if bnb is not None:
+        if isinstance(module, bnb.nn.Linear4bit):
+            return "bnb-4bit"
+        if isinstance(module, bnb.nn.Linear8bitLt):
+            return "bnb-8bit"
+    if isinstance(module, nn.Linear) and _is_torchao_tensor(getattr(module, "weight", None)):
+        return "torchao"
     return None
 
 
@@ -93,14 +123,18 @@ def num_weights(param: Tensor) -> int:
 
 def _describe(module: nn.Module) -> str:
     kind = quantization_of(module)
+    if kind == "torchao":
+        return f"torchao {type(module.weight).__name__}"
     if kind == "bnb-4bit":
         return f"bitsandbytes 4-bit {getattr(module.weight, 'quant_type', '?')}"
     return "bitsandbytes 8-bit"
 
 
 def compute_dtype(module: nn.Module) -> torch.dtype:
-    """The floating dtype the quantized layer computes in: a 4-bit layer's ``compute_dtype`` when set, else
-    its bias's dtype, else float32."""
+    """The floating dtype the quantized layer computes in: a torchao weight's dtype (its high precision
+    dtype), a 4-bit layer's ``compute_dtype`` when set, else its bias's dtype, else float32."""
+    if quantization_of(module) == "torchao" and module.weight.dtype.is_floating_point:
+        return module.weight.dtype
     dtype = getattr(module, "compute_dtype", None)
     if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
         return dtype
@@ -186,6 +220,8 @@ def dequantize_weight(base: nn.Module, weight: Optional[Tensor] = None) -> Tenso
     bnb = _bnb()
     kind = quantization_of(base)
     w = base.weight if weight is None else weight
+    if kind == "torchao":
+        return w.dequantize().float()
     if kind == "bnb-4bit":
         if getattr(w.quant_state, "packing_format_for_cpu", False):
             # repacked by bitsandbytes' CPU inference path (eval, no grad); undone as its own state_dict does
@@ -206,7 +242,10 @@ def _requantized(base: nn.Module, dense: Tensor) -> nn.Parameter:
     """A new weight Parameter of the base's kind holding ``dense`` quantized (the base is not changed)."""
     bnb = _bnb()
     w = base.weight
-    if quantization_of(base) == "bnb-4bit":
+    kind = quantization_of(base)
+    if kind == "torchao":
+        return nn.Parameter(_requantized_torchao(w, dense), requires_grad=False)
+    if kind == "bnb-4bit":
         qs = w.quant_state
         return bnb.nn.Params4bit(
             dense.to(qs.dtype).cpu(),
@@ -220,6 +259,52 @@ def _requantized(base: nn.Module, dense: Tensor) -> nn.Parameter:
     if w.dtype != torch.int8:
         return bnb.nn.Int8Params(dense.to(w.dtype).to(w.device), requires_grad=False, has_fp16_weights=True)
     return bnb.nn.Int8Params(dense.to(torch.float16).cpu(), requires_grad=False, has_fp16_weights=False).to(w.device)
+
+
+def check_mergeable(base: nn.Module) -> None:
+    """TypeError when the quantized ``base`` cannot be merged into (a torchao weight other than ``Int8Tensor``,
+    or an ``Int8Tensor`` that is asymmetric or whose blocks are neither per row nor per tensor)."""
+    if quantization_of(base) == "torchao":
+        _int8_granularity(base.weight)
+
+
+def _int8_granularity(w: Tensor):
+    name = type(w).__name__
+    if name != "Int8Tensor" or not hasattr(w, "block_size"):
+        raise TypeError(
+            f"merging into a torchao {name} weight is refused: ttkernels requantizes torchao Int8Tensor weights "
+            "only (Int8WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig). Use the adapter unmerged, or "
+            "merge into a high-precision copy of the base"
+        )
+    zero = getattr(w, "zero_point", None)
+    if isinstance(zero, Tensor) and bool((zero != 0).any()):
+        raise TypeError("merging into an asymmetric torchao Int8Tensor (non-zero zero points) is refused")
+    from torchao.quantization import PerRow, PerTensor  # torchao is imported: the weight is one of its tensors
+
+    block, shape = list(w.block_size), list(w.shape)
+    if block == shape:
+        return PerTensor()
+    if len(shape) == 2 and block == [1, shape[1]]:
+        return PerRow()
+    raise TypeError(
+        f"merging into a torchao Int8Tensor with block size {block} (weight shape {shape}) is refused: only per-row "
+        "and per-tensor int8 weights are requantized"
+    )
+
+
+def _requantized_torchao(w: Tensor, dense: Tensor) -> Tensor:
+    """``dense`` quantized as ``w`` was: a symmetric Int8Tensor of the same granularity, dtype, device and
+    activation-quantization settings (its scales are chosen again for the new values)."""
+    new = type(w).from_hp(
+        dense.to(device=w.device, dtype=w.dtype),
+        _int8_granularity(w),
+        act_quant_kwargs=getattr(w, "act_quant_kwargs", None),
+        act_quant_scale=getattr(w, "act_quant_scale", None),
+        act_quant_zero_point=getattr(w, "act_quant_zero_point", None),
+        act_pre_scale=getattr(w, "act_pre_scale", None),
+        reduce_range=getattr(w, "reduce_range", False),
+    )
+    return new
 
 
 def packed_state(base: nn.Module) -> tuple:
@@ -254,6 +339,7 @@ def merged_weight(
     shape = (base.out_features, base.in_features)
     if tuple(delta.shape) != shape:
         raise ValueError(f"delta has shape {tuple(delta.shape)} but must be (out_features, in_features) = {shape}")
+    check_mergeable(base)
     warnings.warn(ROUNDING_WARNING.format(kind=_describe(base)), UserWarning, stacklevel=3)
     if source is None:
         dense = dequantize_weight(base)

@@ -25,9 +25,11 @@ class TTMLinear(AdapterLayer):
     ``N(0, 1 / (r_{k-1} n_k))``). No dropout. ``backend`` is :func:`~ttkernels.ttm.ttm_apply`'s (``"auto"``: the
     torch sweep on the CPU, the measured choice between the fused kernels and reconstruct-then-GEMM on a GPU).
 
-    ``from_linear`` also takes a bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` (:mod:`ttkernels.quantized`):
+    ``from_linear`` also takes a bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` or a torchao-quantized
+    ``nn.Linear`` (:mod:`ttkernels.quantized`):
     the layer computes ``base(x) + scaling * x dW^T`` with the base's own forward, the cores default to float32
-    (float64 for a float64 compute dtype), and merging requantizes (with a warning; unmerge is exact).
+    (float64 for a float64 compute dtype), and merging requantizes (with a warning; unmerge is exact; torchao
+    weights other than ``Int8Tensor`` refuse to merge).
     """
 
     def __init__(

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from .metatt_hf import ForwardWithModelSignature, PeftSurface
 from .modules import TTLinear, new_cores
 from .spec import Mode, TTSpec
 
@@ -80,19 +81,43 @@ class MetaTTConfig:
         backend: the ops backend of every view (``ttkernels.ops``).
         adapter_dtype: dtype of the cores, a name (``"float32"``, ...); None: float32, or float64 for float64
             models.
+        modules_to_save: names (suffixes, as ``target_modules``) of modules outside the TT that train in full, such
+            as a new classification head: unfrozen in place, written to the adapter file, restored on loading.
+        r, lora_alpha, lora_dropout: PEFT's names for ``rank``, ``alpha`` and ``dropout`` (give one spelling).
     """
 
     target_modules: Any
-    rank: Any = 8
+    rank: Any = None  # None: 8
     alpha: Optional[float] = None
     modes: Sequence[str] = ("layer", "matrix")
     num_tasks: Optional[int] = None
     num_heads: Optional[int] = None
-    dropout: float = 0.0
+    dropout: Optional[float] = None  # None: 0.0
     backend: str = "auto"
     adapter_dtype: Optional[str] = None
+    modules_to_save: Optional[list[str]] = None
+    r: dataclasses.InitVar[Any] = None
+    lora_alpha: dataclasses.InitVar[Optional[float]] = None
+    lora_dropout: dataclasses.InitVar[Optional[float]] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, r: Any, lora_alpha: Optional[float], lora_dropout: Optional[float]) -> None:
+        for ours, theirs, value in (("rank", "r", r), ("alpha", "lora_alpha", lora_alpha),
+                                    ("dropout", "lora_dropout", lora_dropout)):  # fmt: skip
+            if value is not None:
+                if getattr(self, ours) is not None:
+                    raise ValueError(f"give {ours} or {theirs} (PEFT's name for it), not both")
+                setattr(self, ours, value)
+        if self.rank is None:
+            self.rank = 8
+        if self.dropout is None:
+            self.dropout = 0.0
+        mts = self.modules_to_save
+        if mts is not None:
+            if isinstance(mts, (str, bytes)) or not isinstance(mts, Sequence):
+                raise TypeError(f"modules_to_save must be a list of module names or None, got {mts!r}")
+            if not all(isinstance(t, str) and t for t in mts):
+                raise TypeError(f"modules_to_save must hold non-empty strings, got {list(mts)!r}")
+            self.modules_to_save = list(mts) or None
         tm = self.target_modules
         if isinstance(tm, str):
             if not tm:
@@ -147,7 +172,10 @@ class MetaTTConfig:
         return self.rank if isinstance(self.rank, int) else max(self.rank)
 
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)} | {"modes": list(self.modes)}
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)} | {"modes": list(self.modes)}
+        if data["modules_to_save"] is None:
+            del data["modules_to_save"]  # folders without the field stay byte-identical to earlier ones
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> MetaTTConfig:
@@ -335,9 +363,15 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ wrapper
-class MetaTTModel(nn.Module):
+class MetaTTModel(PeftSurface, nn.Module):
     """A model with a MetaTT adapter: ``forward`` passes through to the model (``task_ids=`` routes each sample
-    to its task slice). Build it with :func:`get_metatt_model` or :meth:`from_pretrained`."""
+    to its task slice). Build it with :func:`get_metatt_model` or :meth:`from_pretrained`.
+
+    ``config`` is the wrapped model's config and ``metatt_config`` the adapter's; the rest of PEFT's model surface
+    (``generate``, ``get_base_model``, gradient checkpointing, per-task merge, ``export_lora``) is
+    :class:`~ttkernels.metatt_hf.PeftSurface`."""
+
+    forward = ForwardWithModelSignature()
 
     def __init__(self, model: nn.Module, config: MetaTTConfig) -> None:
         super().__init__()
@@ -346,13 +380,17 @@ class MetaTTModel(nn.Module):
         if not isinstance(config, MetaTTConfig):
             raise TypeError(f"config must be a MetaTTConfig, got {type(config).__name__}")
         groups, targets, num_layers = _plan(model, config)
-        self.config = config
+        saved = _find_modules_to_save(model, config, targets)  # checked before the model is touched
+        self.metatt_config = config
         self.groups = groups
         self.targets = targets
         self.num_layers = num_layers
         self._routing = _Routing()
         for p in model.parameters():
             p.requires_grad_(False)
+        self.modules_to_save = saved
+        for name in saved:
+            model.get_submodule(name).requires_grad_(True)
         first = next(iter(model.parameters()), None)
         device = first.device if first is not None else None
         if config.adapter_dtype is not None:
@@ -376,23 +414,31 @@ class MetaTTModel(nn.Module):
                 routing=self._routing,
             )
             _set_submodule(model, t.name, view)
+        self._install_state_dict_hooks()
 
     # -------------------------------------------------------------------------------- forward
-    def forward(self, *args: Any, task_ids: Optional[Tensor] = None, **kwargs: Any) -> Any:
-        self._routing.task_ids = self._check_task_ids(task_ids)
-        try:
+    def _forward(self, *args: Any, task_ids: Optional[Tensor] = None, **kwargs: Any) -> Any:
+        with self._task_scope(self._check_task_ids(task_ids)):
             return self.model(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _task_scope(self, task_ids: Optional[Tensor]) -> Iterator[None]:
+        """The views read ``task_ids`` within the block (nested blocks restore the outer ids on exit)."""
+        previous = self._routing.task_ids
+        self._routing.task_ids = task_ids
+        try:
+            yield
         finally:
-            self._routing.task_ids = None
+            self._routing.task_ids = previous
 
     def _check_task_ids(self, task_ids: Optional[Tensor]) -> Optional[Tensor]:
-        num_tasks = self.config.num_tasks
+        num_tasks = self.metatt_config.num_tasks
         if num_tasks is None:
             if task_ids is not None:
                 raise ValueError("task_ids was given but this MetaTT adapter has no 'task' mode")
             return None
         if task_ids is None:
-            if self._views_disabled():
+            if self._views_disabled() or self._merged_task() is not None:
                 return None
             raise ValueError(f"this MetaTT adapter has a 'task' mode ({num_tasks} tasks): pass task_ids")
         if not isinstance(task_ids, Tensor):
@@ -433,7 +479,7 @@ class MetaTTModel(nn.Module):
 
     def lora_parameters(self, rank: Optional[int] = None) -> int:
         """What LoRA of ``rank`` (default: the TT's largest rank) on the same targets would train."""
-        r = self.config.max_rank if rank is None else rank
+        r = self.metatt_config.max_rank if rank is None else rank
         return sum(r * (self.groups[t.group].in_features + self.groups[t.group].out_features) for t in self.targets)
 
     def trainable_parameters_summary(self) -> str:
@@ -443,7 +489,7 @@ class MetaTTModel(nn.Module):
         groups = ", ".join(f"{g.name}: {g.spec.num_params} ({len(g.matrices)} matrices)" for g in self.groups.values())
         return (
             f"trainable params: {tt:,} in {len(self.groups)} shared TT(s) [{groups}] on {len(self.targets)} modules"
-            f" || LoRA r={self.config.max_rank} on the same targets: {lora:,} ({lora / max(tt, 1):.1f}x more)"
+            f" || LoRA r={self.metatt_config.max_rank} on the same targets: {lora:,} ({lora / max(tt, 1):.1f}x more)"
             f" || all params: {total:,} || trainable%: {100 * tt / max(total, 1):.4f}"
         )
 
@@ -452,12 +498,11 @@ class MetaTTModel(nn.Module):
 
     # -------------------------------------------------------------------------------- merge / unload
     @torch.no_grad()
-    def merge_and_unload(self) -> nn.Module:
-        """Add every delta-W into its base weight, put the base modules back, and return the bare model."""
-        if self.config.num_tasks is not None:
-            raise RuntimeError("a MetaTT adapter with a 'task' mode cannot be merged into one set of weights")
-        for _, view in self.views():
-            view.merge()
+    def merge_and_unload(self, task: Optional[int] = None) -> nn.Module:
+        """Add every delta-W into its base weight, put the base modules back, and return the bare model.
+
+        A task adapter merges one task's delta-W (``task``); the other tasks are gone from the result."""
+        self.merge(task=task)
         return self._put_back_bases()
 
     def unload(self) -> nn.Module:
@@ -509,7 +554,7 @@ class MetaTTModel(nn.Module):
         new = nn.ParameterList([nn.Parameter(c.detach().to(device=ref.device, dtype=ref.dtype).clone()) for c in cores])
         self.metatt_cores[group] = new
         self.groups[group].spec = spec
-        scaling = self.alpha / self.config.max_rank
+        scaling = self.alpha / self.metatt_config.max_rank
         for t in self.targets:
             if t.group == group:
                 view = self.model.get_submodule(t.name)
@@ -520,19 +565,24 @@ class MetaTTModel(nn.Module):
 
     # -------------------------------------------------------------------------------- save / load
     def adapter_state_dict(self) -> dict[str, Tensor]:
-        """The shared cores, once each: ``metatt.<group>.<k>``."""
-        return {f"metatt.{g}.{k}": c.detach() for g, cores in self.metatt_cores.items() for k, c in enumerate(cores)}
+        """The shared cores, once each: ``metatt.<group>.<k>``; and the ``modules_to_save`` tensors:
+        ``modules_to_save.<module name>.<tensor name>``."""
+        out = {f"metatt.{g}.{k}": c.detach() for g, cores in self.metatt_cores.items() for k, c in enumerate(cores)}
+        for name in self.modules_to_save:
+            for key, t in self.model.get_submodule(name).state_dict(keep_vars=True).items():
+                out[f"modules_to_save.{name}.{key}"] = t.detach()
+        return out
 
     def _layout(self) -> dict:
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "config": self.config.to_dict(),
+            "config": self.metatt_config.to_dict(),
             "num_layers": self.num_layers,
-            "scaling": self.alpha / self.config.max_rank,
+            "scaling": self.alpha / self.metatt_config.max_rank,
             "groups": {g.name: g.describe() for g in self.groups.values()},
             "targets": {t.name: [t.group, t.layer, t.matrix] for t in self.targets},
-        }
+        } | ({"modules_to_save": list(self.modules_to_save)} if self.modules_to_save else {})
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (each shared core once)."""
@@ -561,9 +611,9 @@ class MetaTTModel(nn.Module):
         self = cls(model, config)
         self._adopt_saved_ranks(layout, pretrained_dir)
         want = self._layout()
-        for key in ("num_layers", "targets", "scaling", "groups"):
-            if layout.get(key) != want[key]:
-                raise ValueError(_mismatch(key, layout.get(key), want[key], pretrained_dir))
+        for key in ("num_layers", "targets", "scaling", "groups", "modules_to_save"):
+            if layout.get(key) != want.get(key):
+                raise ValueError(_mismatch(key, layout.get(key), want.get(key), pretrained_dir))
         tensors = _read_tensors(pretrained_dir)
         expected = self.adapter_state_dict()
         missing = sorted(set(expected) - set(tensors))
@@ -610,7 +660,7 @@ class MetaTTModel(nn.Module):
             self.replace_cores(name, [torch.zeros(s, dtype=ref.dtype, device=ref.device) for s in shapes])
 
     def extra_repr(self) -> str:
-        return f"groups={list(self.groups)}, targets={len(self.targets)}, modes={self.config.modes}"
+        return f"groups={list(self.groups)}, targets={len(self.targets)}, modes={self.metatt_config.modes}"
 
 
 def _mismatch(key: str, saved: Any, now: Any, where: Any) -> str:
@@ -656,6 +706,25 @@ def _read_tensors(path: str | os.PathLike) -> dict[str, Tensor]:
         return load_file(file)
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{file} is not a valid safetensors file: {e}") from e
+
+
+def _find_modules_to_save(model: nn.Module, config: MetaTTConfig, targets: list[_Target]) -> list[str]:
+    """The modules named by ``config.modules_to_save`` (suffix match, as PEFT), outermost only; each name must
+    match, and none may hold or lie inside a target."""
+    if not config.modules_to_save:
+        return []
+    found: list[str] = []
+    for name, _ in model.named_modules():
+        if name and _matches(name, config.modules_to_save) and not any(name.startswith(f + ".") for f in found):
+            found.append(name)
+    for want in config.modules_to_save:
+        if not any(_matches(name, [want]) for name in found):
+            raise ValueError(f"modules_to_save names {want!r}, but no module of the model matches it")
+    for name in found:
+        for t in targets:
+            if t.name == name or t.name.startswith(name + ".") or name.startswith(t.name + "."):
+                raise ValueError(f"modules_to_save module {name!r} overlaps the MetaTT target {t.name!r}")
+    return found
 
 
 def get_metatt_model(model: nn.Module, config: MetaTTConfig) -> MetaTTModel:

@@ -175,6 +175,7 @@ class TTLinear(nn.Module):
         self.dropout = dropout
         self.backend = backend
         self.merged = False
+        self.merged_task: int | None = None
         self._disabled = False
         self._owns_cores = True
 
@@ -200,7 +201,7 @@ class TTLinear(nn.Module):
     # -------------------------------------------------------------------------------- forward
     def forward(self, x: Tensor, task_ids: Optional[Tensor] = None) -> Tensor:
         per_sample = self.spec.per_sample_mode is not None
-        if per_sample and task_ids is None and not (self._disabled and not self.merged):
+        if per_sample and task_ids is None and not (self._disabled or self.merged):
             raise ValueError("this TTLinear has a per-sample (task) mode: pass task_ids")
         if not per_sample and task_ids is not None:
             raise ValueError("task_ids was given but this TTLinear has no per-sample (task) mode")
@@ -208,6 +209,8 @@ class TTLinear(nn.Module):
             return F.linear(x, self.base_weight, self.bias)
         if self.merged and not self._disabled:
             return F.linear(x, self.base_weight, self.bias)
+        if self.merged and per_sample:  # one task's delta-W is in the weight: take it out again, densely
+            return F.linear(x, self.base_weight - self.delta_weight(self.merged_task).to(x.dtype), self.bias)
         # Adapter on and unmerged, or merged but disabled: then subtract the merged adapter exactly.
         sign = -1.0 if self.merged else 1.0
         return ops.tt_linear(
@@ -235,27 +238,36 @@ class TTLinear(nn.Module):
         return dW * self.scaling if scaled else dW
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Add delta-W into the base weight (no-op when already merged). Not for per-sample adapters."""
+    def merge(self, task: int | None = None) -> None:
+        """Add delta-W into the base weight (no-op when already merged). A per-sample adapter merges one task's
+        delta-W (``task``); then the layer needs no ``task_ids`` until :meth:`unmerge`."""
         if self.merged:
             return
-        self._add_delta(+1.0)
+        if self.spec.per_sample_mode is None and task is not None:
+            raise ValueError(f"task={task!r} was given but this TTLinear has no per-sample (task) mode")
+        if self.spec.per_sample_mode is not None:
+            size = self.spec.per_sample_mode.size
+            if task is None:
+                raise ValueError(f"this TTLinear has a per-sample (task) mode: merge(task=t) with t in [0, {size})")
+            if isinstance(task, bool) or not isinstance(task, int) or not 0 <= task < size:
+                raise ValueError(f"task must be an int in [0, {size}), got {task!r}")
+        self._add_delta(+1.0, task)
         self.merged = True
+        self.merged_task = task
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract delta-W from the base weight again (no-op when not merged)."""
         if not self.merged:
             return
-        self._add_delta(-1.0)
+        self._add_delta(-1.0, self.merged_task)
         self.merged = False
+        self.merged_task = None
 
-    def _add_delta(self, sign: float) -> None:
-        if self.spec.per_sample_mode is not None:
-            raise RuntimeError("an adapter with a per-sample (task) mode cannot be merged into one weight")
+    def _add_delta(self, sign: float, task: int | None = None) -> None:
         w = self.base_weight  # a view: writing it writes the weight
         acc = torch.float64 if w.dtype == torch.float64 else torch.float32
-        delta = self.delta_weight().to(device=w.device, dtype=acc)
+        delta = self.delta_weight(task).to(device=w.device, dtype=acc)
         w.copy_((w.to(acc) + sign * delta).to(w.dtype))
 
     @contextlib.contextmanager

@@ -304,12 +304,22 @@ def from_lora(
 
 
 def to_lora(
-    cores: Sequence[Tensor], spec: TTSpec, index: Optional[dict] = None, *, task: Optional[int] = None
+    cores: Sequence[Tensor],
+    spec: TTSpec,
+    index: Optional[dict] = None,
+    *,
+    task: Optional[int] = None,
+    scaling: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
-    """LoRA factors ``(lora_A (r, d_in), lora_B (d_out, r))`` with ``lora_B @ lora_A == dW`` exactly, from the
-    bottleneck form ``dW^T = A C B`` (``r = r_b``); ``index`` / ``task`` pick fixed and per-sample slices."""
+    """LoRA factors ``(lora_A (r, d_in), lora_B (d_out, r))`` with ``lora_B @ lora_A == scaling * dW`` exactly,
+    from the bottleneck form ``dW^T = A C B`` (``r = r_b``); ``index`` / ``task`` pick fixed and per-sample
+    slices. ``scaling`` (the adapter's ``alpha / rank``) is folded into ``lora_B``: the default 1 gives the
+    unscaled delta-W, an adapter's ``scaling`` the delta-W its layer adds."""
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+        raise ValueError(f"scaling must be a finite number, got {scaling!r}")
     A, C, B = reference.task_factors(list(cores), spec, index, task=task, caller="to_lora")
     AC = A if C is None else A @ C
+    B = B if scaling == 1.0 else B * scaling
     return AC.t().contiguous(), B.t().contiguous()
 
 

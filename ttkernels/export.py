@@ -61,10 +61,10 @@ def write_lora_folder(
             raise ValueError(f"{name}: the adapter holds non-finite values; nothing was written")
         ranks[name] = int(A.shape[0])
         cast = dtype or A.dtype
-        tensors[f"base_model.model.{name}.lora_A.weight"] = A.detach().to("cpu", cast).contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = B.detach().to("cpu", cast).contiguous()
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A.detach().to("cpu", cast).clone()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B.detach().to("cpu", cast).clone()
     for key, t in (extra_tensors or {}).items():
-        tensors[key] = t.detach().to("cpu").contiguous()
+        tensors[key] = t.detach().to("cpu").clone()  # one storage per tensor (safetensors)
     r = collections.Counter(ranks.values()).most_common(1)[0][0]
     # PEFT matches pattern keys as regular expressions against module names: escape the literal names
     pattern = {re.escape(name): rank for name, rank in ranks.items() if rank != r}

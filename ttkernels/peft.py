@@ -2,11 +2,15 @@
 
 Two entry points:
 
-* :func:`tt_lora_config` — a ``peft.LoraConfig`` whose ``nn.Linear`` targets become :class:`TTLoraLinear`
-  layers: PEFT's LoRA machinery (``get_peft_model``, ``print_trainable_parameters``, ``save_pretrained``,
-  ``disable_adapter``, ``merge_and_unload``, several adapters) with a tensor-train delta-W of bond rank ``r``
-  computed by the ttkernels ops (delta-W is never built in forward). Reload with :func:`load_tt_lora`: PEFT
-  does not save the custom-module registration, so loading must be told again.
+* :func:`tt_lora_config` — a :class:`TTLoraConfig` (a ``peft.LoraConfig``) whose ``nn.Linear`` targets become
+  :class:`TTLoraLinear` layers: PEFT's LoRA machinery (``get_peft_model``, ``print_trainable_parameters``,
+  ``save_pretrained``, ``disable_adapter``, ``merge_and_unload``, several adapters) with a tensor-train delta-W
+  of bond rank ``r`` computed by the ttkernels ops (delta-W is never built in forward).
+* Saved folders describe themselves: ``adapter_config.json`` has ``peft_type`` ``"TT_LORA"`` and the TT's
+  options (``tt_in_modes``, ``tt_out_modes``, ``tt_backend``). PEFT without ttkernels refuses such a folder
+  (it knows no ``TT_LORA``) instead of loading it as a no-op; once this module is imported,
+  ``peft.PeftModel.from_pretrained`` and :func:`load_tt_lora` load it with nothing more to say.
+* :func:`export_lora` writes a plain PEFT LoRA folder with the same delta-W (for stock PEFT and serving engines).
 * :func:`get_peft_model` — ``get_peft_model(model, config)`` for either kind of config: a
   :class:`~ttkernels.metatt.MetaTTConfig` gives the MetaTT wrapper (whose methods carry PEFT's names:
   ``print_trainable_parameters``, ``save_pretrained``, ``from_pretrained``, ``disable_adapter``,
@@ -20,7 +24,12 @@ Checked by tests/test_peft.py against peft 0.21 (train, save, reload, merge, dis
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
 import math
+import os
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import peft
@@ -33,7 +42,15 @@ from . import ops, reference
 from .metatt import MetaTTConfig, MetaTTModel, get_metatt_model
 from .modules import TTLinear
 
-__all__ = ["TTLoraLinear", "get_peft_model", "load_tt_lora", "tt_lora_config", "tt_lora_layer"]
+__all__ = [
+    "TTLoraConfig",
+    "TTLoraLinear",
+    "export_lora",
+    "get_peft_model",
+    "load_tt_lora",
+    "tt_lora_config",
+    "tt_lora_layer",
+]
 
 
 class TTLoraLinear(nn.Module, LoraLayer):
@@ -180,23 +197,33 @@ def tt_lora_config(
     *, in_modes: Any = None, out_modes: Any = None, backend: str = "auto", config: Optional[peft.LoraConfig] = None,
     **lora_kwargs: Any,
 ) -> peft.LoraConfig:  # fmt: skip
-    """A ``peft.LoraConfig`` (built from ``lora_kwargs``, or ``config``) whose ``nn.Linear`` targets get TT
-    adapters: ``r`` is the TT's bond rank, ``lora_alpha`` / ``lora_dropout`` as in LoRA."""
+    """A :class:`TTLoraConfig` (built from ``lora_kwargs``, or from the fields of ``config``) whose ``nn.Linear``
+    targets get TT adapters: ``r`` is the TT's bond rank, ``lora_alpha`` / ``lora_dropout`` as in LoRA."""
     if config is not None and lora_kwargs:
         raise ValueError("pass either config or LoraConfig keyword arguments, not both")
-    cfg = config if config is not None else peft.LoraConfig(**lora_kwargs)
-    cfg._register_custom_module({nn.Linear: tt_lora_layer(in_modes=in_modes, out_modes=out_modes, backend=backend)})
-    return cfg
+    if config is not None and not isinstance(config, peft.LoraConfig):
+        raise TypeError(f"config must be a peft.LoraConfig, got {type(config).__name__}")
+    tt = {"tt_in_modes": in_modes, "tt_out_modes": out_modes, "tt_backend": backend}
+    if config is not None:
+        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(peft.LoraConfig) if f.init}
+        fields.pop("peft_type", None)
+        return TTLoraConfig(**fields, **tt)
+    return TTLoraConfig(**lora_kwargs, **tt)
 
 
 def load_tt_lora(
-    model: nn.Module, path: str, *, in_modes: Any = None, out_modes: Any = None, backend: str = "auto", **kwargs: Any
+    model: nn.Module,
+    path: str,
+    *,
+    in_modes: Any = None,
+    out_modes: Any = None,
+    backend: Optional[str] = None,
+    **kwargs: Any,
 ) -> peft.PeftModel:
-    """``PeftModel.from_pretrained`` for an adapter saved from a :func:`tt_lora_config` model; the TT options
-    must be the ones it was trained with (the core shapes are checked on load)."""
-    cfg = tt_lora_config(
-        in_modes=in_modes, out_modes=out_modes, backend=backend, config=peft.LoraConfig.from_pretrained(path)
-    )
+    """``PeftModel.from_pretrained`` for an adapter saved from a :func:`tt_lora_config` model. The folder records
+    its TT options; ``in_modes`` / ``out_modes``, when given, must agree with them, and ``backend`` overrides the
+    saved one. A plain PEFT LoRA folder is refused (load it with ``peft.PeftModel.from_pretrained``)."""
+    cfg = tt_lora_folder_config(path, in_modes=in_modes, out_modes=out_modes, backend=backend)
     loaded = peft.PeftModel.from_pretrained(model, path, config=cfg, **kwargs)
     for module in loaded.modules():
         if isinstance(module, TTLoraLinear):
@@ -212,3 +239,199 @@ def get_peft_model(model: nn.Module, config: Any, **kwargs: Any) -> MetaTTModel 
             raise TypeError(f"get_peft_model with a MetaTTConfig takes no keyword arguments, got {sorted(kwargs)}")
         return get_metatt_model(model, config)
     return peft.get_peft_model(model, config, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ self-describing folders
+TT_LORA = "TT_LORA"
+_MAX_MODES = 16
+_MAX_CONFIG_BYTES = 1 << 20
+
+
+def _check_tt_modes(name: str, modes: Any) -> Any:
+    """None, a count of balanced factors, or the sizes; what a file says is checked here before any use."""
+    if modes is None:
+        return None
+    if isinstance(modes, int) and not isinstance(modes, bool):
+        if not 1 <= modes <= _MAX_MODES:
+            raise ValueError(f"{name} must be None, an int in [1, {_MAX_MODES}] or a list of sizes, got {modes!r}")
+        return modes
+    if isinstance(modes, Sequence) and not isinstance(modes, (str, bytes)):
+        sizes = list(modes)
+        ok = 1 <= len(sizes) <= _MAX_MODES and all(
+            isinstance(m, int) and not isinstance(m, bool) and 1 <= m <= 1 << 31 for m in sizes
+        )
+        if ok:
+            return sizes
+    raise ValueError(f"{name} must be None, an int in [1, {_MAX_MODES}] or a list of positive sizes, got {modes!r}")
+
+
+@dataclasses.dataclass
+class TTLoraConfig(peft.LoraConfig):
+    """``peft.LoraConfig`` plus the TT options of :class:`TTLoraLinear`; saved with ``peft_type`` ``"TT_LORA"``
+    and these fields, so the folder says what it holds. In memory ``peft_type`` stays LoRA's (PEFT's LoRA
+    machinery runs the layers)."""
+
+    tt_in_modes: Any = None
+    tt_out_modes: Any = None
+    tt_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.tt_in_modes = _check_tt_modes("tt_in_modes", self.tt_in_modes)
+        self.tt_out_modes = _check_tt_modes("tt_out_modes", self.tt_out_modes)
+        ops.check_backend_name(self.tt_backend)
+        self._register_tt_layer()
+
+    def _register_tt_layer(self) -> None:
+        layer = tt_lora_layer(in_modes=self.tt_in_modes, out_modes=self.tt_out_modes, backend=self.tt_backend)
+        self._register_custom_module({nn.Linear: layer})
+
+    def to_dict(self) -> dict:
+        return super().to_dict() | {"peft_type": TT_LORA}
+
+
+def _register_with_peft() -> None:
+    """``PeftModel.from_pretrained`` / ``load_adapter`` find the config class of a ``TT_LORA`` folder."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    PEFT_TYPE_TO_CONFIG_MAPPING.setdefault(TT_LORA, TTLoraConfig)
+
+
+def _read_adapter_config(path: str | os.PathLike) -> dict:
+    file = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no adapter_config.json in {path}")
+    if os.path.getsize(file) > _MAX_CONFIG_BYTES:
+        raise ValueError(f"{file} is larger than {_MAX_CONFIG_BYTES} bytes: not an adapter config")
+    try:
+        with open(file) as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file} is not a readable JSON file: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} does not hold a JSON object")
+    return data
+
+
+def _weight_names(path: str | os.PathLike) -> list[str]:
+    from safetensors import SafetensorError, safe_open
+
+    file = os.path.join(path, "adapter_model.safetensors")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no adapter_model.safetensors in {path}")
+    try:
+        with safe_open(file, framework="pt") as f:  # the header only
+            return list(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{file} is not a valid safetensors file: {e}") from e
+
+
+def tt_lora_folder_config(
+    path: str | os.PathLike, *, in_modes: Any = None, out_modes: Any = None, backend: Optional[str] = None
+) -> TTLoraConfig:
+    """The :class:`TTLoraConfig` of a saved TT-LoRA folder (its TT options from the file; ``in_modes`` /
+    ``out_modes`` given here must agree, ``backend`` overrides). Folders saved as ``LORA`` before the TT options
+    were recorded load when their weights are TT cores and the modes are given; a plain LoRA folder is refused."""
+    if backend is not None:
+        ops.check_backend_name(backend)
+    data = _read_adapter_config(path)
+    kind = data.get("peft_type")
+    if kind == TT_LORA:
+        cfg = TTLoraConfig.from_pretrained(str(path))
+        for name, given, saved in (("in_modes", in_modes, cfg.tt_in_modes), ("out_modes", out_modes, cfg.tt_out_modes)):
+            if given is not None and _check_tt_modes(name, given) != saved:
+                raise ValueError(f"{path} was saved with tt_{name}={saved!r}, but {name}={given!r} was given")
+        if backend is not None and backend != cfg.tt_backend:
+            cfg.tt_backend = backend
+            cfg._register_tt_layer()
+        return cfg
+    if kind == "LORA":
+        names = _weight_names(path)
+        if (
+            names
+            and all(".lora_tt_cores." in n for n in names if ".lora_" in n)
+            and any(".lora_tt_cores." in n for n in names)
+        ):
+            # saved as LORA before folders recorded their TT options: the caller gives them
+            return tt_lora_config(
+                in_modes=in_modes, out_modes=out_modes, backend=backend or "auto",
+                config=peft.LoraConfig.from_pretrained(str(path)),
+            )  # fmt: skip
+        raise ValueError(
+            f"{path} holds a plain PEFT LoRA adapter (peft_type LORA, lora_A / lora_B weights), not a TT-LoRA one: "
+            "load it with peft.PeftModel.from_pretrained"
+        )
+    raise ValueError(f"{path} holds a {kind!r} adapter, not a TT-LoRA one (peft_type {TT_LORA!r})")
+
+
+_register_with_peft()
+
+
+# ------------------------------------------------------------------------------------------------ mixed-adapter batches
+def _refuse_mixed_batches() -> None:
+    """PEFT checks ``adapter_names`` against ``lora_A``, which TT layers leave empty, and would report the TT
+    adapters as non-existing: say what the limit is instead."""
+    from peft.tuners.lora.model import LoraModel
+
+    original = LoraModel._enable_peft_forward_hooks
+    if getattr(original, "_ttkernels", False):
+        return
+
+    @contextlib.contextmanager
+    def hooks(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("adapter_names") is not None and any(isinstance(m, TTLoraLinear) for m in self.modules()):
+            raise ValueError(
+                "adapter_names= (a mixed-adapter batch) is not supported with ttkernels TT-LoRA layers: a "
+                "TTLoraLinear applies its active adapters to the whole batch. Run one batch per adapter "
+                "(set_adapter), or export each adapter with ttkernels.peft.export_lora for a multi-LoRA server"
+            )
+        with original(self, *args, **kwargs):
+            yield
+
+    hooks._ttkernels = True
+    LoraModel._enable_peft_forward_hooks = hooks
+
+
+_refuse_mixed_batches()
+
+
+# ------------------------------------------------------------------------------------------------ export
+@torch.no_grad()
+def export_lora(
+    peft_model: peft.PeftModel, save_directory: str | os.PathLike, *, adapter_names: Optional[list[str]] = None
+) -> list[str]:
+    """Write each TT-LoRA adapter of ``peft_model`` as a plain PEFT LoRA folder with the same delta-W (rank = the
+    TT's bottleneck rank, ``rank_pattern`` where layers differ, the scaling folded into ``lora_B`` with
+    ``lora_alpha = r``); ``modules_to_save`` go along. ``default`` goes to ``save_directory``, other adapters to
+    ``save_directory/<name>`` (PEFT's layout). Stock PEFT loads the folders without ttkernels. Returns them."""
+    from .export import write_lora_folder
+    from .rank import to_lora
+
+    if not isinstance(peft_model, peft.PeftModel):
+        raise TypeError(f"peft_model must be a peft.PeftModel, got {type(peft_model).__name__}")
+    names = list(peft_model.peft_config) if adapter_names is None else list(adapter_names)
+    unknown = sorted(set(names) - set(peft_model.peft_config))
+    if unknown:
+        raise ValueError(f"no adapters {unknown}; the model has {sorted(peft_model.peft_config)}")
+    inner = peft_model.get_base_model()
+    written = []
+    for a in names:
+        factors = {}
+        for name, module in inner.named_modules():
+            if isinstance(module, TTLoraLinear) and a in module.lora_tt_cores:
+                spec = module.tt_spec[a]
+                factors[name] = to_lora(list(module.lora_tt_cores[a]), spec, scaling=module.scaling[a])
+            elif isinstance(module, LoraLayer) and a in getattr(module, "lora_A", {}):
+                raise ValueError(f"export_lora writes TT-LoRA layers; {name} is a {type(module).__name__} of PEFT")
+        if not factors:
+            raise ValueError(f"adapter {a!r} has no TT-LoRA layers")
+        state = peft.get_peft_model_state_dict(peft_model, adapter_name=a)
+        extra = {k: v for k, v in state.items() if ".lora_tt_cores." not in k}
+        cfg = peft_model.peft_config[a]
+        folder = str(save_directory) if a == "default" else os.path.join(save_directory, a)
+        write_lora_folder(
+            folder, factors, modules_to_save=list(cfg.modules_to_save) if cfg.modules_to_save else None,
+            extra_tensors=extra, task_type=cfg.task_type, base_model_name_or_path=cfg.base_model_name_or_path,
+        )  # fmt: skip
+        written.append(folder)
+    return written

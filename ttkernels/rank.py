@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -349,11 +349,14 @@ def compress_(
     *,
     optimizer: Optional[torch.optim.Optimizer] = None,
 ) -> dict[str, tuple[int, ...]]:
-    """Sweep the cores of ``module`` (a :class:`~ttkernels.TTLinear` owning its cores, or a
-    :class:`~ttkernels.MetaTTModel`: every group) down to ``max_rank`` / ``rel_eps`` in place, between steps.
+    """Sweep the cores of ``module`` (a :class:`~ttkernels.TTLinear` owning its cores, a
+    :class:`~ttkernels.MetaTTModel`: every group, a TT-LoRA layer of :mod:`ttkernels.peft`: every adapter, or a
+    model holding TT-LoRA layers, such as a ``peft.PeftModel``: every layer and adapter) down to ``max_rank`` /
+    ``rel_eps`` in place, between steps.
 
     The scaling stays as it was, so the outputs move only by the truncation. Returns the new ranks per TT
-    (``""`` for a TTLinear, the group names for MetaTT).
+    (``""`` for a TTLinear, the group names for MetaTT, the adapter names for a TT-LoRA layer,
+    ``"<module name>:<adapter>"`` for a model with TT-LoRA layers).
     """
     from .metatt import MetaTTModel
     from .modules import TTLinear
@@ -380,7 +383,44 @@ def compress_(
         if held is not None:
             _swap_in_group(optimizer, held, old, list(params))
         return {"": module.spec.ranks}
-    raise TypeError(f"compress_ takes a TTLinear or a MetaTTModel, got {type(module).__name__}")
+    if _is_tt_lora_layer(module):
+        return _compress_tt_lora(module, max_rank, rel_eps, optimizer)
+    layers = [(n, m) for n, m in module.named_modules() if _is_tt_lora_layer(m)]
+    if layers:
+        return {
+            f"{name}:{a}": ranks
+            for name, layer in layers
+            for a, ranks in _compress_tt_lora(layer, max_rank, rel_eps, optimizer).items()
+        }
+    raise TypeError(
+        f"compress_ takes a TTLinear, a MetaTTModel, a TT-LoRA layer or a model holding TT-LoRA layers, got "
+        f"{type(module).__name__}"
+    )
+
+
+def _is_tt_lora_layer(module: nn.Module) -> bool:
+    # ttkernels.peft.TTLoraLinear, recognized by what it holds (peft is an optional integration above this module)
+    return isinstance(getattr(module, "lora_tt_cores", None), nn.ModuleDict) and hasattr(module, "tt_spec")
+
+
+def _compress_tt_lora(layer: nn.Module, max_rank: Optional[int], rel_eps: Optional[float], optimizer: Any) -> dict:
+    out = {}
+    for a in list(layer.lora_tt_cores):
+        new = sweep(list(layer.lora_tt_cores[a]), max_rank, rel_eps)
+        _replace_tt_lora_cores(layer, a, new, optimizer)
+        out[a] = layer.tt_spec[a].ranks
+    return out
+
+
+def _replace_tt_lora_cores(layer: nn.Module, adapter: str, cores: list[Tensor], optimizer: Any) -> None:
+    old = list(layer.lora_tt_cores[adapter])
+    spec = layer.tt_spec[adapter]
+    held = None if optimizer is None else _group_holding(optimizer, old, f"the cores of adapter {adapter!r}")
+    params = nn.ParameterList([nn.Parameter(c, requires_grad=old[0].requires_grad) for c in cores])
+    layer.lora_tt_cores[adapter] = params
+    layer.tt_spec[adapter] = TTSpec(spec.modes, tuple(c.shape[2] for c in cores[:-1]))
+    if held is not None:
+        _swap_in_group(optimizer, held, old, list(params))
 
 
 class RankSchedule:

@@ -314,6 +314,8 @@ def test_trainer_keeps_the_task_ids_column_and_saves_checkpoints(tmp_path):
     again.load_state_dict(saved)
     ids, tasks = ids_batch(), torch.tensor([1, 2, 0])
     torch.testing.assert_close(again(ids, task_ids=tasks).logits, w(ids, task_ids=tasks).logits, atol=0, rtol=0)
+    metrics = trainer.evaluate(_task_dataset(8))  # labels are seen, so evaluation reports a loss
+    assert trainer.label_names == ["labels"] and torch.isfinite(torch.tensor(metrics["eval_loss"]))
 
 
 @pytest.mark.slow

@@ -35,6 +35,16 @@ class ForwardWithModelSignature:
     """``forward`` of the class, bound on access with the wrapped model's signature plus ``task_ids``
     (``inspect.signature(w.forward)``, which Trainer reads to choose the dataset columns it keeps)."""
 
+    def __set_name__(self, owner: type, name: str) -> None:
+        # Seen on the class (transformers' find_labels(type(model)) reads it), forward names ``labels``, which it
+        # passes on to the model like any keyword: the Trainer then computes evaluation losses.
+        fn = owner._forward
+        sig = inspect.signature(fn)
+        if "labels" not in sig.parameters:
+            labels = inspect.Parameter("labels", inspect.Parameter.KEYWORD_ONLY, default=None)
+            params = list(sig.parameters.values())
+            fn.__signature__ = sig.replace(parameters=[*params[:-1], labels, params[-1]])
+
     def __get__(self, obj: Any, objtype: Any = None) -> Any:
         if obj is None:
             return objtype._forward

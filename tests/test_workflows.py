@@ -132,7 +132,7 @@ def test_generate_holds_each_sequences_task_through_decoding(beams):
         w.generate(input_ids=prompts, **kw)
     with pytest.raises(IndexError, match=r"task_ids must lie in \[0, 3\)"):
         w.generate(input_ids=prompts, task_ids=torch.tensor([0, 3, 1]), **kw)
-    assert w._routing.task_ids is None  # nothing held after generate
+    assert w._current_task_ids() is None  # nothing held after generate
 
 
 # ------------------------------------------------------------------------------------------- per-task merge
@@ -169,7 +169,9 @@ def test_modules_to_save_train_save_load_and_count(tmp_path, capsys):
     cores = sum(p.numel() for p in w.metatt_cores.parameters())
     assert w.num_trainable_parameters() == cores + head.weight.numel() + head.bias.numel()
     w.print_trainable_parameters()
-    assert f"trainable params: {cores + 32 * 3 + 3:,}" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert f"trainable params: {cores + 32 * 3 + 3:,} ({cores:,} in 1 shared TT(s)" in text
+    assert "+ 99 in modules_to_save ['classifier']" in text
     randomize(w)
     ids, labels = ids_batch(4, 6), torch.tensor([0, 1, 2, 1])
     before = head.weight.detach().clone()

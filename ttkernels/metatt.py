@@ -421,6 +421,10 @@ class MetaTTModel(PeftSurface, nn.Module):
         with self._task_scope(self._check_task_ids(task_ids)):
             return self.model(*args, **kwargs)
 
+    def _current_task_ids(self) -> Optional[Tensor]:
+        """The task ids the views read now (those of the innermost :meth:`_task_scope`)."""
+        return self._routing.task_ids
+
     @contextlib.contextmanager
     def _task_scope(self, task_ids: Optional[Tensor]) -> Iterator[None]:
         """The views read ``task_ids`` within the block (nested blocks restore the outer ids on exit)."""
@@ -483,14 +487,17 @@ class MetaTTModel(PeftSurface, nn.Module):
         return sum(r * (self.groups[t.group].in_features + self.groups[t.group].out_features) for t in self.targets)
 
     def trainable_parameters_summary(self) -> str:
-        tt = self.num_trainable_parameters()
+        trainable = self.num_trainable_parameters()
+        tt = sum(p.numel() for p in self.metatt_cores.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.parameters())
         lora = self.lora_parameters()
         groups = ", ".join(f"{g.name}: {g.spec.num_params} ({len(g.matrices)} matrices)" for g in self.groups.values())
+        saved = f" + {trainable - tt:,} in modules_to_save {self.modules_to_save}" if self.modules_to_save else ""
         return (
-            f"trainable params: {tt:,} in {len(self.groups)} shared TT(s) [{groups}] on {len(self.targets)} modules"
+            f"trainable params: {trainable:,} ({tt:,} in {len(self.groups)} shared TT(s) [{groups}] on "
+            f"{len(self.targets)} modules{saved})"
             f" || LoRA r={self.metatt_config.max_rank} on the same targets: {lora:,} ({lora / max(tt, 1):.1f}x more)"
-            f" || all params: {total:,} || trainable%: {100 * tt / max(total, 1):.4f}"
+            f" || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}"
         )
 
     def print_trainable_parameters(self) -> None:

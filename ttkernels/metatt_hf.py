@@ -67,7 +67,7 @@ def _with_task_ids(sig: inspect.Signature) -> inspect.Signature:
 
 class PeftSurface:
     """Mixed into :class:`~ttkernels.MetaTTModel` (which provides ``model``, ``views()``, ``metatt_config``,
-    ``_task_scope``, ``_check_task_ids``)."""
+    ``_task_scope``, ``_current_task_ids``, ``_check_task_ids``)."""
 
     model: nn.Module
 
@@ -192,7 +192,7 @@ class PeftSurface:
                 raise ValueError("a MetaTT task adapter sets the checkpoint's context_fn itself; do not pass one")
 
             def context_fn() -> tuple[Any, Any]:
-                ids = self._routing.task_ids  # the ids of the forward that is being checkpointed
+                ids = self._current_task_ids()  # the ids of the forward that is being checkpointed
                 return contextlib.nullcontext(), self._task_scope(ids)
 
             kwargs["context_fn"] = context_fn

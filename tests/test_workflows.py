@@ -259,6 +259,22 @@ def test_export_lora_writes_one_folder_per_task_and_modules_to_save(tmp_path):
     torch.testing.assert_close(loaded(input_ids=bids).logits, wb(input_ids=bids).logits, atol=2e-5, rtol=2e-5)
 
 
+def test_export_lora_of_gpt2_conv1d_targets(tmp_path):
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
+
+    def gpt2():
+        torch.manual_seed(0)
+        return transformers.GPT2LMHeadModel(cfg).eval()
+
+    w = get_metatt_model(gpt2(), MetaTTConfig(["c_attn", "attn.c_proj"], r=3))
+    randomize(w, std=0.4)
+    ids = ids_batch()
+    (folder,) = w.export_lora(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    loaded = peft.PeftModel.from_pretrained(gpt2(), folder).eval()
+    torch.testing.assert_close(loaded(ids).logits, w(ids).logits, atol=2e-5, rtol=2e-5)
+
+
 # ------------------------------------------------------------------------------------------- MiniLM
 def test_minilm_metatt_exports_to_peft_lora(tmp_path):
     tok, model = load_minilm()

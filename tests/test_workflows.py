@@ -130,6 +130,10 @@ def test_generate_holds_each_sequences_task_through_decoding(beams):
     assert not torch.equal(other, out)  # the task changes what is generated
     with pytest.raises(ValueError, match="pass task_ids"):
         w.generate(input_ids=prompts, **kw)
+    with pytest.raises(ValueError, match="3 input sequences but 6 task_ids"):
+        w.generate(input_ids=prompts, task_ids=torch.tensor([0, 1, 2, 0, 1, 2]), **kw)
+    with pytest.raises(ValueError, match="3 input sequences but 1 task_ids"):
+        w.generate(prompts, task_ids=torch.tensor([0]), **kw)
     with pytest.raises(IndexError, match=r"task_ids must lie in \[0, 3\)"):
         w.generate(input_ids=prompts, task_ids=torch.tensor([0, 3, 1]), **kw)
     assert w._current_task_ids() is None  # nothing held after generate
@@ -374,6 +378,24 @@ def test_gradient_checkpointing_carries_task_ids_into_recomputation():
         torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="non-reentrant"):
         w.gradient_checkpointing_enable({"use_reentrant": True})
+    w.gradient_checkpointing_disable()
+    assert not w.model.model.layers[0].gradient_checkpointing
+
+
+def test_reentrant_checkpointing_with_input_require_grads():
+    w = get_metatt_model(llama(), MetaTTConfig(LLAMA_TARGETS, r=4))
+    randomize(w)
+    ids = ids_batch()
+    w.train()
+    w(ids, labels=ids).loss.backward()
+    want = [p.grad.clone() for p in w.metatt_cores.parameters()]
+    w.zero_grad()
+    w.enable_input_require_grads()  # the frozen embeddings' output requires grad, as reentrant checkpointing needs
+    assert w.get_input_embeddings()(ids).requires_grad
+    w.gradient_checkpointing_enable({"use_reentrant": True})
+    w(ids, labels=ids).loss.backward()
+    for p, g in zip(w.metatt_cores.parameters(), want):
+        torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------- TT-LoRA folders

@@ -146,6 +146,9 @@ class PeftSurface:
         if task_ids is None:
             return generate(*args, **kwargs)
         count = task_ids.shape[0]
+        given = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+        if isinstance(given, Tensor) and given.dim() and given.shape[0] != count:
+            raise ValueError(f"generate: {given.shape[0]} input sequences but {count} task_ids (one per sequence)")
         scopes: list[contextlib.ExitStack] = []
 
         def before(module: nn.Module, a: tuple, kw: dict) -> None:

@@ -150,6 +150,8 @@ def test_per_task_merge_equals_the_task_forward():
     weights = {n: p.detach().clone() for n, p in w.model.named_parameters()}
     w.merge(task=1)
     torch.testing.assert_close(w(ids).logits, want[1], **tol(torch.float64))  # no task_ids needed
+    with pytest.raises(ValueError, match="task 1 is merged into the weights: unmerge"):
+        w(ids, task_ids=torch.tensor([0, 1, 2]))
     with w.disable_adapter():  # merged and disabled: the base model
         base = w(ids).logits
     with pytest.raises(RuntimeError, match="already merged"):

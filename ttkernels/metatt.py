@@ -437,6 +437,9 @@ class MetaTTModel(PeftSurface, nn.Module):
 
     def _check_task_ids(self, task_ids: Optional[Tensor]) -> Optional[Tensor]:
         num_tasks = self.metatt_config.num_tasks
+        merged = self._merged_task() if num_tasks is not None else None
+        if merged is not None and task_ids is not None and not self._views_disabled():
+            raise ValueError(f"task {merged} is merged into the weights: unmerge() before routing task_ids per sample")
         if num_tasks is None:
             if task_ids is not None:
                 raise ValueError("task_ids was given but this MetaTT adapter has no 'task' mode")

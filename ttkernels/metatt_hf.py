@@ -239,10 +239,9 @@ class PeftSurface:
 
     # -------------------------------------------------------------------------------- merge
     def _merged_task(self) -> Optional[int]:
-        for _, view in self.views():
-            if view.merged:
-                return view.merged_task
-        return None
+        """The task merged into the weights (merge() merges every view together, so the first one tells)."""
+        first = next(self.views(), None)
+        return first[1].merged_task if first is not None and first[1].merged else None
 
     @torch.no_grad()
     def merge(self, task: Optional[int] = None) -> None:

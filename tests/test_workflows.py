@@ -161,6 +161,9 @@ def test_per_task_merge_equals_the_task_forward():
         torch.testing.assert_close(w(ids).logits, base, **tol(torch.float64))
     for n, p in w.model.named_parameters():
         torch.testing.assert_close(p, weights[n], atol=1e-12, rtol=0)
+    w.merge(task=2)
+    with pytest.raises(ValueError, match="task 2 is merged already, not task 0"):
+        w.merge_and_unload(task=0)
     merged = w.merge_and_unload(task=2)
     assert not any(".cores." in n for n, _ in merged.named_parameters())
     torch.testing.assert_close(merged(ids).logits, want[2], **tol(torch.float64))

@@ -511,8 +511,13 @@ class MetaTTModel(PeftSurface, nn.Module):
     def merge_and_unload(self, task: Optional[int] = None) -> nn.Module:
         """Add every delta-W into its base weight, put the base modules back, and return the bare model.
 
-        A task adapter merges one task's delta-W (``task``); the other tasks are gone from the result."""
-        self.merge(task=task)
+        A task adapter merges one task's delta-W (``task``); the other tasks are gone from the result. After
+        :meth:`merge`, the merged weights are kept (``task`` may repeat the merged one)."""
+        if any(view.merged for _, view in self.views()):
+            if task is not None and task != self._merged_task():
+                raise ValueError(f"task {self._merged_task()} is merged already, not task {task}: unmerge() first")
+        else:
+            self.merge(task=task)
         return self._put_back_bases()
 
     def unload(self) -> nn.Module:

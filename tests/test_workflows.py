@@ -526,6 +526,11 @@ def test_compress_accepts_peft_models_and_single_tt_lora_layers():
     torch.testing.assert_close(pm(ids).logits, before, atol=1e-4, rtol=1e-4)
     layer = pm.base_model.model.model.layers[0].self_attn.q_proj
     params = [p for p in pm.parameters() if p.requires_grad]
+    partial = torch.optim.AdamW(params[:3], lr=1e-3)  # holds one layer's cores only
+    shapes = [tuple(p.shape) for p in params]
+    with pytest.raises(ValueError, match="the optimizer does not hold the cores of"):
+        rank.compress_(pm, max_rank=1, optimizer=partial)
+    assert [tuple(p.shape) for p in pm.parameters() if p.requires_grad] == shapes  # nothing changed
     opt = torch.optim.AdamW(params, lr=1e-3)
     ranks = rank.compress_(layer, max_rank=1, optimizer=opt)
     assert ranks == {"default": (1, 1, 1)} and layer.tt_spec["default"].ranks == (1, 1, 1)

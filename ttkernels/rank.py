@@ -387,6 +387,10 @@ def compress_(
         return _compress_tt_lora(module, max_rank, rel_eps, optimizer)
     layers = [(n, m) for n, m in module.named_modules() if _is_tt_lora_layer(m)]
     if layers:
+        if optimizer is not None:  # every adapter is checked before any is changed
+            for name, layer in layers:
+                for a, cores in layer.lora_tt_cores.items():
+                    _group_holding(optimizer, list(cores), f"the cores of {name} (adapter {a!r})")
         return {
             f"{name}:{a}": ranks
             for name, layer in layers

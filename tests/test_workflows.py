@@ -432,6 +432,12 @@ def test_tt_lora_folders_describe_themselves(tmp_path):
     torch.testing.assert_close(stock(ids).logits, want, atol=0, rtol=0)
     with pytest.raises(ValueError, match=r"saved with tt_in_modes=\[4, 8\], but in_modes=\[8, 4\] was given"):
         tkpeft.load_tt_lora(llama(), str(tmp_path / "tt"), in_modes=[8, 4])
+    # options that do not fit the saved cores are named
+    cfg["tt_in_modes"] = [8, 4]
+    (tmp_path / "tt" / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"do not fit its TT options \(tt_in_modes=\[8, 4\], tt_out_modes=2\)"):
+        tkpeft.load_tt_lora(llama(), str(tmp_path / "tt"))
+    cfg["tt_in_modes"] = [4, 8]
     # a plain LoRA folder is refused with what to do instead
     plain = peft.get_peft_model(llama(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
     plain.save_pretrained(tmp_path / "plain")

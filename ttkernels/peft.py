@@ -224,7 +224,15 @@ def load_tt_lora(
     its TT options; ``in_modes`` / ``out_modes``, when given, must agree with them, and ``backend`` overrides the
     saved one. A plain PEFT LoRA folder is refused (load it with ``peft.PeftModel.from_pretrained``)."""
     cfg = tt_lora_folder_config(path, in_modes=in_modes, out_modes=out_modes, backend=backend)
-    loaded = peft.PeftModel.from_pretrained(model, path, config=cfg, **kwargs)
+    try:
+        loaded = peft.PeftModel.from_pretrained(model, path, config=cfg, **kwargs)
+    except RuntimeError as e:
+        if "size mismatch" not in str(e):
+            raise
+        raise ValueError(
+            f"the cores saved in {path} do not fit its TT options (tt_in_modes={cfg.tt_in_modes!r}, "
+            f"tt_out_modes={cfg.tt_out_modes!r}) on this model: {e}"
+        ) from e
     for module in loaded.modules():
         if isinstance(module, TTLoraLinear):
             for a, cores in module.lora_tt_cores.items():

@@ -139,6 +139,26 @@ def test_generate_holds_each_sequences_task_through_decoding(beams):
     assert w._current_task_ids() is None  # nothing held after generate
 
 
+def test_threads_generating_with_other_tasks_keep_their_own():
+    from concurrent.futures import ThreadPoolExecutor
+
+    w = get_metatt_model(llama(), MetaTTConfig(LLAMA_TARGETS, r=4, modes=("layer", "matrix", "task"), num_tasks=3))
+    randomize(w)
+    w.model.generation_config.eos_token_id = None
+    prompts = ids_batch(2, 4)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    jobs = [torch.tensor([t, (t + 1) % 3]) for t in range(3)] * 2
+    want = [w.generate(input_ids=prompts, task_ids=t, **kw) for t in jobs]
+    logits = [w(prompts, task_ids=t).logits for t in jobs]
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(lambda t: w.generate(input_ids=prompts, task_ids=t, **kw), jobs))
+        got_logits = list(pool.map(lambda t: w(prompts, task_ids=t).logits, jobs))
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    for a, b in zip(got_logits, logits):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 # ------------------------------------------------------------------------------------------- per-task merge
 def test_per_task_merge_equals_the_task_forward():
     w = get_metatt_model(

@@ -34,6 +34,7 @@ import json
 import math
 import os
 import re
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
@@ -192,10 +193,28 @@ class MetaTTConfig:
 
 # ------------------------------------------------------------------------------------------------ the views
 class _Routing:
-    """Per-call state the wrapper shares with its views: the current batch's task ids."""
+    """Per-call state the wrapper shares with its views: the current batch's task ids, per thread (two threads
+    calling one model, or generating with it, each see their own ids)."""
 
     def __init__(self) -> None:
-        self.task_ids: Optional[Tensor] = None
+        self._local = threading.local()
+
+    @property
+    def task_ids(self) -> Optional[Tensor]:
+        return getattr(self._local, "task_ids", None)
+
+    @task_ids.setter
+    def task_ids(self, value: Optional[Tensor]) -> None:
+        self._local.task_ids = value
+
+    def __deepcopy__(self, memo: dict) -> _Routing:
+        return _Routing()  # ids live only within a call
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
 
 
 def _is_conv1d(module: nn.Module) -> bool:

@@ -20,6 +20,7 @@ import contextlib
 import functools
 import inspect
 import os
+import threading
 from typing import Any, Optional
 
 import torch
@@ -150,8 +151,11 @@ class PeftSurface:
         if isinstance(given, Tensor) and given.dim() and given.shape[0] != count:
             raise ValueError(f"generate: {given.shape[0]} input sequences but {count} task_ids (one per sequence)")
         scopes: list[contextlib.ExitStack] = []
+        thread = threading.get_ident()  # the hooks are the model's: calls from other threads pass them by
 
         def before(module: nn.Module, a: tuple, kw: dict) -> None:
+            if threading.get_ident() != thread:
+                return
             x = kw.get("input_ids")
             if x is None:
                 x = kw.get("inputs_embeds")
@@ -166,7 +170,7 @@ class PeftSurface:
             scopes.append(stack)
 
         def after(module: nn.Module, a: tuple, kw: dict, out: Any) -> None:
-            if scopes:
+            if threading.get_ident() == thread and scopes:
                 scopes.pop().close()
 
         handles = [

@@ -33,7 +33,9 @@ weights). While merged:
   was.
 
 Under ``torch.compile`` the forward does not look at the cores' versions (call ``unmerge()`` and ``merge()``
-after changing cores there). A merged per-sample (task) adapter does not exist: such adapters refuse to merge.
+after changing cores there). An adapter with a per-sample (task) mode merges one task's delta-W at a time
+(``TTLinear.merge(task=)``): the delta-W a layer merges is its :meth:`AdapterLayer._merge_delta`, and the merged
+state it records in a state dict (``merged.<name>``) comes from ``_merge_state()``.
 """
 
 from __future__ import annotations
@@ -355,7 +357,7 @@ class AdapterLayer(nn.Module):
         if self.merged:
             params = list(self.cores)
             guard = self.__dict__["_merge_guard"]
-            guard.refresh(self.weight, params, lambda: [self._stored(self.delta_weight())])
+            guard.refresh(self.weight, params, lambda: [self._merge_delta()])
             if self._disabled:
                 w = guard.original.t() if self.weight_transposed else guard.original
                 return self._base_linear(x, w)
@@ -377,8 +379,13 @@ class AdapterLayer(nn.Module):
         """``delta`` ``(out, in)`` in the stored weight's orientation."""
         return delta.t() if self.weight_transposed else delta
 
+    def _merge_delta(self) -> Tensor:
+        """What :meth:`merge` adds, in the stored weight's orientation (a subclass with several delta-Ws, such as
+        one per task, picks the merged one)."""
+        return self._stored(self.delta_weight())
+
     def _check_mergeable(self) -> None:
-        """Raise when this adapter cannot be merged into one weight (per-sample adapters)."""
+        """Raise when this adapter cannot be merged into one weight now."""
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False) -> None:
@@ -388,7 +395,7 @@ class AdapterLayer(nn.Module):
             return
         self._check_mergeable()
         guard = self.__dict__["_merge_guard"]
-        guard.merge(self.weight, [self._stored(self.delta_weight())], list(self.cores), safe=safe_merge)
+        guard.merge(self.weight, [self._merge_delta()], list(self.cores), safe=safe_merge)
         self.merged = True
 
     @torch.no_grad()
@@ -405,7 +412,7 @@ class AdapterLayer(nn.Module):
         ``Conv1D``); no copy of the weight is kept. Unmerges first if merged."""
         self.unmerge()
         self._check_mergeable()
-        add_delta_(self.weight, self._stored(self.delta_weight()), safe=safe_merge)
+        add_delta_(self.weight, self._merge_delta(), safe=safe_merge)
         return self.base_module
 
     def _merge_state(self) -> tuple[MergeGuard, Tensor, str, None]:
@@ -417,7 +424,7 @@ class AdapterLayer(nn.Module):
         if from_weight:
             self.merge()
         else:
-            self.__dict__["_merge_guard"].remerge(self.weight, [self._stored(self.delta_weight())], list(self.cores))
+            self.__dict__["_merge_guard"].remerge(self.weight, [self._merge_delta()], list(self.cores))
             self.merged = True
 
     @contextlib.contextmanager

@@ -148,6 +148,65 @@ def test_failed_metatt_load_leaves_the_model_as_it_was_and_a_retry_works(tmp_pat
     torch.testing.assert_close(loaded(torch.ones(2, 8)), want, atol=0, rtol=0)
 
 
+def _edit_metatt_tensors(p, edit):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(p / WEIGHTS_NAME)
+    edit(tensors)
+    save_file(tensors, p / WEIGHTS_NAME)
+
+
+SAVED_V = "modules_to_save.layers.1.v.weight"
+MODULES_TO_SAVE_CORRUPTIONS = {
+    "NaN tensor": (lambda p: _edit_metatt_tensors(p, lambda t: t[SAVED_V].view(-1)[0].fill_(math.nan)), "non-finite"),
+    "integer tensor": (lambda p: _edit_metatt_tensors(p, lambda t: t.update({SAVED_V: t[SAVED_V].long()})), "dtype"),
+    "other shape": (
+        lambda p: _edit_metatt_tensors(p, lambda t: t.update({SAVED_V: torch.zeros(7, 8)})),
+        r"layers\.1\.v\.weight has shape \(7, 8\)",
+    ),
+    "missing tensor": (lambda p: _edit_metatt_tensors(p, lambda t: t.pop(SAVED_V)), "missing"),
+    "foreign tensor": (
+        lambda p: _edit_metatt_tensors(p, lambda t: t.update({"modules_to_save.layers.0.q.weight": torch.ones(8, 8)})),
+        "unexpected",
+    ),
+    "other modules": (
+        lambda p: rewrite_config(p, lambda c: c.update(modules_to_save=["layers.0.v"])),
+        "does not fit this model: its modules_to_save",
+    ),
+    "not a list": (
+        lambda p: rewrite_config(p, lambda c: c.update(modules_to_save="layers.0.v")),
+        "modules_to_save must be a list",
+    ),
+    "bad config field": (
+        lambda p: rewrite_config(p, lambda c: c["config"].update(modules_to_save=[3])),
+        "modules_to_save must hold non-empty strings",
+    ),
+}
+
+
+@pytest.mark.parametrize("corruption", sorted(MODULES_TO_SAVE_CORRUPTIONS))
+def test_modules_to_save_are_loaded_strictly_and_all_or_nothing(tmp_path, monkeypatch, corruption):
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    config = {"target_modules": ["q"], "modules_to_save": ["v"]}
+    want = saved_metatt(good, **config)
+    saved_metatt(bad, **config)
+    corrupt, message = MODULES_TO_SAVE_CORRUPTIONS[corruption]
+    corrupt(bad)
+    model = net()
+    with torch.no_grad():
+        model.layers[1].v.weight.normal_()  # other values in a saved module, which loading replaces
+    before = state(model)
+    with monkeypatch.context() as m:
+        no_allocation(m)
+        with pytest.raises(ValueError, match=message):
+            MetaTTModel.from_pretrained(model, bad)
+    assert_same_state(before, state(model))
+    loaded = MetaTTModel.from_pretrained(model, good)
+    assert loaded.modules_to_save == ["layers.0.v", "layers.1.v", "layers.2.v"]
+    assert all(p.requires_grad for p in model.layers[1].v.parameters())
+    torch.testing.assert_close(loaded(torch.ones(2, 8)), want, atol=0, rtol=0)
+
+
 def test_a_constructor_failing_half_way_restores_the_model(monkeypatch):
     model = net()
     before = state(model)
@@ -239,7 +298,7 @@ def test_patterns_from_a_file_are_never_used_as_regular_expressions(tmp_path, mo
     monkeypatch.setattr(metatt_module, "re", _NoRegex())
     loaded = MetaTTModel.from_pretrained(net(), tmp_path)
     torch.testing.assert_close(loaded(torch.ones(2, 8)), want, atol=0, rtol=0)
-    assert sorted(loaded.config.target_modules) == sorted(saved["targets"])
+    assert sorted(loaded.metatt_config.target_modules) == sorted(saved["targets"])
 
 
 def test_deeply_nested_or_oversized_json_gives_a_clear_error(tmp_path):
@@ -556,9 +615,22 @@ def test_load_tt_lora_uses_literal_targets_not_patterns_from_the_file(tmp_path):
     assert sorted(loaded.peft_config["default"].target_modules) == ["lin0", "lin1"]
 
 
-def test_load_tt_lora_refuses_the_wrong_tt_options_before_building(tmp_path):
-    saved_tt_lora(tmp_path)
-    with pytest.raises(ValueError, match=r"lin0 has cores \[0, 1, 2\], the adapter needs 0..1"):
+def test_load_tt_lora_refuses_the_wrong_tt_options_before_building(tmp_path, monkeypatch):
+    want = saved_tt_lora(tmp_path)  # the folder records in_modes=2: loading needs no options
+    torch.testing.assert_close(tkpeft.load_tt_lora(_tiny(), str(tmp_path))(torch.ones(2, 16)), want, atol=0, rtol=0)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("PEFT built the adapter before the folder was checked")
+
+    monkeypatch.setattr(peft.PeftModel, "from_pretrained", refuse)
+    with pytest.raises(ValueError, match=r"saved with tt_in_modes=2, but in_modes=3 was given"):
+        tkpeft.load_tt_lora(_tiny(), str(tmp_path), in_modes=3)
+    _edit_json(tmp_path, lambda c: c.update(tt_in_modes=None))  # options in the file that do not fit its cores
+    with pytest.raises(ValueError, match=r"lin0 has cores \[0, 1, 2\], the adapter needs 0..1.*do not fit its TT"):
+        tkpeft.load_tt_lora(_tiny(), str(tmp_path))
+    _edit_json(tmp_path, lambda c: [c.pop(k) for k in ("tt_in_modes", "tt_out_modes", "tt_backend")])
+    _edit_json(tmp_path, lambda c: c.update(peft_type="LORA"))  # an older folder: the options are given
+    with pytest.raises(ValueError, match=r"lin0 has cores \[0, 1, 2\], the adapter needs 0..1.*pass the options"):
         tkpeft.load_tt_lora(_tiny(), str(tmp_path))
 
 
@@ -571,6 +643,50 @@ def test_load_tt_lora_keeps_per_module_ranks_and_alphas_as_literal_names(tmp_pat
     _edit_json(tmp_path, lambda c: c.update(rank_pattern={"lin.": 2}))  # as a pattern it would match lin1
     with pytest.raises(ValueError, match=r"core 0 of lin1 has shape \(1, 6, 2\), but r = 3"):
         tkpeft.load_tt_lora(_tiny(), str(tmp_path), in_modes=2)
+
+
+def test_load_tt_lora_checks_modules_to_save_tensors_against_the_model(tmp_path, monkeypatch):
+    cfg = tkpeft.tt_lora_config(r=3, target_modules=["lin0"], modules_to_save=["lin1"], in_modes=2)
+    model = peft.get_peft_model(_tiny(), cfg)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.3)
+    model.save_pretrained(tmp_path)
+    want = model(torch.ones(2, 16)).detach()
+    loaded = tkpeft.load_tt_lora(_tiny(), str(tmp_path))
+    torch.testing.assert_close(loaded(torch.ones(2, 16)), want, atol=0, rtol=0)
+    good = (tmp_path / "adapter_model.safetensors").read_bytes()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("PEFT built the adapter before the folder was checked")
+
+    monkeypatch.setattr(peft.PeftModel, "from_pretrained", refuse)
+    for edit, message in (
+        (lambda t: t.update({"base_model.model.lin1.weight": torch.zeros(3, 3)}), r"has shape \(3, 3\)"),
+        (lambda t: t["base_model.model.lin1.weight"].view(-1)[0].fill_(math.nan), "non-finite"),
+        (lambda t: t.update({"base_model.model.lin1.extra": torch.zeros(3)}), "no counterpart"),
+        (lambda t: t.update({"base_model.model.lin1.bias": t["base_model.model.lin1.bias"].long()}), "dtype int64"),
+    ):
+        (tmp_path / "adapter_model.safetensors").write_bytes(good)
+        _edit_tensors(tmp_path, edit)
+        model = _tiny()
+        before = state(model)
+        with pytest.raises(ValueError, match=message):
+            tkpeft.load_tt_lora(model, str(tmp_path))
+        assert_same_state(before, state(model))
+
+
+def test_tt_lora_folder_config_checks_the_file(tmp_path):
+    saved_tt_lora(tmp_path)
+    cfg = tkpeft.tt_lora_folder_config(tmp_path)
+    assert isinstance(cfg, tkpeft.TTLoraConfig) and cfg.tt_in_modes == 2 and cfg.r == 3
+    _edit_json(tmp_path, lambda c: c.update(tt_out_modes=[0]))
+    with pytest.raises(ValueError, match="tt_out_modes must be None"):
+        tkpeft.tt_lora_folder_config(tmp_path)
+    _edit_json(tmp_path, lambda c: c.update(peft_type="IA3"))
+    with pytest.raises(ValueError, match="'IA3' adapter, not a TT-LoRA one"):
+        tkpeft.tt_lora_folder_config(tmp_path)
 
 
 def test_the_snapshot_restores_hooks_attributes_and_children():

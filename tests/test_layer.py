@@ -412,3 +412,88 @@ def test_metatt_state_dict_of_merged_views_round_trips():
         assert view.merged
         view.unmerge()
         assert torch.equal(view.weight, weights[name])
+
+
+# ------------------------------------------------------------------------------------------------ per-task merge
+def _task_model(dtype, conv1d):
+    torch.manual_seed(0)
+    w = get_metatt_model(
+        _Net(dtype, conv1d), MetaTTConfig(["q"], rank=3, alpha=5.0, modes=("layer", "task", "matrix"), num_tasks=3)
+    )
+    for core in w.metatt_cores.parameters():
+        torch.nn.init.normal_(core, std=0.3)
+    return w
+
+
+@pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_per_task_merge_goes_through_the_merge_guard(dtype, conv1d):
+    a = _task_model(dtype, conv1d)
+    weights = {n: v.weight.detach().clone() for n, v in a.views()}
+    x = torch.randn(4, D_IN, dtype=dtype)
+    with torch.no_grad():
+        task1 = a(x, task_ids=torch.full((4,), 1))
+    a.merge(task=1)
+    assert all(v.merged and v.merged_task == 1 for _, v in a.views())
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), task1, **({} if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)))
+    with pytest.raises(RuntimeError, match="backward through a merged"):
+        a(x).sum().backward()
+    # the state dict records the merged task; loading it gives the same merged model
+    state = a.state_dict()
+    for name, _ in a.views():
+        assert torch.equal(state[f"model.{name}.{L.BEFORE_MERGE_KEY}"], weights[name])
+        assert f"model.{name}.merged.task1" in state
+    b = _task_model(dtype, conv1d)
+    b.load_state_dict(state)
+    assert all(v.merged and v.merged_task == 1 for _, v in b.views())
+    with torch.no_grad():
+        assert torch.equal(b(x), a(x))
+    b.unmerge()
+    assert all(torch.equal(v.weight, weights[n]) for n, v in b.views())
+    # cores changed while merged: the next forward merges task 1 of the new cores from the kept weight
+    with torch.no_grad():
+        for core in a.metatt_cores.parameters():
+            core.mul_(1.5)
+        merged = a(x)
+    a.unmerge()
+    assert all(torch.equal(v.weight, weights[n]) for n, v in a.views())
+    with torch.no_grad():
+        unmerged = a(x, task_ids=torch.full((4,), 1))
+    torch.testing.assert_close(merged, unmerged, **({} if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)))
+    assert not torch.allclose(unmerged.float(), task1.float(), atol=1e-3)
+
+
+def test_per_task_merge_refusals_change_nothing():
+    a = _task_model(torch.float32, False)
+    weights = {n: v.weight.detach().clone() for n, v in a.views()}
+    with torch.no_grad():
+        a.metatt_cores[next(iter(a.groups))][2].view(-1)[0] = float("nan")  # the task core
+    with pytest.raises(ValueError, match="safe_merge=True"):
+        a.merge(task=0, safe_merge=True)
+    assert not any(v.merged for _, v in a.views())
+    assert all(torch.equal(v.weight, weights[n]) for n, v in a.views())
+    view = next(v for _, v in a.views())
+    with pytest.raises(ValueError, match=r"task must be an int in \[0, 3\), got True"):
+        view.merge(task=True)
+    with pytest.raises(ValueError, match="no per-sample"):
+        tk.TTLinear(4, 4).merge(task=0)
+    # a state dict naming a task this adapter does not have is refused
+    b = _task_model(torch.float32, False)
+    with torch.no_grad():
+        b.metatt_cores[next(iter(b.groups))][2].normal_()
+    b.merge(task=2)
+    state = {k.replace("merged.task2", "merged.task7"): v for k, v in b.state_dict().items()}
+    with pytest.raises(ValueError, match=r"names merged \['task7'\]"):
+        _task_model(torch.float32, False).load_state_dict(state)
+
+
+def test_per_task_merge_and_unload_keeps_no_copy():
+    a = _task_model(torch.float64, True)
+    x = torch.randn(4, D_IN, dtype=torch.float64)
+    with torch.no_grad():
+        want = a(x, task_ids=torch.full((4,), 2))
+    views = [v for _, v in a.views()]
+    model = a.merge_and_unload(task=2)
+    assert all(v.__dict__["_merge_guard"].original is None for v in views)
+    torch.testing.assert_close(model(x), want, atol=1e-12, rtol=1e-12)

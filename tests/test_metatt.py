@@ -302,9 +302,13 @@ def test_task_ids_are_checked_before_any_kernel_runs(monkeypatch):
         w2(ids, task_ids=torch.tensor([0, 0]))
 
 
-def test_task_adapter_refuses_to_merge():
-    with pytest.raises(RuntimeError, match="'task' mode cannot be merged"):
-        task_model().merge_and_unload()
+def test_task_adapter_merges_one_task_only():
+    w = task_model()
+    with pytest.raises(ValueError, match=r"'task' mode \(3 tasks\): merge one task with task=t"):
+        w.merge_and_unload()
+    with pytest.raises(ValueError, match=r"task must be an int in \[0, 3\), got 3"):
+        w.merge_and_unload(task=3)
+    assert not any(view.merged for _, view in w.views())  # refused before anything changed
 
 
 # --------------------------------------------------------------------------------------- save / load

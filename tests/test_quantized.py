@@ -575,3 +575,35 @@ def test_merge_into_an_8bit_layer_with_float_weights_drops_its_cached_quantizati
         fresh.load_state_dict({"weight": expected_weight, "bias": q.bias.detach()})
         fresh = fresh.to("cpu").eval().requires_grad_(False)
         torch.testing.assert_close(tt(x), fresh(x), atol=0, rtol=0)
+
+
+def test_one_task_merges_into_a_4bit_base_and_unmerges_exactly():
+    torch.manual_seed(6)
+    spec = tk.TTSpec.build((64,), (48,), 3, index_modes=[tk.Mode.task(3)])
+    base = linear4bit(64, 48)
+    cores = nn.ParameterList([nn.Parameter(c.float()) for c in _random(spec)])
+    tt = tk.TTLinear.from_cores(base, cores, spec, alpha=6.0)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        y1 = tt(x, task_ids=torch.tensor(1))
+        w0 = quantized.dequantize_weight(base)
+    packed0, data0 = base.weight, base.weight.data.clone()
+    with pytest.warns(UserWarning, match="rounding"):
+        tt.merge(task=1)
+    assert tt.merged and tt.merged_task == 1
+    delta = tt.delta_weight(task=1).detach()
+    step = (w0 + delta).abs().max() / 7
+    assert (quantized.dequantize_weight(base) - (w0 + delta)).abs().max() <= step
+    with torch.no_grad():
+        assert (tt(x) - y1).abs().max() <= step * x.abs().sum(-1).max()
+    tt.unmerge()
+    assert base.weight is packed0 and torch.equal(base.weight.data, data0)
+    with pytest.warns(UserWarning, match="rounding"):
+        tt.merge(task=2)
+    merged2 = quantized.dequantize_weight(base)
+    tt.unmerge()
+    with pytest.warns(UserWarning, match="rounding"):
+        unloaded = tt.merge_and_unload(task=2)
+    assert unloaded is base
+    assert torch.equal(quantized.dequantize_weight(base), merged2)  # for good: the same weight as merge(task=2)
+    assert not torch.equal(merged2, w0)

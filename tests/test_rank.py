@@ -305,7 +305,10 @@ def test_compress_refuses_views_and_bad_limits():
     layer = tk.TTLinear(8, 6, ranks=2)
     with pytest.raises(ValueError, match="give max_rank, rel_eps or both"):
         rk.compress_(layer)
-    with pytest.raises(TypeError, match="takes a TTLinear or a MetaTTModel"):
+    with pytest.raises(
+        TypeError,
+        match="takes a TTLinear, a MetaTTModel, a TT-LoRA layer or a model holding TT-LoRA layers, got Linear",
+    ):
         rk.compress_(nn.Linear(2, 2), max_rank=1)
 
 

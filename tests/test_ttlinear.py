@@ -194,8 +194,16 @@ def test_per_sample_task_view():
         layer(x, task_ids=torch.tensor([4, 0, 1]))
     with pytest.raises(TypeError, match="task_ids must be an integer tensor"):
         layer(x, task_ids=ids.float())
-    with pytest.raises(RuntimeError, match="cannot be merged"):
+    with pytest.raises(ValueError, match=r"per-sample \(task\) mode: merge\(task=t\) with t in \[0, 4\)"):
         layer.merge()
+    weight = layer.weight.detach().clone()
+    layer.merge(task=2)  # one task's delta-W in the weight: no task_ids needed until unmerge
+    task2 = dense_ref(x, weight, layer.bias, list(cores), spec, 1.0, layer.index, torch.full((3, 5), 2))
+    torch.testing.assert_close(layer(x), task2)
+    with layer.adapter_disabled():
+        torch.testing.assert_close(layer(x), nn.functional.linear(x, weight, layer.bias))
+    layer.unmerge()
+    torch.testing.assert_close(layer.weight, weight, atol=1e-14, rtol=0)
     with layer.adapter_disabled():
         torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
     plain = tk.TTLinear(12, 10)

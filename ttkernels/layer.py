@@ -42,7 +42,9 @@ weights). While merged:
   was.
 
 Under ``torch.compile`` the forward does not look at the cores' versions (call ``unmerge()`` and ``merge()``
-after changing cores there). A merged per-sample (task) adapter does not exist: such adapters refuse to merge.
+after changing cores there). An adapter with a per-sample (task) mode merges one task's delta-W at a time
+(``TTLinear.merge(task=)``): the delta-W a layer merges is its :meth:`AdapterLayer._merge_delta`, and the merged
+state it records in a state dict (``merged.<name>``) comes from ``_merge_state()``.
 
 **Over a quantized base** (:class:`QuantizedMergeGuard`) merging dequantizes the weight, adds delta-W in float32
 and quantizes the sum again (a ``UserWarning`` says that the merged outputs differ from the adapter's by that
@@ -486,7 +488,7 @@ class AdapterLayer(nn.Module):
         if self.merged:
             params = list(self.cores)
             guard = self.__dict__["_merge_guard"]
-            guard.refresh(self._merge_target(), params, lambda: [self._stored(self.delta_weight())])
+            guard.refresh(self._merge_target(), params, lambda: [self._merge_delta()])
             if self._disabled:
                 return self._kept_base_forward(x)
             return guard_merged_output(self.base_forward(x), type(self).__name__, params)
@@ -526,8 +528,13 @@ class AdapterLayer(nn.Module):
         """``delta`` ``(out, in)`` in the stored weight's orientation."""
         return delta.t() if self.weight_transposed else delta
 
+    def _merge_delta(self) -> Tensor:
+        """What :meth:`merge` adds, in the stored weight's orientation (a subclass with several delta-Ws, such as
+        one per task, picks the merged one)."""
+        return self._stored(self.delta_weight())
+
     def _check_mergeable(self) -> None:
-        """Raise when this adapter cannot be merged into one weight (per-sample adapters)."""
+        """Raise when this adapter cannot be merged into one weight now."""
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False) -> None:
@@ -537,7 +544,7 @@ class AdapterLayer(nn.Module):
             return
         self._check_mergeable()
         guard = self.__dict__["_merge_guard"]
-        guard.merge(self._merge_target(), [self._stored(self.delta_weight())], list(self.cores), safe=safe_merge)
+        guard.merge(self._merge_target(), [self._merge_delta()], list(self.cores), safe=safe_merge)
         self.merged = True
 
     @torch.no_grad()
@@ -556,9 +563,9 @@ class AdapterLayer(nn.Module):
         self.unmerge()
         self._check_mergeable()
         if self.quantized_base:
-            quantized.add_delta(self.base_layer, self.delta_weight(), safe=safe_merge)
+            quantized.add_delta(self.base_layer, self._merge_delta(), safe=safe_merge)
         else:
-            add_delta_(self.weight, self._stored(self.delta_weight()), safe=safe_merge)
+            add_delta_(self.weight, self._merge_delta(), safe=safe_merge)
         return self.base_module
 
     def _merge_state(self) -> tuple[MergeGuard, Any, str, None]:
@@ -571,8 +578,7 @@ class AdapterLayer(nn.Module):
         if from_weight:
             self.merge()
         else:
-            guard = self.__dict__["_merge_guard"]
-            guard.remerge(self._merge_target(), [self._stored(self.delta_weight())], list(self.cores))
+            self.__dict__["_merge_guard"].remerge(self._merge_target(), [self._merge_delta()], list(self.cores))
             self.merged = True
 
     @contextlib.contextmanager

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from . import checks, ops, quantized
 from .layer import adapter_scaling, check_alpha
 from .layer import is_conv1d as _is_conv1d
+from .metatt_hf import ForwardWithModelSignature, PeftSurface
 from .modules import TTLinear, new_cores
 from .spec import Mode, TTSpec
 
@@ -85,19 +86,43 @@ class MetaTTConfig:
         backend: the ops backend of every view (``ttkernels.ops``).
         adapter_dtype: dtype of the cores, a name (``"float32"``, ...); None: float32, or float64 for float64
             models.
+        modules_to_save: names (suffixes, as ``target_modules``) of modules outside the TT that train in full, such
+            as a new classification head: unfrozen in place, written to the adapter file, restored on loading.
+        r, lora_alpha, lora_dropout: PEFT's names for ``rank``, ``alpha`` and ``dropout`` (give one spelling).
     """
 
     target_modules: Any
-    rank: Any = 8
+    rank: Any = None  # None: 8
     alpha: Optional[float] = None
     modes: Sequence[str] = ("layer", "matrix")
     num_tasks: Optional[int] = None
     num_heads: Optional[int] = None
-    dropout: float = 0.0
+    dropout: Optional[float] = None  # None: 0.0
     backend: str = "auto"
     adapter_dtype: Optional[str] = None
+    modules_to_save: Optional[list[str]] = None
+    r: dataclasses.InitVar[Any] = None
+    lora_alpha: dataclasses.InitVar[Optional[float]] = None
+    lora_dropout: dataclasses.InitVar[Optional[float]] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, r: Any, lora_alpha: Optional[float], lora_dropout: Optional[float]) -> None:
+        for ours, theirs, value in (("rank", "r", r), ("alpha", "lora_alpha", lora_alpha),
+                                    ("dropout", "lora_dropout", lora_dropout)):  # fmt: skip
+            if value is not None:
+                if getattr(self, ours) is not None:
+                    raise ValueError(f"give {ours} or {theirs} (PEFT's name for it), not both")
+                setattr(self, ours, value)
+        if self.rank is None:
+            self.rank = 8
+        if self.dropout is None:
+            self.dropout = 0.0
+        mts = self.modules_to_save
+        if mts is not None:
+            if isinstance(mts, (str, bytes)) or not isinstance(mts, Sequence):
+                raise TypeError(f"modules_to_save must be a list of module names or None, got {mts!r}")
+            if not all(isinstance(t, str) and t for t in mts):
+                raise TypeError(f"modules_to_save must hold non-empty strings, got {list(mts)!r}")
+            self.modules_to_save = list(mts) or None
         tm = self.target_modules
         if isinstance(tm, str):
             if not tm:
@@ -145,7 +170,10 @@ class MetaTTConfig:
         return self.rank if isinstance(self.rank, int) else max(self.rank)
 
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)} | {"modes": list(self.modes)}
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)} | {"modes": list(self.modes)}
+        if data["modules_to_save"] is None:
+            del data["modules_to_save"]  # folders without the field stay byte-identical to earlier ones
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> MetaTTConfig:
@@ -170,7 +198,7 @@ class _Routing(threading.local):
         self.task_ids: Optional[Tensor] = None
 
     def __deepcopy__(self, memo: dict) -> _Routing:
-        return _Routing()
+        return _Routing()  # ids live only within a call
 
     def __reduce__(self) -> tuple:
         return (_Routing, ())
@@ -344,9 +372,15 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ wrapper
-class MetaTTModel(nn.Module):
+class MetaTTModel(PeftSurface, nn.Module):
     """A model with a MetaTT adapter: ``forward`` passes through to the model (``task_ids=`` routes each sample
-    to its task slice). Build it with :func:`get_metatt_model` or :meth:`from_pretrained`."""
+    to its task slice). Build it with :func:`get_metatt_model` or :meth:`from_pretrained`.
+
+    ``config`` is the wrapped model's config and ``metatt_config`` the adapter's; the rest of PEFT's model surface
+    (``generate``, ``get_base_model``, gradient checkpointing, per-task merge, ``export_lora``) is
+    :class:`~ttkernels.metatt_hf.PeftSurface`."""
+
+    forward = ForwardWithModelSignature()
 
     def __init__(self, model: nn.Module, config: MetaTTConfig, *, _ranks: Optional[dict] = None) -> None:
         super().__init__()
@@ -362,23 +396,33 @@ class MetaTTModel(nn.Module):
             sum(groups[t.group].in_features * groups[t.group].out_features for t in targets),
             "the MetaTT adapter",
         )
+        saved = _find_modules_to_save(model, config, targets)
         snapshot = checks.ModelSnapshot(model)
         try:
-            self._adapt(model, config, groups, targets, num_layers)
+            self._adapt(model, config, groups, targets, num_layers, saved)
         except BaseException:
             snapshot.restore()
             raise
 
     def _adapt(
-        self, model: nn.Module, config: MetaTTConfig, groups: dict[str, _Group], targets: list[_Target], num_layers: int
+        self,
+        model: nn.Module,
+        config: MetaTTConfig,
+        groups: dict[str, _Group],
+        targets: list[_Target],
+        num_layers: int,
+        saved: list[str],
     ) -> None:
-        self.config = config
+        self.metatt_config = config
         self.groups = groups
         self.targets = targets
         self.num_layers = num_layers
         self._routing = _Routing()
         for p in model.parameters():
             p.requires_grad_(False)
+        self.modules_to_save = saved
+        for name in saved:
+            model.get_submodule(name).requires_grad_(True)
         first = next(iter(model.parameters()), None)
         device = first.device if first is not None else None
         if config.adapter_dtype is not None:
@@ -403,9 +447,11 @@ class MetaTTModel(nn.Module):
             )
             view.scaling = self.alpha / config.max_rank  # as replace_cores keeps it, for saved lower ranks
             _set_submodule(model, t.name, view)
+        self._install_state_dict_hooks()
 
     # -------------------------------------------------------------------------------- forward
-    def forward(self, *args: Any, task_ids: Optional[Tensor] = None, **kwargs: Any) -> Any:
+    def _forward(self, *args: Any, task_ids: Optional[Tensor] = None, **kwargs: Any) -> Any:
+        # the ids are set as _task_scope sets them, written out so that torch.compile traces it in one graph
         routing = self._routing  # per thread: concurrent calls keep their own task ids
         previous = routing.task_ids
         routing.task_ids = self._check_task_ids(task_ids)
@@ -414,14 +460,31 @@ class MetaTTModel(nn.Module):
         finally:
             routing.task_ids = previous
 
+    def _current_task_ids(self) -> Optional[Tensor]:
+        """The task ids the views read now (those of the innermost :meth:`_task_scope`)."""
+        return self._routing.task_ids
+
+    @contextlib.contextmanager
+    def _task_scope(self, task_ids: Optional[Tensor]) -> Iterator[None]:
+        """The views read ``task_ids`` within the block (nested blocks restore the outer ids on exit)."""
+        previous = self._routing.task_ids
+        self._routing.task_ids = task_ids
+        try:
+            yield
+        finally:
+            self._routing.task_ids = previous
+
     def _check_task_ids(self, task_ids: Optional[Tensor]) -> Optional[Tensor]:
-        num_tasks = self.config.num_tasks
+        num_tasks = self.metatt_config.num_tasks
+        merged = self._merged_task() if num_tasks is not None else None
+        if merged is not None and task_ids is not None and not self._views_disabled():
+            raise ValueError(f"task {merged} is merged into the weights: unmerge() before routing task_ids per sample")
         if num_tasks is None:
             if task_ids is not None:
                 raise ValueError("task_ids was given but this MetaTT adapter has no 'task' mode")
             return None
         if task_ids is None:
-            if self._views_disabled():
+            if self._views_disabled() or self._merged_task() is not None:
                 return None
             raise ValueError(f"this MetaTT adapter has a 'task' mode ({num_tasks} tasks): pass task_ids")
         if not isinstance(task_ids, Tensor):
@@ -466,33 +529,89 @@ class MetaTTModel(nn.Module):
 
     def lora_parameters(self, rank: Optional[int] = None) -> int:
         """What LoRA of ``rank`` (default: the TT's largest rank) on the same targets would train."""
-        r = self.config.max_rank if rank is None else rank
+        r = self.metatt_config.max_rank if rank is None else rank
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"rank must be a positive int or None, got {rank!r}")
         return sum(r * (self.groups[t.group].in_features + self.groups[t.group].out_features) for t in self.targets)
 
     def trainable_parameters_summary(self) -> str:
-        tt = self.num_trainable_parameters()
+        trainable = self.num_trainable_parameters()
+        tt = sum(p.numel() for p in self.metatt_cores.parameters() if p.requires_grad)
         total = sum(quantized.num_weights(p) for p in self.parameters())  # 4-bit weights counted unpacked
         lora = self.lora_parameters()
         groups = ", ".join(f"{g.name}: {g.spec.num_params} ({len(g.matrices)} matrices)" for g in self.groups.values())
+        saved = f" + {trainable - tt:,} in modules_to_save {self.modules_to_save}" if self.modules_to_save else ""
         return (
-            f"trainable params: {tt:,} in {len(self.groups)} shared TT(s) [{groups}] on {len(self.targets)} modules"
-            f" || LoRA r={self.config.max_rank} on the same targets: {lora:,} ({lora / max(tt, 1):.1f}x more)"
-            f" || all params: {total:,} || trainable%: {100 * tt / max(total, 1):.4f}"
+            f"trainable params: {trainable:,} ({tt:,} in {len(self.groups)} shared TT(s) [{groups}] on "
+            f"{len(self.targets)} modules{saved})"
+            f" || LoRA r={self.metatt_config.max_rank} on the same targets: {lora:,} ({lora / max(tt, 1):.1f}x more)"
+            f" || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}"
         )
 
     def print_trainable_parameters(self) -> None:
         print(self.trainable_parameters_summary())
 
     # -------------------------------------------------------------------------------- merge / unload
+    def _merged_task(self) -> Optional[int]:
+        """The task merged into the weights (:meth:`merge` merges every view together, so the first one tells)."""
+        first = next(self.views(), None)
+        return first[1].merged_task if first is not None and first[1].merged else None
+
+    def _check_merge_task(self, task: object) -> Optional[int]:
+        num_tasks = self.metatt_config.num_tasks
+        if num_tasks is None:
+            if task is not None:
+                raise ValueError(f"task={task!r} was given but this MetaTT adapter has no 'task' mode")
+            return None
+        if task is None:
+            raise ValueError(f"this MetaTT adapter has a 'task' mode ({num_tasks} tasks): merge one task with task=t")
+        if isinstance(task, bool) or not isinstance(task, int) or not 0 <= task < num_tasks:
+            raise ValueError(f"task must be an int in [0, {num_tasks}), got {task!r}")
+        return task
+
     @torch.no_grad()
-    def merge_and_unload(self) -> nn.Module:
-        """Add every delta-W into its base weight, put the base modules back, and return the bare model."""
-        if self.config.num_tasks is not None:
-            raise RuntimeError("a MetaTT adapter with a 'task' mode cannot be merged into one set of weights")
+    def merge(self, task: Optional[int] = None, *, safe_merge: bool = False) -> None:
+        """Add every delta-W into its base weight, keeping the views (:meth:`unmerge` restores every base weight
+        bit for bit: the merge guarantees of :mod:`ttkernels.layer`). A task adapter merges one task (``task``);
+        then ``forward`` needs no ``task_ids``, and the views' state dicts record the task. All or nothing: when a
+        view refuses (``safe_merge=True`` and a non-finite delta-W), the views merged before it are unmerged."""
+        task = self._check_merge_task(task)
+        if any(view.merged for _, view in self.views()):
+            raise RuntimeError("the adapter is already merged: unmerge() first")
+        done = []
+        try:
+            for _, view in self.views():
+                view.merge(safe_merge, task=task)
+                done.append(view)
+        except BaseException:
+            for view in done:
+                view.unmerge()
+            raise
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Every base weight back to what it was before :meth:`merge`, bit for bit."""
         for _, view in self.views():
-            view.merge_and_unload()  # no copy of the weight is kept: the views go
+            view.unmerge()
+
+    @torch.no_grad()
+    def merge_and_unload(self, task: Optional[int] = None, *, safe_merge: bool = False) -> nn.Module:
+        """Add every delta-W into its base weight, put the base modules back, and return the bare model; no copy
+        of the weights is kept.
+
+        A task adapter merges one task's delta-W (``task``); the other tasks are gone from the result. After
+        :meth:`merge`, the merged task is the one unloaded (``task`` may repeat it)."""
+        if any(view.merged for _, view in self.views()):
+            merged = self._merged_task()
+            if task is not None and task != merged:
+                raise ValueError(f"task {merged} is merged already, not task {task}: unmerge() first")
+            task = merged
+        else:
+            task = self._check_merge_task(task)
+            if safe_merge:
+                self.merge(task, safe_merge=True)  # every view checked before any weight is given away
+        for _, view in self.views():
+            view.merge_and_unload(task=task)  # no copy of the weight is kept: the views go
         return self._put_back_bases()
 
     def unload(self) -> nn.Module:
@@ -539,11 +658,16 @@ class MetaTTModel(nn.Module):
 
     # -------------------------------------------------------------------------------- save / load
     def adapter_state_dict(self) -> dict[str, Tensor]:
-        """The shared cores, once each: ``metatt.<group>.<k>``."""
-        return {f"metatt.{g}.{k}": c.detach() for g, cores in self.metatt_cores.items() for k, c in enumerate(cores)}
+        """The shared cores, once each: ``metatt.<group>.<k>``; and the ``modules_to_save`` tensors:
+        ``modules_to_save.<module name>.<tensor name>``."""
+        out = {f"metatt.{g}.{k}": c.detach() for g, cores in self.metatt_cores.items() for k, c in enumerate(cores)}
+        for name in self.modules_to_save:
+            for key, t in self.model.get_submodule(name).state_dict(keep_vars=True).items():
+                out[f"modules_to_save.{name}.{key}"] = t.detach()
+        return out
 
     def _layout(self) -> dict:
-        config = self.config.to_dict()
+        config = self.metatt_config.to_dict()
         if isinstance(config["target_modules"], str):  # a pattern: saved as the literal names it matched
             config["target_modules"] = sorted(t.name for t in self.targets)
         return {
@@ -551,10 +675,10 @@ class MetaTTModel(nn.Module):
             "format_version": FORMAT_VERSION,
             "config": config,
             "num_layers": self.num_layers,
-            "scaling": adapter_scaling(self.alpha, self.config.max_rank),
+            "scaling": adapter_scaling(self.alpha, self.metatt_config.max_rank),
             "groups": {g.name: g.describe() for g in self.groups.values()},
             "targets": {t.name: [t.group, t.layer, t.matrix] for t in self.targets},
-        }
+        } | ({"modules_to_save": list(self.modules_to_save)} if self.modules_to_save else {})
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (each shared core once).
@@ -571,7 +695,7 @@ class MetaTTModel(nn.Module):
         tensors = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict().items()}
         save_file(tensors, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt", "layout": FORMAT})
         layout = self._layout()
-        layout["dtypes"] = {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items()}
+        layout["dtypes"] = {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items() if v.is_floating_point()}
         with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
             json.dump(layout, f, indent=2, sort_keys=True)
 
@@ -602,15 +726,17 @@ class MetaTTModel(nn.Module):
         except TypeError as e:  # a value of the wrong type in the file
             raise ValueError(f"{file}: {e}") from e
         groups, targets, num_layers = _plan(model, config)
+        saved_modules = _find_modules_to_save(model, config, targets)
         want = {
             "num_layers": num_layers,
             "targets": {t.name: [t.group, t.layer, t.matrix] for t in targets},
             "scaling": float(config.max_rank if config.alpha is None else config.alpha) / config.max_rank,
             "groups": {g.name: g.describe() for g in groups.values()},
+            "modules_to_save": saved_modules,
         }
         structure = lambda gs: {n: {k: v for k, v in g.items() if k != "core_shapes"} for n, g in gs.items()}
-        for key in ("num_layers", "targets", "scaling", "groups"):
-            saved, now = layout[key], want[key]
+        for key in ("num_layers", "targets", "scaling", "groups", "modules_to_save"):
+            saved, now = layout.get(key, []), want[key]
             if key == "groups":
                 saved, now = structure(saved), structure(now)
             if saved != now:
@@ -622,11 +748,18 @@ class MetaTTModel(nn.Module):
         for name, g in groups.items():
             spec = dataclasses.replace(g.spec, ranks=ranks[name])
             needed |= {f"metatt.{name}.{k}": shape for k, shape in enumerate(spec.core_shapes)}
+        # modules_to_save: every tensor of each module, in its shape (floating tensors in any floating dtype)
+        kept = {
+            f"modules_to_save.{name}.{key}": t
+            for name in saved_modules
+            for key, t in model.get_submodule(name).state_dict(keep_vars=True).items()
+        }
         weights = os.path.join(pretrained_dir, WEIGHTS_NAME)
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"no {WEIGHTS_NAME} in {pretrained_dir}")
         header = checks.read_safetensors_header(weights)
-        missing, unexpected = sorted(set(needed) - set(header)), sorted(set(header) - set(needed))
+        expected = set(needed) | set(kept)
+        missing, unexpected = sorted(expected - set(header)), sorted(set(header) - expected)
         if missing or unexpected:
             raise ValueError(
                 f"{weights} does not match its config: missing {missing}, unexpected {unexpected[:10]}"
@@ -641,23 +774,37 @@ class MetaTTModel(nn.Module):
                 raise ValueError(f"{key} has dtype torch.{info.dtype} in the file; cores are floating point")
             if key in dtypes and info.dtype != dtypes[key]:
                 raise ValueError(f"{key} has dtype torch.{info.dtype} in the file but {dtypes[key]} in its config")
+        for key, t in kept.items():
+            info = header[key]
+            if info.shape != tuple(t.shape):
+                raise ValueError(f"{key} has shape {info.shape} in the file, this model's is {tuple(t.shape)}")
+            if t.is_floating_point() and info.dtype not in checks.FLOAT_DTYPE_NAMES:
+                raise ValueError(f"{key} has dtype torch.{info.dtype} in the file; this model's is {t.dtype}")
+            if not t.is_floating_point() and f"torch.{info.dtype}" != str(t.dtype):
+                raise ValueError(f"{key} has dtype torch.{info.dtype} in the file; this model's is {t.dtype}")
+            if key in dtypes and info.dtype != dtypes[key]:
+                raise ValueError(f"{key} has dtype torch.{info.dtype} in the file but {dtypes[key]} in its config")
         tensors = checks.load_safetensors(weights)  # no more than the header declared, checked above
-        for key in needed:
-            if not torch.isfinite(tensors[key]).all():
+        for key in expected:
+            if tensors[key].is_floating_point() and not torch.isfinite(tensors[key]).all():
                 raise ValueError(f"{key} holds non-finite values")
         snapshot = checks.ModelSnapshot(model)
+        before = {key: t.detach().clone() for key, t in kept.items()}  # the model's own values, overwritten below
         self = cls(model, config, _ranks=ranks)  # restores the model itself when it fails
         try:
             with torch.no_grad():
                 for key, target in self.adapter_state_dict().items():
                     target.copy_(tensors[key])
         except BaseException:
+            with torch.no_grad():
+                for key, t in kept.items():
+                    t.detach().copy_(before[key])
             snapshot.restore()
             raise
         return self
 
     def extra_repr(self) -> str:
-        return f"groups={list(self.groups)}, targets={len(self.targets)}, modes={self.config.modes}"
+        return f"groups={list(self.groups)}, targets={len(self.targets)}, modes={self.metatt_config.modes}"
 
 
 def _saved_ranks(shapes: Any, spec: TTSpec, group: str, where: Any) -> tuple[int, ...]:
@@ -691,7 +838,10 @@ def _mismatch(key: str, saved: Any, now: Any, where: Any) -> str:
     return f"the adapter in {where} does not fit this model: its {key} is {str(saved)[:2000]}, this model gives {now!r}"
 
 
-_LAYOUT_KEYS = ("format", "format_version", "config", "num_layers", "scaling", "groups", "targets", "dtypes")
+_LAYOUT_KEYS = (
+    "format", "format_version", "config", "num_layers", "scaling", "groups", "targets", "dtypes", "modules_to_save",
+)  # fmt: skip
+_OPTIONAL_LAYOUT_KEYS = ("dtypes", "modules_to_save")
 _GROUP_KEYS = ("in_features", "out_features", "matrices", "modes", "core_shapes")
 
 
@@ -719,8 +869,8 @@ def _read_layout(path: str | os.PathLike) -> dict:
     unknown = sorted(set(layout) - set(_LAYOUT_KEYS))
     if unknown:
         raise fail("unknown fields", unknown[:10])
-    for key in _LAYOUT_KEYS[:-1]:
-        if key not in layout:
+    for key in _LAYOUT_KEYS:
+        if key not in layout and key not in _OPTIONAL_LAYOUT_KEYS:
             raise ValueError(f"{file} has no {key}")
     if not isinstance(layout["config"], dict):
         raise fail("config must be an object", layout["config"])
@@ -751,7 +901,29 @@ def _read_layout(path: str | os.PathLike) -> dict:
     dtypes = layout.get("dtypes", {})
     if not isinstance(dtypes, dict) or not all(v in checks.FLOAT_DTYPE_NAMES for v in dtypes.values()):
         raise fail(f"dtypes must map tensor names to one of {list(checks.FLOAT_DTYPE_NAMES)}", dtypes)
+    saved = layout.get("modules_to_save", [])
+    if not isinstance(saved, list) or not all(isinstance(m, str) and m for m in saved):
+        raise fail("modules_to_save must be a list of module names", saved)
     return layout
+
+
+def _find_modules_to_save(model: nn.Module, config: MetaTTConfig, targets: list[_Target]) -> list[str]:
+    """The modules named by ``config.modules_to_save`` (suffixes, as PEFT; never regular expressions), outermost
+    only; each name must match, and none may hold or lie inside a target. Reads the model, changes nothing."""
+    if not config.modules_to_save:
+        return []
+    found: list[str] = []
+    for name, _ in model.named_modules():
+        if name and _matches(name, config.modules_to_save) and not any(name.startswith(f + ".") for f in found):
+            found.append(name)
+    for want in config.modules_to_save:
+        if not any(_matches(name, [want]) for name in found):
+            raise ValueError(f"modules_to_save names {want!r}, but no module of the model matches it")
+    for name in found:
+        for t in targets:
+            if t.name == name or t.name.startswith(name + ".") or name.startswith(t.name + "."):
+                raise ValueError(f"modules_to_save module {name!r} overlaps the MetaTT target {t.name!r}")
+    return found
 
 
 def get_metatt_model(model: nn.Module, config: MetaTTConfig) -> MetaTTModel:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checks, ops, quantized, reference
-from .layer import AdapterLayer, base_compute_dtype, base_features, check_alpha, is_conv1d
+from .layer import AdapterLayer, MergeGuard, add_delta_, base_compute_dtype, base_features, check_alpha, is_conv1d
 from .spec import TTSpec
 
 __all__ = ["TTLinear", "init_cores_", "new_cores"]
@@ -182,6 +182,7 @@ class TTLinear(AdapterLayer):
         self.index = index
         self.dropout = dropout
         self.backend = backend
+        self.merged_task: Optional[int] = None  # the task whose delta-W is merged (per-sample adapters)
         self._owns_cores = True
 
     @property
@@ -214,10 +215,14 @@ class TTLinear(AdapterLayer):
     # -------------------------------------------------------------------------------- forward
     def forward(self, x: Tensor, task_ids: Optional[Tensor] = None) -> Tensor:
         per_sample = self.spec.per_sample_mode is not None
-        if per_sample and task_ids is None and not self._disabled:
+        if per_sample and task_ids is None and not (self._disabled or self.merged):
             raise ValueError("this TTLinear has a per-sample (task) mode: pass task_ids")
         if not per_sample and task_ids is not None:
             raise ValueError("task_ids was given but this TTLinear has no per-sample (task) mode")
+        if self.merged and task_ids is not None and not self._disabled:
+            raise ValueError(
+                f"task {self.merged_task} is merged into the weight: unmerge() before routing task_ids per sample"
+            )
         return super().forward(x, task_ids=task_ids)
 
     def adapter_forward(self, x: Tensor, task_ids: Optional[Tensor] = None) -> Tensor:
@@ -257,9 +262,86 @@ class TTLinear(AdapterLayer):
         dW = reference.dense_delta(list(self.cores), self.spec, self.index, task=task).t()
         return dW * self.scaling if scaled else dW
 
-    def _check_mergeable(self) -> None:
-        if self.spec.per_sample_mode is not None:
-            raise RuntimeError("an adapter with a per-sample (task) mode cannot be merged into one weight")
+    # -------------------------------------------------------------------------------- merge
+    def _check_task(self, task: object) -> Optional[int]:
+        """``task`` for merging: None without a per-sample mode, else an int in ``[0, size)``."""
+        mode = self.spec.per_sample_mode
+        if mode is None:
+            if task is not None:
+                raise ValueError(f"task={task!r} was given but this TTLinear has no per-sample (task) mode")
+            return None
+        if task is None:
+            raise ValueError(f"this TTLinear has a per-sample (task) mode: merge(task=t) with t in [0, {mode.size})")
+        if isinstance(task, bool) or not isinstance(task, int) or not 0 <= task < mode.size:
+            raise ValueError(f"task must be an int in [0, {mode.size}), got {task!r}")
+        return task
+
+    def _task_to_merge(self, task: object) -> Optional[int]:
+        if self.merged:
+            if task is not None and task != self.merged_task:
+                raise ValueError(f"task {self.merged_task} is merged already, not task {task}: unmerge() first")
+            return self.merged_task
+        return self._check_task(task)
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False, *, task: Optional[int] = None) -> None:
+        """Add delta-W into the base weight, keeping the weight for an exact :meth:`unmerge` (the guarantees of
+        :mod:`ttkernels.layer`; a no-op when already merged). A per-sample (task) adapter merges one task's delta-W
+        (``task``); then the layer needs no ``task_ids`` until :meth:`unmerge`, and its state dict records the
+        task (``merged.task<t>``)."""
+        task = self._task_to_merge(task)
+        if self.merged:
+            return
+        self.merged_task = task
+        try:
+            super().merge(safe_merge)
+        finally:
+            if not self.merged:
+                self.merged_task = None
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        super().unmerge()
+        self.merged_task = None
+
+    @torch.no_grad()
+    def merge_and_unload(self, safe_merge: bool = False, *, task: Optional[int] = None) -> nn.Module:
+        """Add delta-W (one task's for a per-sample adapter: ``task``, or the merged one) into the base module's
+        weight for good and return the base module; no copy of the weight is kept."""
+        task = self._task_to_merge(task)
+        self.unmerge()
+        if self.quantized_base:
+            quantized.add_delta(self.base_layer, self.delta_weight(task), safe=safe_merge)
+        else:
+            add_delta_(self.weight, self._stored(self.delta_weight(task)), safe=safe_merge)
+        return self.base_module
+
+    def _merge_delta(self) -> Tensor:
+        return self._stored(self.delta_weight(self.merged_task))
+
+    def _merge_state(self) -> tuple[MergeGuard, Tensor, str, Optional[list[str]]]:
+        guard, target, key, _ = super()._merge_state()
+        if self.spec.per_sample_mode is None:
+            return guard, target, key, None
+        return guard, target, key, [f"task{self.merged_task}"] if self.merged else []
+
+    def _resume_merge(self, names: Sequence[str], *, from_weight: bool = False) -> None:
+        if self.spec.per_sample_mode is None:
+            super()._resume_merge(names, from_weight=from_weight)
+            return
+        size = self.spec.per_sample_mode.size
+        tasks = [n.removeprefix("task") for n in names]
+        if len(tasks) != 1 or not tasks[0].isdigit() or not 0 <= int(tasks[0]) < size:
+            raise ValueError(
+                f"the state dict names merged {list(names)}; this TTLinear merges one of task0..task{size - 1}"
+            )
+        task = int(tasks[0])
+        if from_weight:
+            self.merge(task=task)
+        else:
+            self.merged_task = task
+            self.__dict__["_merge_guard"].remerge(self._merge_target(), [self._merge_delta()], list(self.cores))
+            self.merged = True
 
     def extra_repr(self) -> str:
         text = (
@@ -271,7 +353,7 @@ class TTLinear(AdapterLayer):
         if self.index:
             text += f", index={self.index}"
         if self.merged:
-            text += ", merged=True"
+            text += ", merged=True" + ("" if self.merged_task is None else f", merged_task={self.merged_task}")
         return text
 
 

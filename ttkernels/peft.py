@@ -2,11 +2,15 @@
 
 Two entry points:
 
-* :func:`tt_lora_config` — a ``peft.LoraConfig`` whose ``nn.Linear`` targets become :class:`TTLoraLinear`
-  layers: PEFT's LoRA machinery (``get_peft_model``, ``print_trainable_parameters``, ``save_pretrained``,
-  ``disable_adapter``, ``merge_and_unload``, several adapters) with a tensor-train delta-W of bond rank ``r``
-  computed by the ttkernels ops (delta-W is never built in forward). Reload with :func:`load_tt_lora`: PEFT
-  does not save the custom-module registration, so loading must be told again.
+* :func:`tt_lora_config` — a :class:`TTLoraConfig` (a ``peft.LoraConfig``) whose ``nn.Linear`` targets become
+  :class:`TTLoraLinear` layers: PEFT's LoRA machinery (``get_peft_model``, ``print_trainable_parameters``,
+  ``save_pretrained``, ``disable_adapter``, ``merge_and_unload``, several adapters) with a tensor-train delta-W
+  of bond rank ``r`` computed by the ttkernels ops (delta-W is never built in forward).
+* Saved folders describe themselves: ``adapter_config.json`` has ``peft_type`` ``"TT_LORA"`` and the TT's
+  options (``tt_in_modes``, ``tt_out_modes``, ``tt_backend``). PEFT without ttkernels refuses such a folder
+  (it knows no ``TT_LORA``) instead of loading it as a no-op; once this module is imported,
+  ``peft.PeftModel.from_pretrained`` and :func:`load_tt_lora` load it with nothing more to say.
+* :func:`export_lora` writes a plain PEFT LoRA folder with the same delta-W (for stock PEFT and serving engines).
 * :func:`get_peft_model` — ``get_peft_model(model, config)`` for either kind of config: a
   :class:`~ttkernels.metatt.MetaTTConfig` gives the MetaTT wrapper (whose methods carry PEFT's names:
   ``print_trainable_parameters``, ``save_pretrained``, ``from_pretrained``, ``disable_adapter``,
@@ -20,9 +24,12 @@ Checked by tests/test_peft.py against peft 0.21 (train, save, reload, merge, dis
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import os
 import re
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import peft
@@ -38,13 +45,23 @@ from .layer import (
     check_alpha,
     guard_merged_output,
     merge_guard_for,
+    param_group_holding,
     register_merge_hooks,
+    swap_parameters,
 )
 from .metatt import MetaTTConfig, MetaTTModel, get_metatt_model
 from .modules import TTLinear
 from .spec import TTSpec
 
-__all__ = ["TTLoraLinear", "get_peft_model", "load_tt_lora", "tt_lora_config", "tt_lora_layer"]
+__all__ = [
+    "TTLoraConfig",
+    "TTLoraLinear",
+    "export_lora",
+    "get_peft_model",
+    "load_tt_lora",
+    "tt_lora_config",
+    "tt_lora_layer",
+]
 
 
 class TTLoraLinear(nn.Module, LoraLayer):
@@ -208,6 +225,41 @@ class TTLoraLinear(nn.Module, LoraLayer):
         self.__dict__["_merge_guard"].restore(self._merge_target())
         self.merged_adapters.clear()
 
+    @torch.no_grad()
+    def replace_cores(
+        self, cores: Sequence[Tensor], *, adapter: str = "default", optimizer: Optional[torch.optim.Optimizer] = None
+    ) -> nn.ParameterList:
+        """Swap ``adapter``'s cores for ``cores`` of other bond ranks (same mode sizes), between steps, as
+        :meth:`ttkernels.layer.AdapterLayer.replace_cores`: fresh Parameters on the old cores' device and dtype (and
+        ``requires_grad``), the scaling unchanged; with ``optimizer`` the old Parameters leave its param group and
+        the new ones join it with fresh state. Nothing changes when a check fails. A merged layer stays merged (the
+        next forward merges the new cores; ``unmerge()`` restores the base weight exactly)."""
+        if adapter not in self.lora_tt_cores:
+            raise KeyError(f"no TT-LoRA adapter {adapter!r}; this layer has {list(self.lora_tt_cores)}")
+        old = list(self.lora_tt_cores[adapter])
+        spec = self.tt_spec[adapter]
+        cores = reference.check_chain(list(cores), "cores")
+        if len(cores) != spec.num_cores:
+            raise ValueError(f"cores has {len(cores)} tensors but adapter {adapter!r} has {spec.num_cores} cores")
+        for k, (core, mode) in enumerate(zip(cores, spec.modes)):
+            if core.shape[1] != mode.size:
+                raise ValueError(
+                    f"cores[{k}] must be (r_prev, {mode.size}, r_next) for mode {mode.name!r}, got {tuple(core.shape)}"
+                )
+        held = None if optimizer is None else param_group_holding(optimizer, old, f"the cores of adapter {adapter!r}")
+        ref = old[0]
+        new = nn.ParameterList(
+            [
+                nn.Parameter(c.to(device=ref.device, dtype=ref.dtype).clone(), requires_grad=ref.requires_grad)
+                for c in cores
+            ]
+        )
+        self.lora_tt_cores[adapter] = new
+        self.tt_spec[adapter] = TTSpec(spec.modes, tuple(c.shape[2] for c in cores[:-1]))
+        if held is not None:
+            swap_parameters(optimizer, held, old, list(new))
+        return new
+
     # LoraLayer's versions look adapters up in lora_A
     def scale_layer(self, scale: float) -> None:
         for a in self.active_adapters:
@@ -241,13 +293,18 @@ def tt_lora_config(
     *, in_modes: Any = None, out_modes: Any = None, backend: str = "auto", config: Optional[peft.LoraConfig] = None,
     **lora_kwargs: Any,
 ) -> peft.LoraConfig:  # fmt: skip
-    """A ``peft.LoraConfig`` (built from ``lora_kwargs``, or ``config``) whose ``nn.Linear`` targets get TT
-    adapters: ``r`` is the TT's bond rank, ``lora_alpha`` / ``lora_dropout`` as in LoRA."""
+    """A :class:`TTLoraConfig` (built from ``lora_kwargs``, or from the fields of ``config``) whose ``nn.Linear``
+    targets get TT adapters: ``r`` is the TT's bond rank, ``lora_alpha`` / ``lora_dropout`` as in LoRA."""
     if config is not None and lora_kwargs:
         raise ValueError("pass either config or LoraConfig keyword arguments, not both")
-    cfg = config if config is not None else peft.LoraConfig(**lora_kwargs)
-    cfg._register_custom_module({nn.Linear: tt_lora_layer(in_modes=in_modes, out_modes=out_modes, backend=backend)})
-    return cfg
+    if config is not None and not isinstance(config, peft.LoraConfig):
+        raise TypeError(f"config must be a peft.LoraConfig, got {type(config).__name__}")
+    tt = {"tt_in_modes": in_modes, "tt_out_modes": out_modes, "tt_backend": backend}
+    if config is not None:
+        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(peft.LoraConfig) if f.init}
+        fields.pop("peft_type", None)
+        return TTLoraConfig(**fields, **tt)
+    return TTLoraConfig(**lora_kwargs, **tt)
 
 
 _PEFT_CONFIG = "adapter_config.json"
@@ -259,6 +316,7 @@ _UNSUPPORTED_FIELDS = (
     "target_parameters", "trainable_token_indices", "use_bdlora", "use_dora", "use_qalora", "velora_config",
 )  # fmt: skip
 _CORE_KEY = re.compile(r"base_model\.model\.(.+)\.lora_tt_cores\.(\d{1,4})")  # fixed here, never from a file
+_LORA_KEY = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\.")  # a plain LoRA adapter's tensors
 
 
 def _names_match(name: str, targets: Any) -> bool:
@@ -266,18 +324,69 @@ def _names_match(name: str, targets: Any) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def _check_tt_lora_folder(model: nn.Module, folder: str, in_modes: Any, out_modes: Any) -> dict:
-    """Every field :func:`load_tt_lora` uses from ``folder``'s config, and every tensor of its safetensors file
-    (names, shapes and dtypes from the header, then finite values), checked against ``model`` before PEFT
-    builds anything. Returns the literal targets and per-module ranks and alphas for the PEFT config."""
+def _within(name: str, modules: Any) -> bool:
+    """``name`` is one of ``modules`` (PEFT's rule) or lies inside one."""
+    parts = name.split(".")
+    return any(_names_match(".".join(parts[:i]), modules) for i in range(len(parts), 0, -1))
+
+
+def _tt_options(data: dict, config_file: str, in_modes: Any, out_modes: Any, backend: Optional[str]) -> dict:
+    """The TT options of a saved folder's config ``data``: a ``TT_LORA`` folder's own (each checked; options
+    given here must agree, ``backend`` overrides), or for a ``LORA`` folder the ones given here."""
+    kind = data.get("peft_type")
+    if kind == "LORA":  # saved before folders recorded their TT options (or a plain LoRA folder: refused later)
+        return {"kind": kind, "in_modes": in_modes, "out_modes": out_modes, "backend": backend or "auto"}
+    if kind != TT_LORA:
+        raise ValueError(f"{config_file} holds a {str(kind)[:50]!r} adapter, not a TT-LoRA one (peft_type {TT_LORA!r})")
+    try:
+        saved = {
+            "in_modes": _check_tt_modes("tt_in_modes", data.get("tt_in_modes")),
+            "out_modes": _check_tt_modes("tt_out_modes", data.get("tt_out_modes")),
+        }
+        saved_backend = data.get("tt_backend", "auto")
+        ops.check_backend_name(saved_backend)
+    except ValueError as e:
+        raise ValueError(f"{config_file}: {e}") from e
+    for name, given in (("in_modes", in_modes), ("out_modes", out_modes)):
+        if given is not None and _check_tt_modes(name, given) != saved[name]:
+            raise ValueError(f"{config_file} was saved with tt_{name}={saved[name]!r}, but {name}={given!r} was given")
+    return {"kind": kind, **saved, "backend": backend or saved_backend}
+
+
+def _config_from(data: dict, options: dict, config_file: str) -> TTLoraConfig:
+    """The :class:`TTLoraConfig` of checked config ``data`` (fields PEFT does not know are left out, as PEFT
+    does) with the TT ``options``; built from ``data``, never by reading the file again."""
+    known = {f.name for f in dataclasses.fields(peft.LoraConfig) if f.init} - {"peft_type"}
+    fields = {k: v for k, v in data.items() if k in known}
+    try:
+        return TTLoraConfig(
+            **fields, tt_in_modes=options["in_modes"], tt_out_modes=options["out_modes"], tt_backend=options["backend"]
+        )
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{config_file}: PEFT refuses the config: {e}") from e
+
+
+def _check_tt_lora_folder(
+    model: Optional[nn.Module], folder: str, in_modes: Any, out_modes: Any, backend: Optional[str]
+) -> dict:
+    """Every field :func:`load_tt_lora` uses from ``folder``'s config (the TT options included), and every tensor
+    of its safetensors file (names, shapes and dtypes from the header, then finite values), checked against
+    ``model`` before PEFT builds anything. Returns the :class:`TTLoraConfig`, the literal targets and per-module
+    ranks and alphas. Without a model, only the config and the tensor names are checked."""
     config_file = os.path.join(folder, _PEFT_CONFIG)
     data = checks.read_json(config_file, "adapter config")
 
     def fail(field: str, want: str) -> ValueError:
         return ValueError(f"{config_file}: {field} must be {want}, got {str(data.get(field))[:200]}")
 
-    if data.get("peft_type") != "LORA":
-        raise fail("peft_type", "'LORA' (a TT-LoRA adapter is saved as a LoRA config)")
+    options = _tt_options(data, config_file, in_modes, out_modes, backend)
+    in_modes, out_modes = options["in_modes"], options["out_modes"]
+    if options["kind"] == TT_LORA:
+        misfit = f"the cores saved in {folder} do not fit its TT options (tt_in_modes={in_modes!r}, " + (
+            f"tt_out_modes={out_modes!r})"
+        )
+    else:
+        misfit = "pass the options it was trained with"
     r = data.get("r")
     if type(r) is not int or r < 1:
         raise fail("r", "a positive int")
@@ -317,17 +426,38 @@ def _check_tt_lora_folder(model: nn.Module, folder: str, in_modes: Any, out_mode
 
     weights = os.path.join(folder, _PEFT_WEIGHTS)
     header = checks.read_safetensors_header(weights)
+    if any(_LORA_KEY.search(key) for key in header):
+        raise ValueError(
+            f"{folder} holds a plain PEFT LoRA adapter (peft_type {str(data.get('peft_type'))[:50]}, lora_A / lora_B "
+            "weights), not a TT-LoRA one: load it with peft.PeftModel.from_pretrained"
+        )
+    config = _config_from(data, options, config_file)
     found: dict[str, dict[int, checks.TensorInfo]] = {}
+    others: dict[str, checks.TensorInfo] = {}  # modules_to_save tensors and biases, checked against the model below
     for key, info in header.items():
         m = _CORE_KEY.fullmatch(key)
         if m is not None:
             found.setdefault(m.group(1), {})[int(m.group(2))] = info
         elif key.endswith(".bias") and data.get("bias", "none") != "none":
-            continue  # biases PEFT trains and saves with bias="all" / "lora_only"
-        elif not _names_match(key.removeprefix("base_model.model.").rpartition(".")[0], saved_modules):
+            others[key] = info  # biases PEFT trains and saves with bias="all" / "lora_only"
+        elif _within(key.removeprefix("base_model.model.").rpartition(".")[0], saved_modules):
+            others[key] = info
+        else:
             raise ValueError(f"{weights}: tensor {key[:200]!r} is not a TT-LoRA core (<module>.lora_tt_cores.<k>)")
     if not found:
         raise ValueError(f"{weights} holds no TT-LoRA cores")
+    if model is None:
+        return {"config": config}
+    own = model.state_dict(keep_vars=True)
+    for key, info in others.items():
+        name = key.removeprefix("base_model.model.")
+        t = own.get(name)
+        if t is None:
+            raise ValueError(f"{weights}: tensor {key[:200]!r} has no counterpart {name[:200]!r} in the model")
+        if info.shape != tuple(t.shape):
+            raise ValueError(f"{weights}: {key[:200]} has shape {info.shape}, the model's {name} is {tuple(t.shape)}")
+        if t.is_floating_point() != (info.dtype in checks.FLOAT_DTYPE_NAMES):
+            raise ValueError(f"{weights}: {key[:200]} has dtype {info.dtype}, the model's {name} is {t.dtype}")
     modules = dict(model.named_modules())
     ranks, alphas = {}, {}
     for name, cores in sorted(found.items()):
@@ -345,14 +475,14 @@ def _check_tt_lora_folder(model: nn.Module, folder: str, in_modes: Any, out_mode
         if missing or extra:
             raise ValueError(
                 f"{weights}: {name} has cores {sorted(cores)}, the adapter needs 0..{spec.num_cores - 1} "
-                f"(missing {missing}, unexpected {extra})"
+                f"(missing {missing}, unexpected {extra}; {misfit})"
             )
         for k, shape in enumerate(spec.core_shapes):
             info = cores[k]
             if info.shape != shape:
                 raise ValueError(
                     f"{weights}: core {k} of {name} has shape {info.shape}, but r = {ranks[name]}, in_modes = "
-                    f"{in_modes!r}, out_modes = {out_modes!r} need {shape} (pass the options it was trained with)"
+                    f"{in_modes!r}, out_modes = {out_modes!r} need {shape} ({misfit})"
                 )
             if info.dtype not in checks.FLOAT_DTYPE_NAMES:
                 raise ValueError(f"{weights}: core {k} of {name} has dtype {info.dtype}; cores are floating point")
@@ -365,30 +495,40 @@ def _check_tt_lora_folder(model: nn.Module, folder: str, in_modes: Any, out_mode
     for key, t in tensors.items():
         if not torch.isfinite(t).all():
             raise ValueError(f"{weights}: {key} holds non-finite values")
-    return {"targets": sorted(found), "ranks": ranks, "alphas": alphas}
+    return {"config": config, "targets": sorted(found), "ranks": ranks, "alphas": alphas}
 
 
 def load_tt_lora(
-    model: nn.Module, path: str, *, in_modes: Any = None, out_modes: Any = None, backend: str = "auto", **kwargs: Any
+    model: nn.Module,
+    path: str,
+    *,
+    in_modes: Any = None,
+    out_modes: Any = None,
+    backend: Optional[str] = None,
+    **kwargs: Any,
 ) -> peft.PeftModel:
-    """``PeftModel.from_pretrained`` for an adapter saved from a :func:`tt_lora_config` model; the TT options
-    must be the ones it was trained with.
+    """``PeftModel.from_pretrained`` for an adapter saved from a :func:`tt_lora_config` model.
 
-    ``path`` is a local folder. Its config and its tensors' names, shapes and dtypes (from the safetensors
-    header) are checked against ``model`` before anything is built, the cores' values are checked finite,
-    and targets are taken as the literal module names the file holds cores for (no pattern from the file is
-    used as a regular expression). All or nothing: when loading fails, ``model`` is left as it was.
+    The folder records its TT options (``peft_type`` ``TT_LORA``, ``tt_in_modes``, ``tt_out_modes``,
+    ``tt_backend``); ``in_modes`` / ``out_modes``, when given, must agree with them, and ``backend`` overrides the
+    saved one. A folder saved as ``LORA`` before the options were recorded loads with the options given here; a
+    plain PEFT LoRA folder is refused (load it with ``peft.PeftModel.from_pretrained``).
+
+    ``path`` is a local folder. Its config (the TT options included) and its tensors' names, shapes and dtypes
+    (from the safetensors header) are checked against ``model`` before anything is built, the tensors' values
+    are checked finite, and targets are taken as the literal module names the file holds cores for (no pattern
+    from the file is used as a regular expression). All or nothing: when loading fails, ``model`` is left as
+    it was.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    ops.check_backend_name(backend)
+    if backend is not None:
+        ops.check_backend_name(backend)
     folder = checks.check_path(path, "path")
     if not os.path.isdir(folder):
         raise ValueError(f"path must be a local folder holding {_PEFT_CONFIG} and {_PEFT_WEIGHTS}, got {folder!r}")
-    plan = _check_tt_lora_folder(model, folder, in_modes, out_modes)
-    cfg = tt_lora_config(
-        in_modes=in_modes, out_modes=out_modes, backend=backend, config=peft.LoraConfig.from_pretrained(folder)
-    )
+    plan = _check_tt_lora_folder(model, folder, in_modes, out_modes, backend)
+    cfg = plan["config"]
     cfg.target_modules = plan["targets"]  # the literal names; PEFT escapes nothing, so patterns are escaped
     cfg.rank_pattern = {re.escape(n): v for n, v in plan["ranks"].items() if v != cfg.r}
     cfg.alpha_pattern = {re.escape(n): v for n, v in plan["alphas"].items() if v != cfg.lora_alpha}
@@ -419,3 +559,145 @@ def get_peft_model(model: nn.Module, config: Any, **kwargs: Any) -> MetaTTModel 
             raise TypeError(f"get_peft_model with a MetaTTConfig takes no keyword arguments, got {sorted(kwargs)}")
         return get_metatt_model(model, config)
     return peft.get_peft_model(model, config, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ self-describing folders
+TT_LORA = "TT_LORA"
+_MAX_MODES = 16
+
+
+def _check_tt_modes(name: str, modes: Any) -> Any:
+    """None, a count of balanced factors, or the sizes; what a file says is checked here before any use."""
+    if modes is None:
+        return None
+    if isinstance(modes, int) and not isinstance(modes, bool):
+        if not 1 <= modes <= _MAX_MODES:
+            raise ValueError(f"{name} must be None, an int in [1, {_MAX_MODES}] or a list of sizes, got {modes!r}")
+        return modes
+    if isinstance(modes, Sequence) and not isinstance(modes, (str, bytes)):
+        sizes = list(modes)
+        ok = 1 <= len(sizes) <= _MAX_MODES and all(
+            isinstance(m, int) and not isinstance(m, bool) and 1 <= m <= 1 << 31 for m in sizes
+        )
+        if ok:
+            return sizes
+    raise ValueError(f"{name} must be None, an int in [1, {_MAX_MODES}] or a list of positive sizes, got {modes!r}")
+
+
+@dataclasses.dataclass
+class TTLoraConfig(peft.LoraConfig):
+    """``peft.LoraConfig`` plus the TT options of :class:`TTLoraLinear`; saved with ``peft_type`` ``"TT_LORA"``
+    and these fields, so the folder says what it holds. In memory ``peft_type`` stays LoRA's (PEFT's LoRA
+    machinery runs the layers)."""
+
+    tt_in_modes: Any = None
+    tt_out_modes: Any = None
+    tt_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.tt_in_modes = _check_tt_modes("tt_in_modes", self.tt_in_modes)
+        self.tt_out_modes = _check_tt_modes("tt_out_modes", self.tt_out_modes)
+        ops.check_backend_name(self.tt_backend)
+        self._register_tt_layer()
+
+    def _register_tt_layer(self) -> None:
+        layer = tt_lora_layer(in_modes=self.tt_in_modes, out_modes=self.tt_out_modes, backend=self.tt_backend)
+        self._register_custom_module({nn.Linear: layer})
+
+    def to_dict(self) -> dict:
+        return super().to_dict() | {"peft_type": TT_LORA}
+
+
+def _register_with_peft() -> None:
+    """``PeftModel.from_pretrained`` / ``load_adapter`` find the config class of a ``TT_LORA`` folder."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    PEFT_TYPE_TO_CONFIG_MAPPING.setdefault(TT_LORA, TTLoraConfig)
+
+
+def tt_lora_folder_config(
+    path: str | os.PathLike, *, in_modes: Any = None, out_modes: Any = None, backend: Optional[str] = None
+) -> TTLoraConfig:
+    """The :class:`TTLoraConfig` of a saved TT-LoRA folder (its TT options from the file; ``in_modes`` /
+    ``out_modes`` given here must agree, ``backend`` overrides). Folders saved as ``LORA`` before the TT options
+    were recorded take the options given here; a plain LoRA folder is refused. The config and the tensor names
+    are checked as :func:`load_tt_lora` checks them (no model: shapes are checked when loading)."""
+    if backend is not None:
+        ops.check_backend_name(backend)
+    folder = checks.check_path(path, "path")
+    if not os.path.isdir(folder):
+        raise ValueError(f"path must be a local folder holding {_PEFT_CONFIG} and {_PEFT_WEIGHTS}, got {folder!r}")
+    return _check_tt_lora_folder(None, folder, in_modes, out_modes, backend)["config"]
+
+
+_register_with_peft()
+
+
+# ------------------------------------------------------------------------------------------------ mixed-adapter batches
+def _refuse_mixed_batches() -> None:
+    """PEFT checks ``adapter_names`` against ``lora_A``, which TT layers leave empty, and would report the TT
+    adapters as non-existing: say what the limit is instead."""
+    from peft.tuners.lora.model import LoraModel
+
+    original = LoraModel._enable_peft_forward_hooks
+    if getattr(original, "_ttkernels", False):
+        return
+
+    @contextlib.contextmanager
+    def hooks(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("adapter_names") is not None and any(isinstance(m, TTLoraLinear) for m in self.modules()):
+            raise ValueError(
+                "adapter_names= (a mixed-adapter batch) is not supported with ttkernels TT-LoRA layers: a "
+                "TTLoraLinear applies its active adapters to the whole batch. Run one batch per adapter "
+                "(set_adapter), or export each adapter with ttkernels.peft.export_lora for a multi-LoRA server"
+            )
+        with original(self, *args, **kwargs):
+            yield
+
+    hooks._ttkernels = True
+    LoraModel._enable_peft_forward_hooks = hooks
+
+
+_refuse_mixed_batches()
+
+
+# ------------------------------------------------------------------------------------------------ export
+@torch.no_grad()
+def export_lora(
+    peft_model: peft.PeftModel, save_directory: str | os.PathLike, *, adapter_names: Optional[list[str]] = None
+) -> list[str]:
+    """Write each TT-LoRA adapter of ``peft_model`` as a plain PEFT LoRA folder with the same delta-W (rank = the
+    TT's bottleneck rank, ``rank_pattern`` where layers differ, the scaling folded into ``lora_B`` with
+    ``lora_alpha = r``); ``modules_to_save`` go along. ``default`` goes to ``save_directory``, other adapters to
+    ``save_directory/<name>`` (PEFT's layout). Stock PEFT loads the folders without ttkernels. Returns them."""
+    from .export import lora_factors, write_lora_folder
+
+    if not isinstance(peft_model, peft.PeftModel):
+        raise TypeError(f"peft_model must be a peft.PeftModel, got {type(peft_model).__name__}")
+    names = list(peft_model.peft_config) if adapter_names is None else list(adapter_names)
+    unknown = sorted(set(names) - set(peft_model.peft_config))
+    if unknown:
+        raise ValueError(f"no adapters {unknown}; the model has {sorted(peft_model.peft_config)}")
+    inner = peft_model.get_base_model()
+    written = []
+    for a in names:
+        factors = {}
+        for name, module in inner.named_modules():
+            if isinstance(module, TTLoraLinear) and a in module.lora_tt_cores:
+                spec = module.tt_spec[a]
+                factors[name] = lora_factors(list(module.lora_tt_cores[a]), spec, scaling=float(module.scaling[a]))
+            elif isinstance(module, LoraLayer) and a in getattr(module, "lora_A", {}):
+                raise ValueError(f"export_lora writes TT-LoRA layers; {name} is a {type(module).__name__} of PEFT")
+        if not factors:
+            raise ValueError(f"adapter {a!r} has no TT-LoRA layers")
+        state = peft.get_peft_model_state_dict(peft_model, adapter_name=a)
+        extra = {k: v for k, v in state.items() if ".lora_tt_cores." not in k}
+        cfg = peft_model.peft_config[a]
+        folder = str(save_directory) if a == "default" else os.path.join(save_directory, a)
+        write_lora_folder(
+            folder, factors, modules_to_save=list(cfg.modules_to_save) if cfg.modules_to_save else None,
+            extra_tensors=extra, task_type=cfg.task_type, base_model_name_or_path=cfg.base_model_name_or_path,
+        )  # fmt: skip
+        written.append(folder)
+    return written

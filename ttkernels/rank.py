@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
 from . import reference
+from .export import lora_factors
+from .layer import param_group_holding
 from .metatt import MetaTTModel
 from .modules import TTLinear
 from .spec import TTSpec
@@ -285,13 +287,20 @@ def from_lora(
 
 
 def to_lora(
-    cores: Sequence[Tensor], spec: TTSpec, index: Optional[dict] = None, *, task: Optional[int] = None
+    cores: Sequence[Tensor],
+    spec: TTSpec,
+    index: Optional[dict] = None,
+    *,
+    task: Optional[int] = None,
+    scaling: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
-    """LoRA factors ``(lora_A (r, d_in), lora_B (d_out, r))`` with ``lora_B @ lora_A == dW`` exactly, from the
-    bottleneck form ``dW^T = A C B`` (``r = r_b``); ``index`` / ``task`` pick fixed and per-sample slices."""
-    A, C, B = reference.task_factors(list(cores), spec, index, task=task, caller="to_lora")
-    AC = A if C is None else A @ C
-    return AC.t().contiguous(), B.t().contiguous()
+    """LoRA factors ``(lora_A (r, d_in), lora_B (d_out, r))`` with ``lora_B @ lora_A == scaling * dW`` exactly,
+    from the bottleneck form ``dW^T = A C B`` (``r = r_b``); ``index`` / ``task`` pick fixed and per-sample
+    slices. ``scaling`` (the adapter's ``alpha / rank``) is folded into ``lora_B``: the default 1 gives the
+    unscaled delta-W, an adapter's ``scaling`` the delta-W its layer adds."""
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+        raise ValueError(f"scaling must be a finite number, got {scaling!r}")
+    return lora_factors(list(cores), spec, index, task=task, scaling=float(scaling))
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -303,11 +312,14 @@ def compress_(
     *,
     optimizer: Optional[torch.optim.Optimizer] = None,
 ) -> dict[str, tuple[int, ...]]:
-    """Sweep the cores of ``module`` (a :class:`~ttkernels.TTLinear` owning its cores, or a
-    :class:`~ttkernels.MetaTTModel`: every group) down to ``max_rank`` / ``rel_eps`` in place, between steps.
+    """Sweep the cores of ``module`` (a :class:`~ttkernels.TTLinear` owning its cores, a
+    :class:`~ttkernels.MetaTTModel`: every group, a TT-LoRA layer of :mod:`ttkernels.peft`: every adapter, or a
+    model holding TT-LoRA layers, such as a ``peft.PeftModel``: every layer and adapter) down to ``max_rank`` /
+    ``rel_eps`` in place, between steps.
 
     The scaling stays as it was, so the outputs move only by the truncation. Returns the new ranks per TT
-    (``""`` for a TTLinear, the group names for MetaTT).
+    (``""`` for a TTLinear, the group names for MetaTT, the adapter names for a TT-LoRA layer,
+    ``"<module name>:<adapter>"`` for a model with TT-LoRA layers).
     """
     _check_limits(max_rank, rel_eps)
     if max_rank is None and rel_eps is None:
@@ -325,7 +337,41 @@ def compress_(
             raise ValueError("this TTLinear is a view onto shared cores: compress their owner (e.g. the MetaTTModel)")
         module.replace_cores(sweep(list(module.cores), max_rank, rel_eps), optimizer=optimizer)
         return {"": module.spec.ranks}
-    raise TypeError(f"compress_ takes a TTLinear or a MetaTTModel, got {type(module).__name__}")
+    if _is_tt_lora_layer(module):
+        return _compress_tt_lora(module, max_rank, rel_eps, optimizer)
+    layers = [(n, m) for n, m in module.named_modules() if _is_tt_lora_layer(m)]
+    if layers:
+        if optimizer is not None:  # every adapter is checked before any is changed
+            for name, layer in layers:
+                for a, cores in layer.lora_tt_cores.items():
+                    param_group_holding(optimizer, list(cores), f"the cores of {name} (adapter {a!r})")
+        return {
+            f"{name}:{a}": ranks
+            for name, layer in layers
+            for a, ranks in _compress_tt_lora(layer, max_rank, rel_eps, optimizer).items()
+        }
+    raise TypeError(
+        f"compress_ takes a TTLinear, a MetaTTModel, a TT-LoRA layer or a model holding TT-LoRA layers, got "
+        f"{type(module).__name__}"
+    )
+
+
+def _is_tt_lora_layer(module: nn.Module) -> bool:
+    # ttkernels.peft.TTLoraLinear, recognized by what it holds (peft is an optional integration above this module)
+    return (
+        isinstance(getattr(module, "lora_tt_cores", None), nn.ModuleDict)
+        and hasattr(module, "tt_spec")
+        and callable(getattr(module, "replace_cores", None))
+    )
+
+
+def _compress_tt_lora(layer: nn.Module, max_rank: Optional[int], rel_eps: Optional[float], optimizer: Any) -> dict:
+    out = {}
+    for a in list(layer.lora_tt_cores):
+        cores = reference.check_chain(list(layer.lora_tt_cores[a]), f"the cores of adapter {a!r}", values=True)
+        layer.replace_cores(sweep(cores, max_rank, rel_eps), adapter=a, optimizer=optimizer)
+        out[a] = layer.tt_spec[a].ranks
+    return out
 
 
 class RankSchedule:

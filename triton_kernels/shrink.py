@@ -16,10 +16,21 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import Tuned, config, dropout_args, empty, gathered_matmul, keep_mask, m_bucket, precision, rank_block
+from ._common import (
+    DROPOUT_ARGS,
+    Tuned,
+    config,
+    dropout_args,
+    empty,
+    gathered_matmul,
+    keep_mask,
+    m_bucket,
+    precision,
+    rank_block,
+)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DROPOUT_ARGS)
 def _shrink_kernel(
     X, A, C, T, S, U,
     M, K, RA, RB, M_BUCKET,
@@ -31,6 +42,7 @@ def _shrink_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm64 = rm.to(tl.int64)
     ra = tl.arange(0, RA_P)
     rk = tl.arange(0, BLOCK_K)
     row_ok = rm < M
@@ -39,7 +51,7 @@ def _shrink_kernel(
         kk = k0 + rk
         k_ok = kk < K
         x = tl.load(
-            X + rm[:, None] * stride_xm + kk[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0
+            X + rm64[:, None] * stride_xm + kk[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0
         )
         if DROPOUT:
             keep = keep_mask(rm, kk, seed_lo, seed_hi, threshold)
@@ -49,7 +61,7 @@ def _shrink_kernel(
         )
         acc = tl.dot(x, a, acc, input_precision=PRECISION)
     s = acc.to(S.dtype.element_ty)
-    tl.store(S + rm[:, None] * RA + ra[None, :], s, mask=row_ok[:, None] & (ra < RA)[None, :])
+    tl.store(S + rm64[:, None] * RA + ra[None, :], s, mask=row_ok[:, None] & (ra < RA)[None, :])
     if HAS_C:
         rb = tl.arange(0, RB_P)
         b_ok = rb < RB
@@ -65,7 +77,7 @@ def _shrink_kernel(
                 other=0.0,
             )
             u = tl.dot(s, c, input_precision=PRECISION)
-        tl.store(U + rm[:, None] * RB + rb[None, :], u.to(U.dtype.element_ty), mask=row_ok[:, None] & b_ok[None, :])
+        tl.store(U + rm64[:, None] * RB + rb[None, :], u.to(U.dtype.element_ty), mask=row_ok[:, None] & b_ok[None, :])
 
 
 def _configs(hopper: bool) -> list[triton.Config]:

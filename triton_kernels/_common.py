@@ -13,6 +13,7 @@ the CPU checks of CI) and, on a GPU, a list that ``triton.autotune`` searches, k
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -219,7 +220,9 @@ class Tuned:
     def full_key(self, hopper: bool) -> list[str]:
         """``key`` plus every flag constexpr of the kernel (upper-case names that no configuration sets)."""
         tiles = {name for cfg in self.configs(hopper) for name in cfg.kwargs}
-        flags = [n for n in self.kernel.arg_names if n.isupper() and n not in tiles and n not in self.key]
+        sig = inspect.signature(self.kernel.fn)
+        constexprs = [n for n, p in sig.parameters.items() if "constexpr" in str(p.annotation)]
+        flags = [n for n in constexprs if n not in tiles and n not in self.key]
         return list(self.key) + flags
 
     def launch_fixed(self, meta: dict[str, int], grid: tuple, *args: Any, **kwargs: Any) -> None:

@@ -75,7 +75,9 @@ def test_rows_plan_against_float64(M, d_in, d_out, ra, rb, kind, p, dtype, deter
         dx, dA, dC, dB = rows.backward(dy, x, W, A, C, B, S, ids, scaling, p, seed, need_dx)
         got = [y, S, dx if need_dx else None, dA, dC, dB]
         args = (x, W, b, A, C, B, ids, dy, S, scaling, p, seed, need_dx)
-        want = _reference(*[helpers.d64(a) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args])
+        want = _reference(
+            *[helpers.d64(a) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+        )
         lowp = _reference(*args)
         for name, g, w, t in zip(["y", "S", "dx", "dA", "dC", "dB"], got, want, lowp):
             check(name, g, w, t, dtype, relative_slack=name in ("dA", "dB", "dC"))
@@ -108,28 +110,10 @@ def test_rows_plan_deterministic_repeats_bit_for_bit(monkeypatch):
 class _Launches(TorchDispatchMode):
     """Records every torch op that would launch a kernel (not views or allocations), and the Triton launches."""
 
-    FREE = {
-        "empty",
-        "empty_strided",
-        "new_empty",
-        "view",
-        "_unsafe_view",
-        "t",
-        "transpose",
-        "expand",
-        "slice",
-        "select",
-        "detach",
-        "alias",
-        "as_strided",
-        "unsqueeze",
-        "squeeze",
-        "permute",
-        "_reshape_alias",
-        "split",
-        "lift_fresh",
-        "is_same_size",
-    }
+    FREE = frozenset(
+        "empty empty_strided new_empty view _unsafe_view t transpose expand slice select detach alias as_strided "
+        "unsqueeze squeeze permute _reshape_alias split lift_fresh is_same_size".split()
+    )
 
     def __init__(self):
         super().__init__()

@@ -294,7 +294,7 @@ ROWS_FWD = Tuned(
 ROWS_BWD = Tuned(
     _rows_bwd_kernel,
     {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16},
-    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
     _bwd_configs,
     ["M_BUCKET", "K", "N", "RA", "RB"],
     reset_to_zero=["WS"],

@@ -1,5 +1,5 @@
 # ttkernels: `make quick` (install + the CPU benchmark, the main job), `make test`, `make demo`, `make lint`,
-# `make bench` (all presets on this machine), `make plots`, `make cmake-build`, `make triton36`.
+# `make bench` (all presets on this machine), `make plots`, `make cmake-build`, `make triton36`, `make triton-gate`.
 # Everything runs in the virtual environment $(VENV), created and filled on first use.
 
 PYTHON ?= python3
@@ -12,7 +12,7 @@ CUDA_HOME ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda)
 STAMP := $(VENV)/.ttkernels-installed
 CMAKE_BUILD ?= build/cmake
 
-.PHONY: install quick demo test lint format bench plots overhead gpu cmake-build triton36 clean
+.PHONY: install quick demo test lint format bench plots overhead gpu cmake-build triton36 triton-gate clean
 
 install: $(STAMP)
 
@@ -77,7 +77,13 @@ triton36: $(STAMP)
 	print('triton', triton.__version__, 'numpy', numpy.__version__)"
 	PYTHONPATH=$(abspath $(T36)) $(PY) -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning \
 	  tests/test_triton.py tests/test_triton_factors.py tests/test_ttm_kernels.py
-	PYTHONPATH=$(abspath $(T36)) $(PY) -m ttkernels._triton_kernels.aot --arch 90 --dtypes bf16 --jobs 2
+	PYTHONPATH=$(abspath $(T36)) $(PY) -m ttkernels._triton_kernels.aot --arch 90 --dtypes bf16 --configs default --jobs 2
+
+# The compile gate: every recorded Triton launch compiled for sm_90 (bf16) with the JIT's own specialization and
+# every autotuning configuration; fails on a compile error, a register spill or shared memory over the limit.
+# No GPU needed (about GATE_MINUTES on a 2-core machine).
+triton-gate: $(STAMP)
+	env -u TRITON_INTERPRET $(PY) -m ttkernels._triton_kernels.aot --arch 90 --dtypes bf16 --report --jobs 2
 
 clean:
 	rm -rf build dist *.egg-info ttkernels/_C*.so $(STAMP)

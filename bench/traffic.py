@@ -98,6 +98,9 @@ def _triton_cost(name: str, a: dict[str, Any]) -> Launch:
         read = M * K * es + _nbytes(a["A"]) + (_nbytes(a["C"]) if a["HAS_C"] else 0)
         written = M * RA * es + (M * RB * es if a["HAS_C"] else 0)
         return Launch(name, read, written, 2 * M * (K * RA + RA * RB * a["HAS_C"]))
+    if name == "_shrink_partial_kernel":  # decode split-K of drop(x) A
+        M, K, RA = a["M"], a["K"], a["RA"]
+        return Launch(name, M * K * es + _nbytes(a["A"]), _nbytes(a["P"]), 2 * M * K * RA)
     if name == "_gemm_lowrank_kernel":
         M, N, K, RK = a["M"], a["N"], a["K"], a["RK"]
         read = M * RK * es + RK * N * es + (N * es if a["HAS_BIAS"] else 0)

@@ -18,7 +18,7 @@ from helpers import check_error_ratio as check
 from ttkernels import reference as ref
 
 tb = pytest.importorskip("ttkernels._triton_kernels.backend")
-from ttkernels._triton_kernels import _common, rows  # noqa: E402
+from ttkernels._triton_kernels import _common, rows, shrink  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -50,6 +50,7 @@ CASES = [  # M, d_in, d_out, r_a, r_b
     (7, 29, 31, 5, 3),
     (37, 23, 17, 16, 19),
     (97, 40, 33, 4, 4),
+    (5, 200, 33, 4, 6),  # with many SMs: drop(x) A split over K (decode)
 ]
 
 
@@ -64,6 +65,7 @@ def test_rows_plan_against_float64(M, d_in, d_out, ra, rb, kind, p, dtype, deter
     monkeypatch.setattr(rows, "deterministic", lambda: deterministic)
     # split: pretend the device has many SMs, so the row blocks are split over columns (decode)
     monkeypatch.setattr(rows, "num_sms", lambda device: 64 if split else 1)
+    monkeypatch.setattr(shrink, "num_sms", lambda device: 64 if split else 1)
     rb = ra if kind == "none" else rb
     x, W, b = rnd(M, d_in, dtype=dtype), rnd(d_out, d_in, dtype=dtype, scale=d_in**-0.5), rnd(d_out, dtype=dtype)
     A, B = rnd(d_in, ra, dtype=dtype, scale=d_in**-0.5), rnd(rb, d_out, dtype=dtype, scale=rb**-0.5)
@@ -233,7 +235,26 @@ def test_two_token_buckets_below_64():
     assert [_common.m_bucket(m) for m in (65, 128, 129, 8192, 100000)] == [128, 128, 256, 8192, 8192]
 
 
-def test_decode_splits_rows_over_columns():
+def test_decode_splits_rows_over_columns_and_k(monkeypatch):
     cpu = torch.device("cpu")
-    assert rows.split_for(1, 16, 4096, 128, cpu) > 1
+    monkeypatch.setattr(rows, "num_sms", lambda device: 132)
+    monkeypatch.setattr(shrink, "num_sms", lambda device: 132)
+    assert rows.split_for(1, 16, 4096, 128, cpu) == 8  # at most one program per 512 columns
     assert rows.split_for(8192, 64, 4096, 128, cpu) == 1
+    assert shrink.split_k(1, 4096, cpu) == 64  # one K range per four 16-wide interpreter tiles
+    assert shrink.split_k(8192, 4096, cpu) == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["none", "shared", "task"])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_shrink_split_over_k_against_float64(kind, p, dtype, monkeypatch):
+    monkeypatch.setattr(shrink, "num_sms", lambda device: 132)
+    M, d_in, ra, rb = 3, 263, 5, 7
+    rb = ra if kind == "none" else rb
+    assert shrink.split_k(M, d_in, DEVICE) > 1
+    x, A = rnd(M, d_in, dtype=dtype), rnd(d_in, ra, dtype=dtype, scale=d_in**-0.5)
+    C, ids = helpers.random_middle(kind, ra, rb, 4, dtype, M, device=DEVICE)
+    (S, U), (S64, U64), (St, Ut) = helpers.against_reference(tb, "shrink", x, A, C, ids, p, 2**32 + 1)
+    check("S", S, S64, St, dtype)
+    check("U", U, U64, Ut, dtype)

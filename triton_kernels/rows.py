@@ -18,9 +18,11 @@ tests/test_triton_plans.py). Token reductions (dA, dB, dC) are float32 atomics i
 element per row block (``cdiv(M, BLOCK_M) x r x (d_in + d_out)``; row blocks of 64 to 128 rows), or, in
 torch's deterministic mode, per-row-block partial sums that the finalize kernel adds in a fixed order.
 
-**Decode.** When the row blocks give fewer than two programs per SM, each row block is split over
-``SPLIT`` programs along the output columns (forward: y0's; backward: dB's and d_in's): each recomputes its
-rows' S (forward) or dU (backward) from x / dY and the factors, which L2 holds, and writes its own slice.
+**Decode** (at most :data:`DECODE_M` = 64 tokens). When the row blocks give fewer than two programs per SM,
+each row block is split over ``SPLIT`` programs along the output columns (forward: y0's; backward: dB's and d_in's): each recomputes its
+rows' S (forward) or dU (backward) from x / dY and the factors, which L2 holds, and writes its own slice; and
+when they give fewer than one program per two SMs, the forward's ``drop(x) A`` is split over K first
+(``shrink.partials``, one more small launch: float32 partial sums that the row kernel adds in order).
 
 Row offsets are int64. fp32 accumulation; ``r <= 128``. Checked against the float64 reference in
 tests/test_triton.py (both plans) and tests/test_triton_plans.py.
@@ -48,16 +50,17 @@ from ._common import (
     precision,
     rank_block,
 )
+from .shrink import drop_x_a, partials, split_k, sum_partials
 
 
 @triton.jit(do_not_specialize=DROPOUT_ARGS)
 def _rows_fwd_kernel(
-    X, A, C, T, B, BIAS, S, Y0,
-    M, K, N, RA, RB, M_BUCKET,
+    X, A, C, T, B, BIAS, S, Y0, P,
+    M, K, N, RA, RB, SPLIT_K, M_BUCKET,
     stride_xm, stride_xk, stride_ak, stride_ar, stride_ct, stride_ca, stride_cb, stride_br, stride_bn,
     scaling, seed_lo, seed_hi, threshold, keep_scale,
     HAS_C: tl.constexpr, PER_SAMPLE: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
-    PRECISION: tl.constexpr, RA_P: tl.constexpr, RB_P: tl.constexpr,
+    FROM_PARTIALS: tl.constexpr, PRECISION: tl.constexpr, RA_P: tl.constexpr, RB_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -68,21 +71,11 @@ def _rows_fwd_kernel(
     m_ok = rm < M
     ra = tl.arange(0, RA_P)
     a_ok = ra < RA
-    rk = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, RA_P), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        k_ok = kk < K
-        x = tl.load(
-            X + rm64[:, None] * stride_xm + kk[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0
-        )
-        if DROPOUT:
-            keep = keep_mask(rm, kk, seed_lo, seed_hi, threshold)
-            x = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0).to(X.dtype.element_ty)
-        a = tl.load(
-            A + kk[:, None] * stride_ak + ra[None, :] * stride_ar, mask=k_ok[:, None] & a_ok[None, :], other=0.0
-        )
-        acc = tl.dot(x, a, acc, input_precision=PRECISION)
+    if FROM_PARTIALS:  # decode: drop(x) A was split over K (shrink.partials)
+        acc = sum_partials(P, rm64, m_ok, ra, M, SPLIT_K, RA_P, BLOCK_M)
+    else:
+        acc = drop_x_a(X, A, rm, rm64, m_ok, ra, 0, K, stride_xm, stride_xk, stride_ak, stride_ar, RA,
+                       seed_lo, seed_hi, threshold, keep_scale, DROPOUT, PRECISION, RA_P, BLOCK_M, BLOCK_K)  # fmt: skip
     s = acc.to(S.dtype.element_ty)
     if pid_j == 0:
         tl.store(S + rm64[:, None] * RA + ra[None, :], s, mask=m_ok[:, None] & a_ok[None, :])
@@ -302,10 +295,16 @@ ROWS_BWD = Tuned(
 FINALIZE_BLOCK = 1024
 
 
+DECODE_M = 64
+
+
 def split_for(M: int, block_m: int, width: int, block: int, device: torch.device) -> int:
-    """Programs per row block: 1 while the row blocks give two programs per SM, else enough to reach that,
-    at most one per ``4 * block`` columns of ``width``."""
+    """Programs per row block: 1 above :data:`DECODE_M` tokens (each split program re-reads its rows' x or dY,
+    which only L2 makes cheap); at decode, enough for two programs per SM, at most one per ``4 * block``
+    columns of ``width``."""
     blocks = triton.cdiv(M, block_m)
+    if M > DECODE_M or blocks >= 2 * num_sms(device):
+        return 1
     want = triton.cdiv(2 * num_sms(device), blocks)
     return max(1, min(want, triton.cdiv(width, 4 * block)))
 
@@ -341,18 +340,20 @@ def forward(
         return y, S
     per_sample = C is not None and C.dim() == 3
     lo, hi, thr, keep_scale = dropout_args(p, seed)
+    sk = split_k(M, K, x.device)
+    P = partials(x, A, p, seed, sk) if sk > 1 else S
 
     def grid(meta: dict) -> tuple[int, int]:
         return triton.cdiv(M, meta["BLOCK_M"]), split_for(M, meta["BLOCK_M"], N, meta["BLOCK_N"], x.device)
 
     ROWS_FWD.launch(
         x.device, grid,
-        x, A, C if C is not None else A, task_ids if per_sample else S, B, bias if bias is not None else B, S, y,
-        M, K, N, RA, RB, m_bucket(M),
+        x, A, C if C is not None else A, task_ids if per_sample else S, B, bias if bias is not None else B, S, y, P,
+        M, K, N, RA, RB, sk, m_bucket(M),
         x.stride(0), x.stride(1), A.stride(0), A.stride(1), *_c_strides(C), B.stride(0), B.stride(1),
         float(scaling), lo, hi, thr, keep_scale,
         HAS_C=C is not None, PER_SAMPLE=per_sample, HAS_BIAS=bias is not None, DROPOUT=p > 0.0,
-        PRECISION=precision(x.dtype), RA_P=rank_block(RA), RB_P=rank_block(RB),
+        FROM_PARTIALS=sk > 1, PRECISION=precision(x.dtype), RA_P=rank_block(RA), RB_P=rank_block(RB),
     )  # fmt: skip
     y.addmm_(x, weight.t())
     return y, S

@@ -48,6 +48,7 @@ from ttkernels.spec import TTSpec
 from . import _common, backend, rows
 from .factors import side_backward, side_forward
 from .gemm import GEMM
+from .gemm import tuned_for as gemm_tuned_for
 from .grads import GRAD_A, GRAD_DY
 from .shrink import SHRINK, SHRINK_PARTIAL
 from .ttm import kron_apply, kron_grad_p, kron_grad_q, tuned_for_launch
@@ -55,6 +56,14 @@ from .ttm import kron_apply, kron_grad_p, kron_grad_q, tuned_for_launch
 # Largest dynamic shared memory per block, bytes (CUDA programming guide, compute capabilities table).
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 _TUNED = {id(t.kernel): t for t in (SHRINK, SHRINK_PARTIAL, GEMM, GRAD_DY, GRAD_A, rows.ROWS_FWD, rows.ROWS_BWD)}
+
+
+def _tuned_for(kernel: Any, args: tuple, kwargs: dict) -> Any:
+    if kernel is GEMM.kernel:  # the launcher picks the configuration list by the launch's alignment
+        return gemm_tuned_for(args)
+    return _TUNED.get(id(kernel)) or tuned_for_launch(kernel, kwargs)
+
+
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SEED_LOW_WORD_1 = 2**32 + 1  # the seed that once made ``keep_mask`` fail to compile
 
@@ -134,10 +143,10 @@ def _scenarios(dtype: torch.dtype) -> None:
                 side_backward(dout, chain, divisors, fixed, transposed, rows_, r_out)
 
 
-def _configs_for(kernel: Any, kwargs: dict, which: str, hopper: bool) -> list[dict]:
+def _configs_for(kernel: Any, args: tuple, kwargs: dict, which: str, hopper: bool) -> list[dict]:
     """The meta-parameters a GPU may launch this kernel with: every autotuning configuration and the one used
     without autotuning (``which == "all"``), or only the latter."""
-    tuned = _TUNED.get(id(kernel)) or tuned_for_launch(kernel, kwargs)
+    tuned = _tuned_for(kernel, args, kwargs)
     if tuned is None:
         return [kwargs]
     cfgs = tuned.configs(hopper) if which == "all" else []
@@ -231,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         help="all: every autotuning configuration and the default one; default: the one used without autotuning",
     )
     parser.add_argument("--report", action="store_true", help="print one line per compiled launch")
+    parser.add_argument("--kernels", nargs="+", default=None, help="only these kernels (names), for a quick look")
     parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     ns = parser.parse_args(argv)
     if _common.INTERPRET:
@@ -247,10 +257,12 @@ def main(argv: list[str] | None = None) -> int:
         key = (kernel.__name__, _shape_of(args))
         most[key] = max(most.get(key, -1), _flags_on(kwargs))
     seen: set = set()
+    if ns.kernels:
+        launches = [launch for launch in launches if launch[0].__name__ in ns.kernels]
     for kernel, args, kwargs in launches:
         full = ns.configs == "all" and _flags_on(kwargs) == most[(kernel.__name__, _shape_of(args))]
         for arch in ns.arch:
-            for cfg in _configs_for(kernel, kwargs, "all" if full else "default", arch >= 90):
+            for cfg in _configs_for(kernel, args, kwargs, "all" if full else "default", arch >= 90):
                 key = (kernel.__name__, arch, specialization(kernel, args, cfg, arch))
                 if key in seen:
                     continue

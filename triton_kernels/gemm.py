@@ -89,6 +89,8 @@ def _gemm_lowrank_kernel(
 
 
 def _configs(hopper: bool) -> list[triton.Config]:
+    # Compiled without spills at 16-divisible shapes and strides (make triton-gate); 128 x 128 x 32,
+    # 128 x 256, 256 x 128 and 64 x 256 tiles spilled and are not listed.
     shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
         (16, 64, 64, 4, 4),
         (32, 64, 64, 4, 4),
@@ -96,17 +98,29 @@ def _configs(hopper: bool) -> list[triton.Config]:
         (64, 128, 64, 4, 4),
         (128, 64, 64, 4, 4),
         (128, 128, 64, 8, 3),
-        (128, 128, 32, 4, 4),
     ]
-    if hopper:
-        shapes += [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 256, 64, 4, 4)]
     return [config(w, s, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8) for bm, bn, bk, w, s in shapes]
+
+
+def _unaligned_configs(hopper: bool) -> list[triton.Config]:
+    # Strides or sizes not divisible by 16: every element address is computed alone, and larger tiles spill.
+    return [config(4, 4, BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64, GROUP_M=8) for bm in (16, 32)]
 
 
 _INTERPRET_META = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}
 _KEY = ["M_BUCKET", "N", "K", "RK", "stride_wk", "stride_wn"]
 _GPU_META = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
 GEMM = Tuned(_gemm_lowrank_kernel, _INTERPRET_META, _GPU_META, _configs, _KEY)
+_UNALIGNED_META = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
+GEMM_UNALIGNED = Tuned(_gemm_lowrank_kernel, _INTERPRET_META, _UNALIGNED_META, _unaligned_configs, _KEY)
+
+
+def tuned_for(args: tuple) -> Tuned:
+    """The configuration list for a launch's arguments: the aligned one when N, K and every stride (other than
+    1, which Triton specializes as a constant) are divisible by 16, as Triton's specialization sees them."""
+    N, K, strides = args[7], args[8], args[11:21]
+    aligned = N % 16 == 0 and K % 16 == 0 and all(v == 1 or v % 16 == 0 for v in strides)
+    return GEMM if aligned else GEMM_UNALIGNED
 
 
 def gemm_lowrank(
@@ -130,13 +144,16 @@ def gemm_lowrank(
     lo, hi, thr, keep_scale = dropout_args(p, seed)
     xs = (X.stride(0), X.stride(1)) if base else (0, 0)
     ws = (W.stride(0), W.stride(1)) if base else (0, 0)
-    GEMM.launch(
-        out.device,
-        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
+    args = (
         X if base else L, W if base else R, L, R, bias if bias is not None else out, out,
         M, N, K, RK, m_bucket(M),
         *xs, *ws, L.stride(0), L.stride(1), R.stride(0), R.stride(1), out.stride(0), out.stride(1),
         float(scaling), lo, hi, thr, keep_scale,
+    )  # fmt: skip
+    tuned_for(args).launch(
+        out.device,
+        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
+        *args,
         BASE=base, HAS_BIAS=bias is not None, DROPOUT=p > 0.0,
         PRECISION=precision(L.dtype), BLOCK_R=min(rank_block(RK), 64),
     )  # fmt: skip

@@ -89,10 +89,9 @@ def _grad_dy_kernel(
 
 
 def _grad_dy_configs(hopper: bool) -> list[triton.Config]:
-    cfgs = [config(4, 3, BLOCK_M=bm, BLOCK_N=bn) for bm in (16, 32, 64) for bn in (64, 128)]
-    cfgs += [config(8, 3, BLOCK_M=128, BLOCK_N=64)]
-    if hopper:
-        cfgs += [config(8, 4, BLOCK_M=128, BLOCK_N=128), config(4, 4, BLOCK_M=64, BLOCK_N=256)]
+    # 64 x 128, 128 x 128 and 64 x 256 spilled at unaligned strides (make triton-gate): not listed
+    cfgs = [config(4, 3, BLOCK_M=bm, BLOCK_N=bn) for bm in (16, 32) for bn in (64, 128)]
+    cfgs += [config(4, 3, BLOCK_M=64, BLOCK_N=64), config(8, 3, BLOCK_M=128, BLOCK_N=64)]
     return cfgs
 
 
@@ -100,7 +99,7 @@ def _grad_dy_configs(hopper: bool) -> list[triton.Config]:
 GRAD_DY = Tuned(
     _grad_dy_kernel,
     {"BLOCK_M": 16, "BLOCK_N": 16},
-    {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
     _grad_dy_configs,
     ["M_BUCKET", "N", "RB"],
     reset_to_zero=["DB"],
@@ -185,7 +184,8 @@ def _grad_a_kernel(
 
 
 def _grad_a_configs(hopper: bool) -> list[triton.Config]:
-    cfgs = [config(4, 3, BLOCK_M=bm, BLOCK_K=bk) for bm in (32, 64, 128) for bk in (32, 64, 128)]
+    # 128 x 128 spilled with dropout in deterministic mode (make triton-gate): not listed
+    cfgs = [config(4, 3, BLOCK_M=bm, BLOCK_K=bk) for bm in (32, 64, 128) for bk in (32, 64, 128) if bm * bk < 16384]
     if hopper:
         cfgs += [config(8, 4, BLOCK_M=128, BLOCK_K=128), config(8, 4, BLOCK_M=256, BLOCK_K=64)]
     return cfgs

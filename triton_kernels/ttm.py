@@ -210,6 +210,8 @@ def _gpu_configs(ni_p: int, na_p: int, kind: str, hopper: bool) -> list[triton.C
                 # grad_p's 16-row tiles with bc * bj >= 4096 need 262-394 KB of shared memory on sm_90
                 # (make triton-gate), over the 227 KB limit
                 too_big = kind == "grad_p" and bm >= 16 and bc * bj >= 4096
+                # and with a kept side of 128, grad_p's 2-token tiles spill too
+                too_big = too_big or (kind == "grad_p" and na_p >= 128 and bm > 1)
                 if _tile_ok(ni_p, na_p, bm, bc, bj, kind, budget) and max(ni_p, na_p) * bm >= 64 and not too_big:
                     tiles.append((bm, bc, bj))
     if not tiles:

@@ -1,6 +1,7 @@
 # ttkernels: `make quick` (install + the CPU benchmark, the main job), `make test` (the fast suite), `make demo`,
 # `make lint`, `make bench` (all presets on this machine), `make plots`, `make publish-results`,
-# `make test-slow`, `make test-aot`, `make test-all`, `make cmake-build`, `make triton36`, `make cuda-gate`.
+# `make test-slow`, `make test-aot`, `make test-all`, `make cmake-build`, `make triton36`, `make triton-gate`,
+# `make cuda-gate`.
 # Everything runs in the virtual environment $(VENV), created and filled on first use.
 # Benchmark rows and figures go to $(BENCH_OUT) (git-ignored); only `make publish-results` writes the tracked
 # bench/results/ that the README shows.
@@ -21,7 +22,7 @@ PUBLISHED ?= bench/results
 PYTEST ?= $(PY) -m pytest -q
 
 .PHONY: install quick demo test test-slow test-aot test-all lint format bench plots publish-results overhead gpu \
-	cmake-build triton36 cuda-gate clean
+	cmake-build triton36 triton-gate cuda-gate clean
 
 install: $(STAMP)
 
@@ -105,7 +106,13 @@ triton36: $(STAMP)
 	print('triton', triton.__version__, 'numpy', numpy.__version__)"
 	PYTHONPATH=$(abspath $(T36)) $(PY) -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning \
 	  tests/test_triton.py tests/test_triton_factors.py tests/test_ttm_kernels.py
-	PYTHONPATH=$(abspath $(T36)) $(PY) -m ttkernels._triton_kernels.aot --arch 90 --dtypes bf16 --jobs 2
+	PYTHONPATH=$(abspath $(T36)) $(PY) -m ttkernels._triton_kernels.aot --arch 90 --dtypes bf16 --configs default --jobs 2
+
+# The compile gate: every recorded Triton launch compiled for sm_90 (bf16) with the JIT's own specialization and
+# every autotuning configuration; fails on a compile error, a register spill or shared memory over the limit.
+# No GPU needed: 430 launches in about 6 minutes with 2 jobs on a shared 2-core machine (15 when others compile too).
+triton-gate: $(STAMP)
+	env -u TRITON_INTERPRET $(PY) -m ttkernels._triton_kernels.aot --arch 90 --dtypes bf16 --report --jobs 2
 
 # Static gate of the CUDA kernels, no GPU needed: every kernel instantiation compiled for sm_90a (nvcc -Xptxas -v)
 # uses at most 128 registers per thread and spills nothing; fails otherwise (about 2 minutes on 2 cores).

@@ -13,6 +13,7 @@ the CPU checks of CI) and, on a GPU, a list that ``triton.autotune`` searches, k
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,13 +42,17 @@ def mix32(h):
 
 @triton.jit
 def keep_mask(rows, cols, seed_lo, seed_hi, threshold):
-    """Keep-mask of the ``(rows, cols)`` tile: True where the element survives dropout."""
+    """Keep-mask of the ``(rows, cols)`` tile: True where the element survives dropout.
+
+    ``seed_lo``, ``seed_hi`` and ``threshold`` are uint32 values passed as int32 (:func:`dropout_args`) and
+    never specialized (every kernel lists them in :data:`DROPOUT_ARGS`), so they are always i32 registers.
+    """
     r = rows.to(tl.uint32)
-    lo = seed_lo.to(tl.uint32)
-    hi = seed_hi.to(tl.uint32)
+    lo = seed_lo.to(tl.uint32, bitcast=True)
+    hi = seed_hi.to(tl.uint32, bitcast=True)
     row_hash = mix32(lo ^ mix32(r ^ hi))
     u = mix32(row_hash[:, None] ^ cols.to(tl.uint32)[None, :])
-    return u >= threshold.to(tl.uint32)
+    return u >= threshold.to(tl.uint32, bitcast=True)
 
 
 @triton.jit
@@ -66,7 +71,12 @@ def gathered_matmul(v, ii, n, rows_base, stride_i, jj, stride_j, mask):
     return out
 
 
-@triton.jit
+# Dropout arguments of every kernel that takes them: never specialized. Triton would otherwise compile a variant
+# per seed that is 1 (a constexpr), divisible by 16, or not: up to four compiles as training draws seeds.
+DROPOUT_ARGS = ["seed_lo", "seed_hi", "threshold"]
+
+
+@triton.jit(do_not_specialize=DROPOUT_ARGS)
 def _keep_mask_kernel(OUT, M, N, row_offset, seed_lo, seed_hi, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -83,13 +93,22 @@ def _mix32_host(h: int) -> int:
     return h ^ (h >> 16)
 
 
+def _as_i32(u: int) -> int:
+    """A uint32 value as the int32 of the same bits (so Triton always types it i32, never i64)."""
+    return u - (1 << 32) if u >= 1 << 31 else u
+
+
 def dropout_args(p: float, seed: int) -> tuple[int, int, int, float]:
-    """``(seed_lo, seed_hi, threshold, keep_scale)`` for the kernels; all zeros/one when ``p == 0``."""
+    """``(seed_lo, seed_hi, threshold, keep_scale)`` for the kernels; all zeros/one when ``p == 0``.
+
+    The three integers are uint32 values carried in int32 (bit-cast back in :func:`keep_mask`).
+    """
     if p == 0.0:
         return 0, 0, 0, 1.0
     if not 0 <= seed < 2**63:
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
-    return seed & 0xFFFFFFFF, _mix32_host(seed >> 32), int(p * 4294967296.0), 1.0 / (1.0 - p)
+    lo, hi, thr = seed & 0xFFFFFFFF, _mix32_host(seed >> 32), int(p * 4294967296.0)
+    return _as_i32(lo), _as_i32(hi), _as_i32(thr), 1.0 / (1.0 - p)
 
 
 def keep_mask_tensor(seed: int, rows: int, cols: int, p: float, *, row_offset: int = 0, device="cpu") -> torch.Tensor:
@@ -120,7 +139,11 @@ def rank_block(r: int) -> int:
 
 
 def m_bucket(M: int) -> int:
-    """Token counts as an autotuning key: powers of two up to 8192, then one bucket."""
+    """Token counts as an autotuning key: 16 and 64 below 64 (decode), powers of two up to 8192, then one."""
+    if M <= 16:
+        return 16
+    if M <= 64:
+        return 64
     return min(next_pow2(M), 8192)
 
 
@@ -157,9 +180,11 @@ class Tuned:
     ``gpu_meta`` is the GPU configuration used when autotuning is off (``TTKERNELS_TRITON_AUTOTUNE=0``: the
     GPU tests, whose many small shapes would each start a search) and where a caller needs a known tiling.
 
-    ``configs(hopper: bool)`` gives the search space; ``key`` the arguments that key the tuning cache;
-    ``reset_to_zero`` the outputs that autotuning must zero between trials (atomic accumulators),
-    ``restore_value`` those it must restore (outputs updated in place).
+    ``configs(hopper: bool)`` gives the search space; ``key`` the arguments that key the tuning cache, to which
+    every upper-case constexpr of the kernel that is not a tile parameter (``DROPOUT``, ``HAS_BIAS``,
+    ``DETERMINISTIC``, ...) is added, so a flag never reuses another flag's tuning; ``reset_to_zero`` the
+    outputs that autotuning must zero between trials (small atomic accumulators). No kernel updates a large
+    output in place, so no trial ever copies one.
     """
 
     kernel: Any
@@ -168,7 +193,6 @@ class Tuned:
     configs: Callable[[bool], list[triton.Config]]
     key: list[str]
     reset_to_zero: Optional[list[str]] = None
-    restore_value: Optional[list[str]] = None
     _tuned: dict[bool, Any] = field(default_factory=dict)
 
     def meta_for(self, device: torch.device) -> Optional[dict[str, int]]:
@@ -188,10 +212,18 @@ class Tuned:
             return
         h = hopper(device)
         if h not in self._tuned:
-            self._tuned[h] = triton.autotune(
-                self.configs(h), key=self.key, reset_to_zero=self.reset_to_zero, restore_value=self.restore_value
-            )(self.kernel)
+            self._tuned[h] = triton.autotune(self.configs(h), key=self.full_key(h), reset_to_zero=self.reset_to_zero)(
+                self.kernel
+            )
         run(self._tuned[h], grid, *args, **kwargs)
+
+    def full_key(self, hopper: bool) -> list[str]:
+        """``key`` plus every flag constexpr of the kernel (upper-case names that no configuration sets)."""
+        tiles = {name for cfg in self.configs(hopper) for name in cfg.kwargs}
+        sig = inspect.signature(self.kernel.fn)
+        constexprs = [n for n, p in sig.parameters.items() if "constexpr" in str(p.annotation)]
+        flags = [n for n in constexprs if n not in tiles and n not in self.key]
+        return list(self.key) + flags
 
     def launch_fixed(self, meta: dict[str, int], grid: tuple, *args: Any, **kwargs: Any) -> None:
         """Launch with given meta-parameters (when the caller must know the tiling, e.g. partial buffers)."""

@@ -6,10 +6,17 @@ layer adds what only the Triton kernels need: float32, bfloat16 or float16 tenso
 
 **Base GEMM plan** (``TTKERNELS_TRITON_BASE_GEMM``, read at import; :data:`BASE_GEMM` may be set later):
 
-* ``fused`` (default): steps 3 and 6 are one Triton GEMM each, the low-rank term in the base GEMM's
-  accumulator (``y = x W^T + b + scaling * U B``, ``dx = dY W + drop'(dS A^T)``); y and dx are written once.
-* ``cublas``: torch's GEMM (cuBLAS) computes the base product and a Triton kernel adds the low-rank term in
-  place: one more read and write of y / dx, but the vendor GEMM's speed.
+* ``cublas`` (default): torch's GEMM (cuBLAS) computes the base products; around them, row-owner kernels
+  (:mod:`.rows`) do every adapter step of a block of rows in one pass over the activations. Forward: one
+  kernel writes ``y0 = b + scaling * drop(x) A C B`` (and S), then ``y0.addmm_(x, W^T)`` with beta = 1.
+  Backward: one kernel reads dY and x once for ``dB``, ``dC``, ``dA`` (float32 workspace) and writes
+  ``dx0 = drop'(dS A^T)``, then ``dx0.addmm_(dY, W)``, then one small kernel rounds the workspace.
+* ``fused``: steps 3 and 6 are one Triton GEMM each, the low-rank term seeding the base GEMM's accumulator
+  (``y = x W^T + b + scaling * U B``, ``dx = dY W + drop'(dS A^T)``); y and dx are written once, but the
+  GEMM is Triton's, and backward runs grad_dy, grad_mid and grad_a as separate kernels.
+
+The step functions (``shrink``, ``expand``, ...) serve the step ops and the ``fused`` plan; :func:`forward` and
+:func:`backward` are what the fused ops call.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import torch
 
 from ttkernels.checks import check_kernel_limits
 
+from . import rows
 from ._common import INTERPRET, MAX_RANK, empty
 from .gemm import gemm_lowrank
 from .grads import grad_a as _grad_a
@@ -44,9 +52,11 @@ __all__ = [
     "grad_mid",
     "grad_x",
     "grad_a",
+    "forward",
+    "backward",
 ]
 
-BASE_GEMM = os.environ.get("TTKERNELS_TRITON_BASE_GEMM", "fused")
+BASE_GEMM = os.environ.get("TTKERNELS_TRITON_BASE_GEMM", "cublas")
 
 
 @contextlib.contextmanager
@@ -97,11 +107,8 @@ def expand(x, weight, bias, U, B, scaling: float):
     out = empty((x.shape[0], weight.shape[0]), x.dtype, x.device)
     if _plan() == "fused":
         return gemm_lowrank(out, x, weight.t(), U, B, bias, scaling)
-    if bias is None:
-        torch.mm(x, weight.t(), out=out)
-    else:
-        torch.addmm(bias, x, weight.t(), out=out)
-    return gemm_lowrank(out, None, None, U, B, None, scaling, accumulate=True)
+    # y0 = b + scaling U B, then cuBLAS adds x W^T reading y0 in its epilogue (beta = 1)
+    return gemm_lowrank(out, None, None, U, B, bias, scaling).addmm_(x, weight.t())
 
 
 def grad_dy(dy, U, B, scaling: float):
@@ -119,10 +126,32 @@ def grad_x(dy, weight, dS, A, p: float, seed: int):
     out = empty((dy.shape[0], weight.shape[1]), dy.dtype, dy.device)
     if _plan() == "fused":
         return gemm_lowrank(out, dy, weight, dS, A.t(), None, 1.0, p, seed)
-    torch.mm(dy, weight, out=out)
-    return gemm_lowrank(out, None, None, dS, A.t(), None, 1.0, p, seed, accumulate=True)
+    return gemm_lowrank(out, None, None, dS, A.t(), None, 1.0, p, seed).addmm_(dy, weight)
 
 
 def grad_a(x, dS, p: float, seed: int):
     _check(x.dtype, r_a=dS.shape[1])
     return _grad_a(x, dS, p, seed)
+
+
+def forward(x, weight, bias, A, C, B, task_ids, scaling: float, p: float, seed: int):
+    """Steps 2-3 as the plan runs them: ``(y, S)``."""
+    rb = A.shape[1] if C is None else C.shape[-1]
+    _check(x.dtype, r_a=A.shape[1], r_b=rb)
+    if _plan() == "cublas":
+        return rows.forward(x, weight, bias, A, C, B, task_ids, scaling, p, seed)
+    S, U = _shrink(x, A, C, task_ids, p, seed)
+    return gemm_lowrank(empty((x.shape[0], weight.shape[0]), x.dtype, x.device), x, weight.t(), U, B, bias, scaling), S
+
+
+def backward(dy, x, weight, A, C, B, S, task_ids, scaling: float, p: float, seed: int, need_dx: bool):
+    """Steps 4-7 as the plan runs them: ``(dx, dA, dC, dB)`` (dx empty unless ``need_dx``; dC None without C)."""
+    rb = A.shape[1] if C is None else C.shape[-1]
+    _check(x.dtype, r_a=A.shape[1], r_b=rb)
+    if _plan() == "cublas":
+        return rows.backward(dy, x, weight, A, C, B, S, task_ids, scaling, p, seed, need_dx)
+    U = _mid(S, C, task_ids)
+    dU, dB = _grad_dy(dy, U, B, scaling)
+    dS, dC = _grad_mid(S, dU, C, task_ids)
+    dx = grad_x(dy, weight, dS, A, p, seed) if need_dx else x.new_empty(0)
+    return dx, _grad_a(x, dS, p, seed), dC, dB

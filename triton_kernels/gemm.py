@@ -1,4 +1,4 @@
-"""Steps 3 and 6: a GEMM whose accumulator also takes a low-rank term.
+"""Steps 3 and 6 of the ``fused`` plan: a GEMM whose accumulator also takes a low-rank term.
 
 ``OUT = X @ W + bias + scaling * drop(L @ R)``, one kernel, with
 ``X (M, K)``, ``W (K, N)``, ``L (M, RK)``, ``R (RK, N)``, ``bias (N,)``; any strides (transposes cost nothing).
@@ -7,11 +7,13 @@
 * grad_x (step 6): ``dx = dy W + drop'(dS A^T)`` — ``X = dy``, ``W = weight``, ``L = dS``, ``R = A^T``, with
   the dropout mask of the forward (same seed; columns are d_in's) applied to the low-rank term only.
 
-The low-rank product gets its own float32 accumulator (it is scaled and masked), then joins the base
-accumulator before the single rounding to the output dtype. With ``BASE=False, ACCUMULATE=True`` the same
-kernel adds the low-rank term in place to an ``OUT`` that a vendor GEMM already filled (the ``split``
-plan of :mod:`.backend`). Program ids are grouped along M (``GROUP_M``) so neighbouring programs reuse W's
-tiles from L2. fp32 accumulation; ``RK <= 128``; fp32 inputs use tf32 only when torch's matmul does.
+The low-rank product is computed first, masked and scaled, and seeds the one float32 accumulator that the
+base GEMM's K loop then extends (a second accumulator would cost a full tile of registers: 255 registers and
+spills at 128x128 tiles on sm_90); one rounding to the output dtype. With ``BASE=False`` the kernel writes
+only ``bias + scaling * drop(L @ R)`` (the ``cublas`` plan's step functions, before torch's ``addmm_`` adds
+the base product with beta = 1). Program ids are grouped along M (``GROUP_M``) so neighbouring programs
+reuse W's tiles from L2. Row offsets are int64 (``M x K`` may pass 2^31). fp32 accumulation; ``RK <= 128``;
+fp32 inputs use tf32 only when torch's matmul does.
 """
 
 from __future__ import annotations
@@ -22,17 +24,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import Tuned, config, dropout_args, keep_mask, m_bucket, precision, rank_block
+from ._common import DROPOUT_ARGS, Tuned, config, dropout_args, keep_mask, m_bucket, precision, rank_block
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DROPOUT_ARGS)
 def _gemm_lowrank_kernel(
     X, W, L, R, BIAS, OUT,
     M, N, K, RK, M_BUCKET,
     stride_xm, stride_xk, stride_wk, stride_wn,
     stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on,
     scaling, seed_lo, seed_hi, threshold, keep_scale,
-    BASE: tl.constexpr, ACCUMULATE: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+    BASE: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
@@ -47,47 +49,48 @@ def _gemm_lowrank_kernel(
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm64 = rm.to(tl.int64)
     m_ok = rm < M
     n_ok = rn < N
+
+    # The low-rank term first: it seeds the accumulator of the base product.
+    rr = tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for r0 in range(0, RK, BLOCK_R):
+        ri = r0 + rr
+        r_ok = ri < RK
+        lt = tl.load(
+            L + rm64[:, None] * stride_lm + ri[None, :] * stride_lr, mask=m_ok[:, None] & r_ok[None, :], other=0.0
+        )
+        rt = tl.load(
+            R + ri[:, None] * stride_rr + rn[None, :] * stride_rn, mask=r_ok[:, None] & n_ok[None, :], other=0.0
+        )
+        acc = tl.dot(lt, rt, acc, input_precision=PRECISION)
+    if DROPOUT:
+        acc = tl.where(keep_mask(rm, rn, seed_lo, seed_hi, threshold), acc * (keep_scale * scaling), 0.0)
+    else:
+        acc = acc * scaling
+    if HAS_BIAS:
+        acc += tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if BASE:
         rk = tl.arange(0, BLOCK_K)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
             k_ok = kk < K
             x = tl.load(
-                X + rm[:, None] * stride_xm + kk[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0
+                X + rm64[:, None] * stride_xm + kk[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0
             )
             w = tl.load(
                 W + kk[:, None] * stride_wk + rn[None, :] * stride_wn, mask=k_ok[:, None] & n_ok[None, :], other=0.0
             )
             acc = tl.dot(x, w, acc, input_precision=PRECISION)
-
-    rr = tl.arange(0, BLOCK_R)
-    low = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for r0 in range(0, RK, BLOCK_R):
-        ri = r0 + rr
-        r_ok = ri < RK
-        lt = tl.load(
-            L + rm[:, None] * stride_lm + ri[None, :] * stride_lr, mask=m_ok[:, None] & r_ok[None, :], other=0.0
-        )
-        rt = tl.load(
-            R + ri[:, None] * stride_rr + rn[None, :] * stride_rn, mask=r_ok[:, None] & n_ok[None, :], other=0.0
-        )
-        low = tl.dot(lt, rt, low, input_precision=PRECISION)
-    if DROPOUT:
-        low = tl.where(keep_mask(rm, rn, seed_lo, seed_hi, threshold), low * keep_scale, 0.0)
-    acc += low * scaling
-    if HAS_BIAS:
-        acc += tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = OUT + rm[:, None] * stride_om + rn[None, :] * stride_on
-    out_ok = m_ok[:, None] & n_ok[None, :]
-    if ACCUMULATE:
-        acc += tl.load(out_ptrs, mask=out_ok, other=0.0).to(tl.float32)
-    tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=out_ok)
+    out_ptrs = OUT + rm64[:, None] * stride_om + rn[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 def _configs(hopper: bool) -> list[triton.Config]:
+    # Compiled without spills at 16-divisible shapes and strides (make triton-gate); 128 x 128 x 32,
+    # 128 x 256, 256 x 128 and 64 x 256 tiles spilled and are not listed.
     shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
         (16, 64, 64, 4, 4),
         (32, 64, 64, 4, 4),
@@ -95,19 +98,29 @@ def _configs(hopper: bool) -> list[triton.Config]:
         (64, 128, 64, 4, 4),
         (128, 64, 64, 4, 4),
         (128, 128, 64, 8, 3),
-        (128, 128, 32, 4, 4),
     ]
-    if hopper:
-        shapes += [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 256, 64, 4, 4)]
     return [config(w, s, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8) for bm, bn, bk, w, s in shapes]
+
+
+def _unaligned_configs(hopper: bool) -> list[triton.Config]:
+    # Strides or sizes not divisible by 16: every element address is computed alone, and larger tiles spill.
+    return [config(4, 4, BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64, GROUP_M=8) for bm in (16, 32)]
 
 
 _INTERPRET_META = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}
 _KEY = ["M_BUCKET", "N", "K", "RK", "stride_wk", "stride_wn"]
 _GPU_META = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
 GEMM = Tuned(_gemm_lowrank_kernel, _INTERPRET_META, _GPU_META, _configs, _KEY)
-# In place (ACCUMULATE): autotuning trials must each start from the same OUT.
-GEMM_ACCUMULATE = Tuned(_gemm_lowrank_kernel, _INTERPRET_META, _GPU_META, _configs, _KEY, restore_value=["OUT"])
+_UNALIGNED_META = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
+GEMM_UNALIGNED = Tuned(_gemm_lowrank_kernel, _INTERPRET_META, _UNALIGNED_META, _unaligned_configs, _KEY)
+
+
+def tuned_for(args: tuple) -> Tuned:
+    """The configuration list for a launch's arguments: the aligned one when N, K and every stride (other than
+    1, which Triton specializes as a constant) are divisible by 16, as Triton's specialization sees them."""
+    N, K, strides = args[7], args[8], args[11:21]
+    aligned = N % 16 == 0 and K % 16 == 0 and all(v == 1 or v % 16 == 0 for v in strides)
+    return GEMM if aligned else GEMM_UNALIGNED
 
 
 def gemm_lowrank(
@@ -120,10 +133,8 @@ def gemm_lowrank(
     scaling: float,
     p: float = 0.0,
     seed: int = 0,
-    *,
-    accumulate: bool = False,
 ) -> torch.Tensor:
-    """Writes ``[out +] X @ W + bias + scaling * drop(L @ R)`` into ``out`` (``X``/``W`` None: no base)."""
+    """Writes ``X @ W + bias + scaling * drop(L @ R)`` into ``out`` (``X``/``W`` None: no base product)."""
     M, N = out.shape
     RK = L.shape[1]
     if M == 0:
@@ -133,14 +144,17 @@ def gemm_lowrank(
     lo, hi, thr, keep_scale = dropout_args(p, seed)
     xs = (X.stride(0), X.stride(1)) if base else (0, 0)
     ws = (W.stride(0), W.stride(1)) if base else (0, 0)
-    (GEMM_ACCUMULATE if accumulate else GEMM).launch(
-        out.device,
-        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
+    args = (
         X if base else L, W if base else R, L, R, bias if bias is not None else out, out,
         M, N, K, RK, m_bucket(M),
         *xs, *ws, L.stride(0), L.stride(1), R.stride(0), R.stride(1), out.stride(0), out.stride(1),
         float(scaling), lo, hi, thr, keep_scale,
-        BASE=base, ACCUMULATE=accumulate, HAS_BIAS=bias is not None, DROPOUT=p > 0.0,
+    )  # fmt: skip
+    tuned_for(args).launch(
+        out.device,
+        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
+        *args,
+        BASE=base, HAS_BIAS=bias is not None, DROPOUT=p > 0.0,
         PRECISION=precision(L.dtype), BLOCK_R=min(rank_block(RK), 64),
     )  # fmt: skip
     return out

@@ -185,31 +185,51 @@ def kept(n: int) -> int:
     return next_pow2(n, 16)
 
 
-def _tile_ok(ni_p: int, na_p: int, bm: int, bc: int, bj: int, kind: str) -> bool:
-    """Register budget of a configuration: every float32 tile at most 16K elements, at most 512 tile rows."""
+def _tile_elems(ni_p: int, na_p: int, bm: int, bc: int, bj: int, kind: str) -> int:
+    """The largest float32 tile of a configuration, in elements."""
     if kind == "grad_p":
-        return na_p * bm * bj <= 16384 and bj * bc <= 16384 and na_p * bm <= 512
-    return ni_p * bm * bc <= 16384 and na_p * bm * bc <= 16384 and ni_p * bm <= 512
+        return max(na_p * bm * bj, bj * bc)
+    return max(ni_p * bm * bc, na_p * bm * bc)
+
+
+def _tile_ok(ni_p: int, na_p: int, bm: int, bc: int, bj: int, kind: str, budget: int = 16384) -> bool:
+    """Register budget of a configuration: every float32 tile at most ``budget`` elements, at most 512 rows."""
+    rows = (na_p if kind == "grad_p" else ni_p) * bm
+    return _tile_elems(ni_p, na_p, bm, bc, bj, kind) <= budget and rows <= 512
 
 
 def _gpu_configs(ni_p: int, na_p: int, kind: str, hopper: bool) -> list[triton.Config]:
+    # Register budgets from the compile gate (make triton-gate, sm_90): 16K-element tiles spill with 4 warps,
+    # and with a kept side of 128 every tile over 8K elements spills, with 4 or 8 warps.
+    big = max(ni_p, na_p) >= 128
+    budget = 8192 if big else 16384
     tiles = []
     for bm in (1, 2, 4, 8, 16):
         for bc in (32, 64, 128):
             for bj in (32, 64):
-                if _tile_ok(ni_p, na_p, bm, bc, bj, kind) and max(ni_p, na_p) * bm >= 64:
+                # grad_p's 16-row tiles with bc * bj >= 4096 need 262-394 KB of shared memory on sm_90
+                # (make triton-gate), over the 227 KB limit
+                too_big = kind == "grad_p" and bm >= 16 and bc * bj >= 4096
+                # and with a kept side of 128, grad_p's 2-token tiles spill too
+                too_big = too_big or (kind == "grad_p" and na_p >= 128 and bm > 1)
+                if _tile_ok(ni_p, na_p, bm, bc, bj, kind, budget) and max(ni_p, na_p) * bm >= 64 and not too_big:
                     tiles.append((bm, bc, bj))
     if not tiles:
         tiles = [(1, 32, 32)]
     tiles.sort(key=lambda c: (c[0] * c[1], c[2]), reverse=True)  # the largest tiles reuse each load most
     tiles = tiles[:6] + ([tiles[-1]] if len(tiles) > 6 else [])
     stages = 4 if hopper else 3
-    return [config(w, stages, BLOCK_M=bm, BLOCK_C=bc, BLOCK_J=bj) for (bm, bc, bj) in tiles for w in (4, 8)]
+    return [
+        config(w, stages, BLOCK_M=bm, BLOCK_C=bc, BLOCK_J=bj)
+        for (bm, bc, bj) in tiles
+        for w in ((8,) if big or _tile_elems(ni_p, na_p, bm, bc, bj, kind) > 8192 else (4, 8))
+    ]
 
 
 def _gpu_default(ni_p: int, na_p: int, kind: str) -> dict[str, int]:
+    budget = 8192 if max(ni_p, na_p) >= 128 else 16384  # as in _gpu_configs
     for bm, bc, bj in ((8, 64, 64), (4, 64, 64), (2, 64, 64), (1, 64, 64), (1, 32, 32)):
-        if _tile_ok(ni_p, na_p, bm, bc, bj, kind):
+        if _tile_ok(ni_p, na_p, bm, bc, bj, kind, budget):
             return {"BLOCK_M": bm, "BLOCK_C": bc, "BLOCK_J": bj, "num_warps": 8, "num_stages": 3}
     return {"BLOCK_M": 1, "BLOCK_C": 16, "BLOCK_J": 16, "num_warps": 4, "num_stages": 2}
 

@@ -77,12 +77,18 @@ class Backend:
     grad_a: Callable[..., Tensor]
     # U = S C from the saved S, in backward
     mid: Callable[..., Tensor] = reference.mid
+    # Optional whole-pass functions that replace the steps in the fused ops (a backend whose kernels cross
+    # step boundaries): forward(x, weight, bias, A, C, B, task_ids, scaling, p, seed) -> (y, S) and
+    # backward(dy, x, weight, A, C, B, S, task_ids, scaling, p, seed, need_dx) -> (dx, dA, dC or None, dB).
+    forward: Optional[Callable[..., tuple[Tensor, Tensor]]] = None
+    backward: Optional[Callable[..., tuple]] = None
 
     @classmethod
     def from_module(cls, name: str, module: object) -> Backend:
         """The backend whose step functions are ``module``'s functions of the same names."""
-        steps = [f.name for f in dataclasses.fields(cls) if f.name != "name"]
-        return cls(name, **{step: getattr(module, step) for step in steps})
+        steps = [f.name for f in dataclasses.fields(cls) if f.name not in ("name", "forward", "backward")]
+        passes = {p: getattr(module, p) for p in ("forward", "backward") if callable(getattr(module, p, None))}
+        return cls(name, **{step: getattr(module, step) for step in steps}, **passes)
 
 
 TORCH_BACKEND = Backend.from_module("torch", reference)
@@ -212,6 +218,8 @@ def _fwd_op(x, weight, bias, A, C, B, task_ids, scaling, dropout_p, seed, backen
     """Steps 2-3: returns ``(y, S)``."""
     be = resolve_backend(backend, x.device)
     _check_task_ids_range(task_ids, C, be)
+    if be.forward is not None:
+        return be.forward(x, weight, bias, A, C, B, task_ids, scaling, dropout_p, _seed(seed))
     S, U = be.shrink(x, A, C, task_ids, dropout_p, _seed(seed))
     return be.expand(x, weight, bias, U, B, scaling), S
 
@@ -232,6 +240,9 @@ def _bwd_op(dy, x, weight, A, C, B, S, task_ids, scaling, dropout_p, seed, backe
     """Steps 4-7: returns ``(dx, dA, dC, dB)``; dx is empty when not needed, dC when C is None."""
     be = resolve_backend(backend, x.device)
     s = _seed(seed)
+    if be.backward is not None:
+        dx, dA, dC, dB = be.backward(dy, x, weight, A, C, B, S, task_ids, scaling, dropout_p, s, need_dx)
+        return dx, dA, (dC if dC is not None else A.new_empty(0)), dB
     U = be.mid(S, C, task_ids)
     dU, dB = be.grad_dy(dy, U, B, scaling)
     dS, dC = be.grad_mid(S, dU, C, task_ids)

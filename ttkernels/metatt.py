@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from .init import RULES, SCALING_RULE, adapter_scaling
 from .modules import TTLinear, new_cores
 from .spec import Mode, TTSpec
 
@@ -56,7 +57,7 @@ __all__ = [
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "ttkernels-metatt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the config records its scaling rule (ttkernels.init); 1 was saved under rule 1
 MODE_NAMES = ("layer", "matrix", "head", "task")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -70,7 +71,9 @@ class MetaTTConfig:
         target_modules: module-name suffixes (``["q_proj", "v_proj"]`` matches ``...self_attn.q_proj``), or a
             regular expression matched against the whole module name (as PEFT does).
         rank: one bond rank for every bond, or one per bond (``num_cores - 1`` entries).
-        alpha: ``scaling = alpha / max(rank)``; None: ``alpha = max(rank)`` (scaling 1).
+        alpha: ``scaling = alpha / max(rank) * sqrt(F)``, ``F`` = the group's targets times ``d_out`` over the
+            last mode's size (:mod:`ttkernels.init`: an Adam step then moves each site as LoRA's does at the
+            same ``alpha``, rank and learning rate); None: scaling 1.
         modes: the index modes between in and out, in order: ``"layer"``, ``"matrix"``, and optionally
             ``"task"`` (with ``num_tasks``) and ``"head"`` (with ``num_heads``; it splits the out mode into
             ``(num_heads, out / num_heads)``, wherever it stands in ``modes``).
@@ -363,6 +366,7 @@ class MetaTTModel(nn.Module):
         self.metatt_cores = nn.ModuleDict({g.name: new_cores(g.spec, device, dtype) for g in groups.values()})
         self.model = model
         self.alpha = float(config.max_rank if config.alpha is None else config.alpha)
+        self.scaling_rule = SCALING_RULE
         for t in targets:
             base = model.get_submodule(t.name)
             view = MetaTTLinear.wrap(
@@ -375,7 +379,19 @@ class MetaTTModel(nn.Module):
                 backend=config.backend,
                 routing=self._routing,
             )
+            view.scaling = self.group_scaling(t.group)
             _set_submodule(model, t.name, view)
+
+    def group_scaling(self, group: str) -> float:
+        """The scaling of every view of ``group`` (:func:`ttkernels.init.adapter_scaling` with the group's
+        number of targets as its sites, under this adapter's ``scaling_rule``)."""
+        sites = sum(t.group == group for t in self.targets)
+        return adapter_scaling(self.config.alpha, self.groups[group].spec, sites=sites, rule=self.scaling_rule)
+
+    def _set_scaling_rule(self, rule: int) -> None:
+        self.scaling_rule = rule
+        for t in self.targets:
+            self.model.get_submodule(t.name).scaling = self.group_scaling(t.group)
 
     # -------------------------------------------------------------------------------- forward
     def forward(self, *args: Any, task_ids: Optional[Tensor] = None, **kwargs: Any) -> Any:
@@ -485,7 +501,8 @@ class MetaTTModel(nn.Module):
         """Swap the cores of ``group`` for ``cores`` of other bond ranks (same mode sizes), between steps.
 
         Every view of the group is pointed at the new cores (fresh Parameters); the scaling stays
-        ``alpha / max(config.rank)``, so cores representing the same delta-W give the same outputs. With
+        :meth:`group_scaling` (it does not depend on the ranks), so cores representing the same delta-W give
+        the same outputs. With
         ``optimizer``, the old Parameters leave its param group (their state is dropped) and the new ones
         join the same group with fresh state (moments start at zero).
         """
@@ -509,7 +526,7 @@ class MetaTTModel(nn.Module):
         new = nn.ParameterList([nn.Parameter(c.detach().to(device=ref.device, dtype=ref.dtype).clone()) for c in cores])
         self.metatt_cores[group] = new
         self.groups[group].spec = spec
-        scaling = self.alpha / self.config.max_rank
+        scaling = self.group_scaling(group)
         for t in self.targets:
             if t.group == group:
                 view = self.model.get_submodule(t.name)
@@ -529,7 +546,8 @@ class MetaTTModel(nn.Module):
             "format_version": FORMAT_VERSION,
             "config": self.config.to_dict(),
             "num_layers": self.num_layers,
-            "scaling": self.alpha / self.config.max_rank,
+            "scaling_rule": self.scaling_rule,
+            "scaling": {name: self.group_scaling(name) for name in self.groups},
             "groups": {g.name: g.describe() for g in self.groups.values()},
             "targets": {t.name: [t.group, t.layer, t.matrix] for t in self.targets},
         }
@@ -559,8 +577,11 @@ class MetaTTModel(nn.Module):
         layout = _read_layout(pretrained_dir)
         config = MetaTTConfig.from_dict(dict(layout["config"]) | overrides)
         self = cls(model, config)
+        self._set_scaling_rule(_scaling_rule(layout, pretrained_dir))
         self._adopt_saved_ranks(layout, pretrained_dir)
         want = self._layout()
+        if layout["format_version"] == 1:  # one scaling for every group, alpha / max(rank)
+            want["scaling"] = next(iter(want["scaling"].values()))
         for key in ("num_layers", "targets", "scaling", "groups"):
             if layout.get(key) != want[key]:
                 raise ValueError(_mismatch(key, layout.get(key), want[key], pretrained_dir))
@@ -636,13 +657,23 @@ def _read_layout(path: str | os.PathLike) -> dict:
         raise ValueError(f"{file} is not a readable JSON file: {e}") from e
     if not isinstance(layout, dict) or layout.get("format") != FORMAT:
         raise ValueError(f"{file} is not a ttkernels MetaTT adapter config (format {FORMAT!r} expected)")
-    if layout.get("format_version") != FORMAT_VERSION:
+    if type(layout.get("format_version")) is not int or not 1 <= layout["format_version"] <= FORMAT_VERSION:
         raise ValueError(
-            f"{file} has format_version {layout.get('format_version')!r}; this version reads {FORMAT_VERSION}"
+            f"{file} has format_version {layout.get('format_version')!r}; this version reads 1 to {FORMAT_VERSION}"
         )
     if not isinstance(layout.get("config"), dict):
         raise ValueError(f"{file} has no config object")
     return layout
+
+
+def _scaling_rule(layout: dict, where: Any) -> int:
+    """The scaling rule an adapter was saved under: 1 for format version 1, else its ``scaling_rule``."""
+    if layout["format_version"] == 1:
+        return 1
+    rule = layout.get("scaling_rule")
+    if type(rule) is not int or rule not in RULES:
+        raise ValueError(f"the adapter config in {where} has scaling_rule {rule!r}; this version reads {RULES}")
+    return rule
 
 
 def _read_tensors(path: str | os.PathLike) -> dict[str, Tensor]:

@@ -4,10 +4,11 @@
 (C-order flattening of the in and out multi-indices) and ``scaling = alpha / max(ranks)``. The module
 knows nothing about kernels: it builds the factors from its cores and calls :func:`ttkernels.ops.tt_adapter`.
 
-**Initialization.** delta-W is zero at the start, as LoRA's zero ``B``: the last core is zero, every other
-core is drawn from ``N(0, 1 / r_{k-1})``, and in-mode cores from ``N(0, 1 / (r_{k-1} s_k))`` so that ``A``
-has entries of variance ``1 / d_in`` (``S = x A`` keeps the scale of ``x``). The gradient of the last core is
-then non-zero from the first step, and the other cores move once it has.
+**Initialization and scaling** (:mod:`ttkernels.init`, where the rule is derived). delta-W is zero at the
+start, as LoRA's zero ``B``: the last core is zero, and the in part ``A`` has LoRA's variance ``1 / (3 d_in)``.
+``scaling = alpha / max(ranks) * sqrt(F)`` with ``F = d_out / s_K`` (1 for the LoRA-shaped chain), so that an
+Adam step moves the output as LoRA's does at the same ``alpha``, rank and learning rate; ``alpha=None``
+means ``scaling = 1``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops, reference
+from .init import adapter_scaling, init_cores_
 from .spec import TTSpec
 
 __all__ = ["TTLinear", "init_cores_", "new_cores"]
@@ -44,7 +46,8 @@ class TTLinear(nn.Module):
             an int asking for that many near-balanced factors, or None for a single mode (the
             LoRA-shaped two-core chain).
         ranks: one bond rank for every bond, or one per bond (``len(in_modes) + len(out_modes) - 1``).
-        alpha: the scale numerator; ``scaling = alpha / max(ranks)``. None: ``alpha = max(ranks)``.
+        alpha: the scale numerator; ``scaling = alpha / max(ranks) * sqrt(F)`` (:mod:`ttkernels.init`).
+            None: ``scaling = 1``.
         dropout: dropout probability on the adapter's input, in ``[0, 1)``; no mask is stored.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"`` (see :mod:`ttkernels.ops`).
         device, dtype: of the base weight; the cores follow ``device``.
@@ -171,7 +174,7 @@ class TTLinear(nn.Module):
         self.cores = cores
         self.index = spec.check_index(index)
         self.alpha = float(spec.max_rank if alpha is None else alpha)
-        self.scaling = self.alpha / spec.max_rank
+        self.scaling = adapter_scaling(alpha, spec)
         self.dropout = dropout
         self.backend = backend
         self.merged = False
@@ -285,20 +288,6 @@ class TTLinear(nn.Module):
 def _check_linear(linear: object) -> None:
     if not isinstance(linear, nn.Linear):
         raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-
-
-@torch.no_grad()
-def init_cores_(cores: Sequence[Tensor], spec: TTSpec) -> None:
-    """Draw ``cores`` in place by the rule of the module docstring: the last core zero (delta-W starts at
-    zero), in-mode cores ``N(0, 1/(r_{k-1} s_k))``, the others ``N(0, 1/r_{k-1})``."""
-    last = len(cores) - 1
-    for k, core in enumerate(cores):
-        if k == last:
-            core.zero_()
-            continue
-        r0, s, _ = core.shape
-        var = 1.0 / (r0 * s) if spec.modes[k].role == "in" else 1.0 / r0
-        core.normal_(0.0, math.sqrt(var))
 
 
 def new_cores(

@@ -20,7 +20,10 @@ Checked by tests/test_peft.py against peft 0.21 (train, save, reload, merge, dis
 
 from __future__ import annotations
 
-import math
+import dataclasses
+import json
+import os
+import warnings
 from typing import Any, Optional
 
 import peft
@@ -30,21 +33,46 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import Tensor, nn
 
 from . import ops, reference
+from .init import SCALING_RULE, adapter_scaling
 from .metatt import MetaTTConfig, MetaTTModel, get_metatt_model
 from .modules import TTLinear
 
-__all__ = ["TTLoraLinear", "get_peft_model", "load_tt_lora", "tt_lora_config", "tt_lora_layer"]
+__all__ = ["TTLoraConfig", "TTLoraLinear", "get_peft_model", "load_tt_lora", "tt_lora_config", "tt_lora_layer"]
+
+TT_LORA_FORMAT_VERSION = 2  # saved in adapter_config.json; absent: 1, saved under scaling rule 1
+
+
+@dataclasses.dataclass
+class TTLoraConfig(peft.LoraConfig):
+    """``peft.LoraConfig`` plus the format version of the TT adapter it saves (``tt_format_version``, written
+    to ``adapter_config.json``; PEFT itself ignores it). Version 2 scales by :mod:`ttkernels.init`'s rule 2,
+    version 1 (folders saved before the field existed) by ``lora_alpha / r``."""
+
+    tt_format_version: int = TT_LORA_FORMAT_VERSION
+
+    @property
+    def tt_scaling_rule(self) -> int:
+        v = self.tt_format_version
+        if type(v) is not int or not 1 <= v <= TT_LORA_FORMAT_VERSION:
+            raise ValueError(f"tt_format_version must be an int from 1 to {TT_LORA_FORMAT_VERSION}, got {v!r}")
+        return 1 if v == 1 else SCALING_RULE
+
+
+def _tt_config(config: peft.LoraConfig, version: int = TT_LORA_FORMAT_VERSION) -> TTLoraConfig:
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(peft.LoraConfig) if f.init}
+    return TTLoraConfig(**fields, tt_format_version=version)
 
 
 class TTLoraLinear(nn.Module, LoraLayer):
     """A PEFT LoRA layer on an ``nn.Linear`` whose delta-W is a TT adapter (``r`` = every bond rank).
 
     Only the cores are registered (``lora_tt_cores[adapter]``), so PEFT saves, loads and trains them alone;
-    the base layer is PEFT's ``base_layer``. ``scaling = lora_alpha / r`` (``/ sqrt(r)`` with rslora), as LoRA.
+    the base layer is PEFT's ``base_layer``. ``scaling = lora_alpha / r * sqrt(F)`` (``/ sqrt(r)`` with
+    rslora), ``F = d_out / s_K`` (1 for one out mode: LoRA's scaling; :mod:`ttkernels.init`).
     """
 
     adapter_layer_names = LoraLayer.adapter_layer_names + ("lora_tt_cores",)
-    other_param_names = LoraLayer.other_param_names + ("tt_spec", "tt_dropout")
+    other_param_names = LoraLayer.other_param_names + ("tt_spec", "tt_dropout", "tt_scaling")
     tt_in_modes: Any = None
     tt_out_modes: Any = None
     tt_backend: str = "auto"
@@ -57,6 +85,7 @@ class TTLoraLinear(nn.Module, LoraLayer):
         self.lora_tt_cores = nn.ModuleDict()
         self.tt_spec: dict = {}
         self.tt_dropout: dict = {}
+        self.tt_scaling: dict = {}  # the scaling at scale 1 (set_scale multiplies it)
         self.fan_in_fan_out = config.fan_in_fan_out
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kw)
@@ -85,7 +114,9 @@ class TTLoraLinear(nn.Module, LoraLayer):
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.lora_dropout[adapter_name] = nn.Identity()  # the ops apply dropout from a seed, no module
-        self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if config.use_rslora else r)
+        rule = config.tt_scaling_rule if isinstance(config, TTLoraConfig) else SCALING_RULE
+        self.tt_scaling[adapter_name] = adapter_scaling(lora_alpha, tt.spec, rule=rule, rslora=config.use_rslora)
+        self.scaling[adapter_name] = self.tt_scaling[adapter_name]
         self.use_rslora[adapter_name] = config.use_rslora
         self.use_dora[adapter_name] = False
         self.lora_bias[adapter_name] = False
@@ -147,6 +178,10 @@ class TTLoraLinear(nn.Module, LoraLayer):
             if a in self.lora_tt_cores:
                 self._add_delta(a, -1.0)
 
+    def set_scale(self, adapter: str, scale: float) -> None:
+        if adapter in self.tt_scaling:  # LoraLayer's version recomputes lora_alpha / r
+            self.scaling[adapter] = scale * self.tt_scaling[adapter]
+
     # LoraLayer's versions look adapters up in lora_A
     def scale_layer(self, scale: float) -> None:
         for a in self.active_adapters:
@@ -180,11 +215,12 @@ def tt_lora_config(
     *, in_modes: Any = None, out_modes: Any = None, backend: str = "auto", config: Optional[peft.LoraConfig] = None,
     **lora_kwargs: Any,
 ) -> peft.LoraConfig:  # fmt: skip
-    """A ``peft.LoraConfig`` (built from ``lora_kwargs``, or ``config``) whose ``nn.Linear`` targets get TT
-    adapters: ``r`` is the TT's bond rank, ``lora_alpha`` / ``lora_dropout`` as in LoRA."""
+    """A :class:`TTLoraConfig` (a ``peft.LoraConfig``, built from ``lora_kwargs`` or copied from ``config``)
+    whose ``nn.Linear`` targets get TT adapters: ``r`` is the TT's bond rank, ``lora_alpha`` /
+    ``lora_dropout`` as in LoRA."""
     if config is not None and lora_kwargs:
         raise ValueError("pass either config or LoraConfig keyword arguments, not both")
-    cfg = config if config is not None else peft.LoraConfig(**lora_kwargs)
+    cfg = _tt_config(config) if config is not None else TTLoraConfig(**lora_kwargs)
     cfg._register_custom_module({nn.Linear: tt_lora_layer(in_modes=in_modes, out_modes=out_modes, backend=backend)})
     return cfg
 
@@ -193,16 +229,37 @@ def load_tt_lora(
     model: nn.Module, path: str, *, in_modes: Any = None, out_modes: Any = None, backend: str = "auto", **kwargs: Any
 ) -> peft.PeftModel:
     """``PeftModel.from_pretrained`` for an adapter saved from a :func:`tt_lora_config` model; the TT options
-    must be the ones it was trained with (the core shapes are checked on load)."""
-    cfg = tt_lora_config(
-        in_modes=in_modes, out_modes=out_modes, backend=backend, config=peft.LoraConfig.from_pretrained(path)
-    )
+    must be the ones it was trained with (the core shapes are checked on load). A folder saved before
+    ``tt_format_version`` existed loads with the scaling it was trained with (``lora_alpha / r``)."""
+    version = _saved_format_version(path)
+    with warnings.catch_warnings():  # PEFT reads the file again and drops the field it does not know
+        warnings.filterwarnings("ignore", message=r"Unexpected keyword arguments \['tt_format_version'\]")
+        lora = peft.LoraConfig.from_pretrained(path)
+    cfg = tt_lora_config(in_modes=in_modes, out_modes=out_modes, backend=backend, config=lora)
+    cfg.tt_format_version = version
     loaded = peft.PeftModel.from_pretrained(model, path, config=cfg, **kwargs)
     for module in loaded.modules():
         if isinstance(module, TTLoraLinear):
             for a, cores in module.lora_tt_cores.items():
                 reference._check_cores(list(cores), module.tt_spec[a])
     return loaded
+
+
+def _saved_format_version(path: str) -> int:
+    file = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no adapter_config.json in {path}")
+    try:
+        with open(file) as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file} is not a readable JSON file: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} does not hold a JSON object")
+    version = data.get("tt_format_version", 1)
+    if type(version) is not int or not 1 <= version <= TT_LORA_FORMAT_VERSION:
+        raise ValueError(f"{file} has tt_format_version {version!r}; this version reads 1 to {TT_LORA_FORMAT_VERSION}")
+    return version
 
 
 def get_peft_model(model: nn.Module, config: Any, **kwargs: Any) -> MetaTTModel | peft.PeftModel:

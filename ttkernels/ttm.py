@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .init import adapter_scaling, init_ttm_cores_
 from .spec import _as_int, factorize
 
 __all__ = [
@@ -652,7 +653,8 @@ class TTMLinear(nn.Module):
 
     The TT-matrix counterpart of :class:`~ttkernels.TTLinear`, with its contract: the base is shared and frozen
     (``from_linear``), delta-W starts at zero (the last core is zero; the others are drawn from
-    ``N(0, 1 / (r_{k-1} n_k))``), ``scaling = alpha / max(ranks)``, ``delta_weight()`` is scaled,
+    ``N(0, 1 / (r_{k-1} n_k))``, the first times 1/3), ``scaling = alpha / max(ranks) * sqrt(F)`` with
+    ``F = d_out / (m_K n_K^2)`` (:mod:`ttkernels.init`; ``alpha=None``: 1), ``delta_weight()`` is scaled,
     ``merge()`` / ``unmerge()`` fold it into the base weight and back, ``adapter_disabled()`` computes the base
     alone. No dropout. ``backend`` is :func:`ttm_apply`'s (``"auto"``: the torch sweep on the CPU, the measured
     choice between the fused kernels and reconstruct-then-GEMM on a GPU).
@@ -717,19 +719,14 @@ class TTMLinear(nn.Module):
             [nn.Parameter(torch.empty(s, device=base.weight.device, dtype=dtype)) for s in spec.core_shapes]
         )
         self.alpha = float(spec.max_rank if alpha is None else alpha)
-        self.scaling = self.alpha / spec.max_rank
+        self.scaling = adapter_scaling(alpha, spec)
         self.merged, self._disabled = False, False
         self.backend = backend
         self.reset_adapter_parameters()
 
     @torch.no_grad()
     def reset_adapter_parameters(self) -> None:
-        last = len(self.cores) - 1
-        for k, core in enumerate(self.cores):
-            if k == last:
-                core.zero_()
-            else:
-                core.normal_(0.0, (1.0 / (core.shape[0] * core.shape[2])) ** 0.5)
+        init_ttm_cores_(self.cores)
 
     @property
     def num_adapter_params(self) -> int:

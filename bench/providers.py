@@ -190,8 +190,8 @@ class TTKernels(Provider):
         self.plan = plan
         cores = nn.ParameterList([nn.Parameter(c.clone()) for c in p.cores])
         self.layer = tk.TTLinear.from_cores(
-            _frozen_linear(p), cores, p.spec, index=p.index or None, alpha=p.spec.max_rank, backend=backend
-        )
+            _frozen_linear(p), cores, p.spec, index=p.index or None, backend=backend
+        )  # alpha=None: scaling 1, as delta64
         self.spec, self.index = p.spec, p.index
 
     def active(self) -> contextlib.AbstractContextManager:

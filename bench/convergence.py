@@ -16,8 +16,9 @@ AdamW (weight decay 0), ``STEPS`` steps of ``BATCH`` pairs, no dropout (the mode
 same pairs in the same order for every run. Rows record the training loss of every step and the evaluation loss every ``EVAL_EVERY`` steps.
 
 **Runs.** At LoRA's settings (``r`` 8, ``alpha`` 16) for every learning rate of ``LRS``: PEFT's LoRA,
-TT-LoRA through PEFT (``ttkernels.peft``, in and out modes ``2 + 2``: ``384 = 24 x 16``) and MetaTT-4D; the
-TT adapters also under scaling rule 1 (``alpha / r``, before ``ttkernels.init``'s rule 2) at lr 1e-3.
+TT-LoRA through PEFT (``ttkernels.peft``, in and out modes ``2 + 2``: ``384 = 24 x 16``) and MetaTT-4D, the
+TT adapters also with ``ttkernels.init.core_lr_groups`` (``+ core lr``); the TT adapters also under scaling
+rule 1 (``alpha / r``, before ``ttkernels.init``'s rule 2) at lr 1e-3.
 At parameter budgets up to LoRA ``r`` 1's (13,824): LoRA ``r`` 1, TT-LoRA ``r`` 3 and MetaTT ``r`` 4 and 12,
 all with ``alpha = 2 r`` at lr 1e-3. Each row has the adapter, its trainable parameters, ``rank``,
 ``alpha``, ``lr``, ``scaling_rule``, ``final_eval_loss``, the losses, and ``ratio_to_lora``: its final
@@ -38,6 +39,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from ttkernels.init import core_lr_groups
 
 from . import harness
 
@@ -214,11 +217,12 @@ class Run:
     alpha: float
     lr: float
     rule: int = 2  # ttkernels.init's scaling rule (LoRA: always alpha / r)
+    core_lr: bool = False  # the optimizer gets ttkernels.init.core_lr_groups
 
     @property
     def label(self) -> str:
         name = {"lora": "PEFT LoRA", "ttlora": "TT-LoRA 2+2", "metatt": "MetaTT-4D"}[self.adapter]
-        return f"{name} r{self.rank}" + (" (rule 1)" if self.rule == 1 else "")
+        return f"{name} r{self.rank}" + (" (rule 1)" if self.rule == 1 else "") + (" + core lr" if self.core_lr else "")
 
 
 def runs(quick: bool = False, lrs: Sequence[float] = LRS) -> list[Run]:
@@ -234,9 +238,11 @@ def runs(quick: bool = False, lrs: Sequence[float] = LRS) -> list[Run]:
     # keeps the rows the targets need
     first = [lr for lr in lrs if lr == 1e-3]
     out = [Run(a, 8, 16, lr) for lr in first for a in ("lora", "ttlora", "metatt")]
+    out += [Run(a, 8, 16, lr, core_lr=True) for lr in first for a in ("ttlora", "metatt")]
     out += [Run("lora", 1, 2, 1e-3), Run("ttlora", 3, 6, 1e-3), Run("metatt", 4, 8, 1e-3), Run("metatt", 12, 24, 1e-3)]
     out += [Run("ttlora", 8, 16, 1e-3, rule=1), Run("metatt", 8, 16, 1e-3, rule=1)]
     out += [Run(a, 8, 16, lr) for lr in lrs if lr != 1e-3 for a in ("lora", "ttlora", "metatt")]
+    out += [Run(a, 8, 16, lr, core_lr=True) for lr in lrs if lr != 1e-3 for a in ("ttlora", "metatt")]
     return out
 
 
@@ -273,7 +279,8 @@ def train(run: Run, task: str, tok: Any, base: nn.Module) -> dict[str, Any]:
     wrapped = adapt(model, run)
     wrapped.eval()  # no dropout: every run sees the same function of its adapter
     params = [p for p in wrapped.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=run.lr, weight_decay=0.0)
+    groups = core_lr_groups(wrapped, run.lr) if run.core_lr else params
+    opt = torch.optim.AdamW(groups, lr=run.lr, weight_decay=0.0)
     train_losses, eval_losses = [], []
 
     def evaluate(step: int) -> None:
@@ -325,6 +332,7 @@ def run_convergence(
                 result = train(run, task, tok, base)
             fields = dict(task=task, format=run.adapter, rank=run.rank, alpha=run.alpha, lr=run.lr, steps=STEPS)
             fields |= dict(scaling_rule=run.rule if run.adapter != "lora" else None, batch=BATCH, targets=TARGETS)
+            fields |= dict(core_lr=run.core_lr)
             row = harness.make_row(
                 preset="convergence", provider=run.label, phase="train", device=device, dtype=torch.float32,
                 timing=None, env=env, model="all-MiniLM-L6-v2", **fields, **result,

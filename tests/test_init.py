@@ -276,3 +276,35 @@ def test_tt_lora_folder_saved_before_the_version_loads_with_its_outputs(tmp_path
     (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
     with pytest.raises(ValueError, match="tt_format_version 7"):
         tkpeft.load_tt_lora(fresh(), str(tmp_path), in_modes=2, out_modes=2)
+
+
+# ------------------------------------------------------------------------------------ per-core learning rates
+def test_core_lr_groups_cover_every_trainable_parameter_once():
+    w = _metatt()(Sites())
+    groups = tinit.core_lr_groups(w, lr=1e-3)
+    params = [p for g in groups for p in g["params"]]
+    assert len(params) == len({id(p) for p in params}) == len([p for p in w.parameters() if p.requires_grad])
+    lrs = {id(p): g["lr"] for g in groups for p in g["params"]}
+    (cores,) = w.metatt_cores.values()
+    stds = tinit.init_stds(w.groups[next(iter(w.groups))].spec)
+    assert lrs[id(cores[0])] == 1e-3 and lrs[id(cores[-1])] == 1e-3  # LoRA's A and B keep lr
+    for k in (1, 2):  # the layer and matrix cores: the relative rate of the first core
+        assert lrs[id(cores[k])] == pytest.approx(1e-3 * stds[k] / stds[0])
+        assert stds[k] == pytest.approx(cores[k].detach().std().item(), rel=0.3)
+    torch.optim.AdamW(groups, lr=1e-3)  # an optimizer takes them
+    # TT-LoRA layers of PEFT, TTLinear and TTMLinear are found too; no inner core gets less than lr
+    peft = pytest.importorskip("peft")
+    from ttkernels import peft as tkpeft
+
+    for model in (
+        peft.get_peft_model(Sites(), tkpeft.tt_lora_config(r=R, target_modules=list(NAMES), in_modes=2, out_modes=2)),
+        _per_site(lambda lin: tk.TTLinear.from_linear(lin, in_modes=2, out_modes=2, ranks=R))(Sites()),
+        _per_site(lambda lin: TTMLinear.from_linear(lin, in_modes=3, ranks=R))(Sites()),
+    ):
+        groups = tinit.core_lr_groups(model, lr=2e-3)
+        assert all(len(g["params"]) == 1 for g in groups)  # one group per core: nothing else trains
+        assert all(g["lr"] >= 2e-3 for g in groups) and any(g["lr"] > 2e-3 for g in groups)
+        assert sum(len(g["params"]) for g in groups) == len([p for p in model.parameters() if p.requires_grad])
+    for bad in (0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="lr must be a positive finite number"):
+            tinit.core_lr_groups(w, lr=bad)

@@ -57,7 +57,9 @@ from .spec import TTSpec
 __all__ = [
     "SCALING_RULE",
     "adapter_scaling",
+    "core_lr_groups",
     "init_cores_",
+    "init_stds",
     "init_ttm_cores_",
     "scaling_gain",
     "sharing",
@@ -136,3 +138,74 @@ def init_ttm_cores_(cores: Sequence[Tensor]) -> None:
             continue
         var = 1.0 / (core.shape[0] * core.shape[2]) * (LORA_A_VARIANCE if k == 0 else 1.0)
         core.normal_(0.0, math.sqrt(var))
+
+
+def init_stds(spec: Any) -> list[Optional[float]]:
+    """The standard deviation :func:`init_cores_` (or :func:`init_ttm_cores_`) draws each core from; None for
+    the last core (zero)."""
+    if _is_ttm(spec):
+        shapes = spec.core_shapes
+        out: list[Optional[float]] = [
+            math.sqrt(1.0 / (r0 * n) * (LORA_A_VARIANCE if k == 0 else 1.0)) for k, (r0, _, n, _) in enumerate(shapes)
+        ]
+    else:
+        first_in = next((k for k, m in enumerate(spec.modes) if m.role == "in"), None)
+        out = []
+        for k, ((r0, s, _), mode) in enumerate(zip(spec.core_shapes, spec.modes)):
+            var = 1.0 / (r0 * s) if mode.role == "in" else 1.0 / r0
+            out.append(math.sqrt(var * (LORA_A_VARIANCE if k == first_in else 1.0)))
+    out[-1] = None
+    return out
+
+
+def _core_chains(model: torch.nn.Module) -> list[tuple[list[Tensor], Any]]:
+    """Every ``(cores, spec)`` chain of ``model`` (TTLinear and its views, MetaTT groups, TT-LoRA layers of
+    PEFT, TTMLinear), each once."""
+    chains, seen = [], set()
+
+    def add(cores: Any, spec: Any) -> None:
+        cores = list(cores)
+        if cores and id(cores[0]) not in seen:
+            seen.add(id(cores[0]))
+            chains.append((cores, spec))
+
+    for m in model.modules():
+        groups = getattr(m, "groups", None)
+        if isinstance(getattr(m, "metatt_cores", None), torch.nn.ModuleDict) and isinstance(groups, dict):
+            for name, cores in m.metatt_cores.items():
+                add(cores, groups[name].spec)
+        if isinstance(getattr(m, "lora_tt_cores", None), torch.nn.ModuleDict):
+            for name, cores in m.lora_tt_cores.items():
+                add(cores, m.tt_spec[name])
+        if isinstance(getattr(m, "cores", None), torch.nn.ParameterList) and hasattr(m, "spec"):
+            add(m.cores, m.spec)
+    return chains
+
+
+def core_lr_groups(model: torch.nn.Module, lr: float) -> list[dict[str, Any]]:
+    """Optimizer parameter groups that give the inner cores of every TT of ``model`` a larger learning rate,
+    as LoRA+ does for ``B``: core ``k`` (not the first, not the last) gets ``lr * sigma_k / sigma_first``
+    (at least ``lr``), ``sigma`` the standard deviations of the initialization (:func:`init_stds`), so every
+    core's entries change at the same relative rate per Adam step as the first core's (LoRA's ``A``). The
+    first and the last core, and any other trainable parameter, keep ``lr``.
+
+        opt = torch.optim.AdamW(tk.init.core_lr_groups(model, lr=1e-3), lr=1e-3)
+    """
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or not math.isfinite(lr):
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    groups: list[dict[str, Any]] = []
+    placed = set()
+    for cores, spec in _core_chains(model):
+        stds = init_stds(spec)
+        for k, (core, std) in enumerate(zip(cores, stds)):
+            if not core.requires_grad:
+                continue
+            mult = 1.0 if std is None or k == 0 else max(1.0, std / stds[0])
+            groups.append({"params": [core], "lr": lr * mult})
+            placed.add(id(core))
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in placed]
+    if rest:
+        groups.append({"params": rest, "lr": lr})
+    if not groups:
+        raise ValueError("the model has no trainable parameters")
+    return groups

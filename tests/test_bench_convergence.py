@@ -40,6 +40,7 @@ def test_grid_covers_the_targets():
     at_lora = {(r.adapter, r.lr) for r in runs if (r.rank, r.alpha, r.rule) == (8, 16, 2)}
     assert at_lora == {(a, lr) for a in ("lora", "ttlora", "metatt") for lr in conv.LRS}
     assert {(r.adapter, r.rank) for r in runs if r.rule == 1} == {("ttlora", 8), ("metatt", 8)}
+    assert {(r.adapter, r.lr) for r in runs if r.core_lr} == {(a, lr) for a in ("ttlora", "metatt") for lr in conv.LRS}
     assert ("lora", 1) in {(r.adapter, r.rank) for r in runs}
     assert len({r.label + str(r.lr) for r in runs}) == len(runs)
     assert len(conv.runs(quick=True)) < len(runs)

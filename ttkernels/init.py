@@ -39,6 +39,12 @@ last core cannot follow each output's gradient on its own), so the largest stabl
 strongly shared TT (MetaTT-5D) can be lower than LoRA's; the ``convergence`` preset of ``python -m bench``
 measures both.
 
+**Inner cores** (neither the first nor the last: index cores, the other in and out modes) start at a scale of
+about 1 and move by ``lr`` a step, so they change far more slowly, relative to their size, than LoRA's ``A``.
+:func:`core_lr_groups` gives them their own learning rate, ``lr * sigma_k / sigma_first`` (the ratio of
+initial standard deviations), as LoRA+ gives ``B`` its own: optimizer groups, not a default, since a plain
+``AdamW(model.parameters(), lr)`` must already train (the ``convergence`` preset measures both).
+
 ``alpha=None`` means ``scaling = 1`` (the cores carry delta-W unscaled), as it did before: a converted or
 hand-built adapter (``rank.from_lora``) is exact with it.
 """

@@ -596,6 +596,8 @@ def _adapter_style(row: Row) -> dict[str, Any]:
     colour = {"lora": "C0", "ttlora": "C1", "metatt": "C2"}.get(str(row.get("format")), "C7")
     if row.get("scaling_rule") == 1:
         return {"color": colour, "linestyle": ":", "marker": "x"}
+    if row.get("core_lr"):
+        return {"color": colour, "linestyle": "-.", "marker": "D"}
     budget = row.get("rank") != 8  # the parameter-budget runs beside the r 8 ones
     return {"color": colour, "linestyle": "--" if budget else "-", "marker": "s" if budget else "o"}
 

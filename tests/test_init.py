@@ -308,3 +308,24 @@ def test_core_lr_groups_cover_every_trainable_parameter_once():
     for bad in (0, -1.0, float("nan"), True):
         with pytest.raises(ValueError, match="lr must be a positive finite number"):
             tinit.core_lr_groups(w, lr=bad)
+
+
+def test_rank_changes_keep_the_scaling():
+    from ttkernels import rank as rk
+
+    w = _metatt(modes=("layer", "matrix", "head"), num_heads=4)(Sites())
+    with torch.no_grad():
+        for c in w.shared_parameters():
+            c.normal_(0, 0.3)
+    (group,) = w.groups
+    before = w.group_scaling(group)
+    xs, _ = _data(5)
+    want = [y.detach() for y in w(xs)]
+    rk.compress_(w, max_rank=R)  # exact: the ranks are R already
+    assert w.group_scaling(group) == before and all(v.scaling == before for _, v in w.views())
+    for a, b in zip(w(xs), want):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)  # float32 SVDs in the sweep
+    layer = tk.TTLinear(D, D, in_modes=2, out_modes=2, ranks=6, alpha=ALPHA)
+    scaling = layer.scaling
+    rk.compress_(layer, max_rank=3)
+    assert layer.scaling == scaling == pytest.approx(ALPHA / 6 * math.sqrt(tinit.sharing(layer.spec)))

@@ -272,6 +272,8 @@ def test_tt_lora_folder_saved_before_the_version_loads_with_its_outputs(tmp_path
     assert old_layer.scaling["default"] == ALPHA / R
     base = fresh().proj(x)
     torch.testing.assert_close(old(x) - base, (want - base) * (ALPHA / R) / layer.scaling["default"])
+    old_cfg = tkpeft.TTLoraConfig(r=R, lora_alpha=ALPHA, target_modules=["proj"], tt_format_version=1)
+    assert tkpeft.tt_lora_config(config=old_cfg).tt_format_version == 1  # kept when passed on
     saved["tt_format_version"] = 7
     (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
     with pytest.raises(ValueError, match="tt_format_version 7"):

@@ -220,7 +220,10 @@ def tt_lora_config(
     ``lora_dropout`` as in LoRA."""
     if config is not None and lora_kwargs:
         raise ValueError("pass either config or LoraConfig keyword arguments, not both")
-    cfg = _tt_config(config) if config is not None else TTLoraConfig(**lora_kwargs)
+    if config is not None:  # a TTLoraConfig keeps its format version, a plain LoraConfig gets this one
+        cfg = _tt_config(config, getattr(config, "tt_format_version", TT_LORA_FORMAT_VERSION))
+    else:
+        cfg = TTLoraConfig(**lora_kwargs)
     cfg._register_custom_module({nn.Linear: tt_lora_layer(in_modes=in_modes, out_modes=out_modes, backend=backend)})
     return cfg
 

@@ -176,11 +176,26 @@ def test_delta_w_starts_at_exactly_zero(fmt):
         assert torch.equal(a, b)
 
 
+def test_init_stds_are_what_the_cores_are_drawn_from():
+    spec = tk.TTSpec.linear(4096, 4096, in_modes=2, out_modes=2, ranks=16)
+    cores = tk.modules.new_cores(spec, dtype=torch.float64)
+    stds = tinit.init_stds(spec)
+    assert stds[-1] is None
+    for core, std in zip(cores[:-1], stds[:-1]):  # >= 1,024 entries each
+        assert core.std().item() == pytest.approx(std, rel=0.1)
+    ttm = TTMSpec.build(4096, 4096, in_modes=(64, 64), out_modes=(64, 64), ranks=8)
+    ttm_cores = [torch.empty(s, dtype=torch.float64) for s in ttm.core_shapes]
+    tinit.init_ttm_cores_(ttm_cores)
+    assert ttm_cores[0].std().item() == pytest.approx(tinit.init_stds(ttm)[0], rel=0.1)
+    assert tinit.init_stds(ttm)[-1] is None and torch.count_nonzero(ttm_cores[-1]) == 0
+
+
 def test_init_gives_the_in_part_loras_variance():
     spec = tk.TTSpec.linear(4096, 64, in_modes=2, ranks=16)
     cores = tk.modules.new_cores(spec, dtype=torch.float64)
     A = tk.reference.factors(list(cores), spec)[0]  # (d_in, r)
-    assert A.var().item() == pytest.approx(1 / (3 * 4096), rel=0.1)  # PEFT's kaiming-uniform A
+    # PEFT's kaiming-uniform A; the estimate rests on the 1,024 entries of the first core: 25% is > 5 sigma
+    assert A.var().item() == pytest.approx(1 / (3 * 4096), rel=0.25)  # the old init: 3x
     assert torch.count_nonzero(cores[-1]) == 0
 
 
@@ -292,7 +307,6 @@ def test_core_lr_groups_cover_every_trainable_parameter_once():
     assert lrs[id(cores[0])] == 1e-3 and lrs[id(cores[-1])] == 1e-3  # LoRA's A and B keep lr
     for k in (1, 2):  # the layer and matrix cores: the relative rate of the first core
         assert lrs[id(cores[k])] == pytest.approx(1e-3 * stds[k] / stds[0])
-        assert stds[k] == pytest.approx(cores[k].detach().std().item(), rel=0.3)
     torch.optim.AdamW(groups, lr=1e-3)  # an optimizer takes them
     # TT-LoRA layers of PEFT, TTLinear and TTMLinear are found too; no inner core gets less than lr
     peft = pytest.importorskip("peft")

@@ -20,9 +20,11 @@ Checked by tests/test_peft.py against peft 0.21 (train, save, reload, merge, dis
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
+import warnings
 from typing import Any, Optional
 
 import peft
@@ -32,6 +34,7 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import Tensor, nn
 
 from . import checks, ops, quantized, reference
+from .init import SCALING_RULE, scaling_gain
 from .layer import (
     MergeGuard,
     adapter_scaling,
@@ -44,14 +47,51 @@ from .metatt import MetaTTConfig, MetaTTModel, get_metatt_model
 from .modules import TTLinear
 from .spec import TTSpec
 
-__all__ = ["TTLoraLinear", "get_peft_model", "load_tt_lora", "tt_lora_config", "tt_lora_layer"]
+__all__ = ["TTLoraConfig", "TTLoraLinear", "get_peft_model", "load_tt_lora", "tt_lora_config", "tt_lora_layer"]
+
+# ---------------------------------------------------------------- format version of TT-LoRA folders (scaling rule)
+# All that the scaling rule (ttkernels.init) adds to the TT-LoRA route: the ``tt_format_version`` field of
+# TTLoraConfig (saved in adapter_config.json), the layer's ``tt_scaling`` / ``set_scale``, and its reading in
+# _check_tt_lora_folder / load_tt_lora.
+TT_LORA_FORMAT_VERSION = 2  # saved in adapter_config.json; absent: 1, saved under scaling rule 1
+
+
+def _check_tt_format_version(version: object, where: str = "tt_format_version") -> int:
+    if type(version) is not int or not 1 <= version <= TT_LORA_FORMAT_VERSION:
+        raise ValueError(
+            f"{where} must be an int from 1 to {TT_LORA_FORMAT_VERSION}, got tt_format_version {version!r}"
+        )
+    return version
+
+
+@dataclasses.dataclass
+class TTLoraConfig(peft.LoraConfig):
+    """``peft.LoraConfig`` plus the format version of the TT adapter it saves (``tt_format_version``, written
+    to ``adapter_config.json``; PEFT itself ignores it). Version 2 scales by :mod:`ttkernels.init`'s rule
+    (``lora_alpha / r * sqrt(F)``), version 1 (folders saved before the field existed) by ``lora_alpha / r``."""
+
+    tt_format_version: int = TT_LORA_FORMAT_VERSION
+
+    @property
+    def tt_scaling_rule(self) -> int:
+        return 1 if _check_tt_format_version(self.tt_format_version) == 1 else SCALING_RULE
+
+
+def _tt_config(config: peft.LoraConfig, version: int = TT_LORA_FORMAT_VERSION) -> TTLoraConfig:
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(peft.LoraConfig) if f.init}
+    return TTLoraConfig(**fields, tt_format_version=version)
+
+
+# ------------------------------------------------------------------------------------------------ the layer
 
 
 class TTLoraLinear(nn.Module, LoraLayer):
     """A PEFT LoRA layer on an ``nn.Linear`` whose delta-W is a TT adapter (``r`` = every bond rank).
 
     Only the cores are registered (``lora_tt_cores[adapter]``), so PEFT saves, loads and trains them alone;
-    the base layer is PEFT's ``base_layer``. ``scaling = lora_alpha / r`` (``/ sqrt(r)`` with rslora), as LoRA.
+    the base layer is PEFT's ``base_layer``. ``scaling = lora_alpha / r * sqrt(F)`` (``/ sqrt(r)`` with
+    rslora), ``F = d_out / s_K`` (1 for one out mode: LoRA's scaling; :mod:`ttkernels.init`); a config of
+    ``tt_format_version`` 1 gives ``lora_alpha / r``.
 
     Its class base is PEFT's ``LoraLayer`` (for PEFT's machinery); alpha, scaling and merging are the
     adapter-layer base's (:mod:`ttkernels.layer`), with its guarantees: ``merge()`` keeps the base weight for an
@@ -64,7 +104,7 @@ class TTLoraLinear(nn.Module, LoraLayer):
     """
 
     adapter_layer_names = LoraLayer.adapter_layer_names + ("lora_tt_cores",)
-    other_param_names = LoraLayer.other_param_names + ("tt_spec", "tt_dropout")
+    other_param_names = LoraLayer.other_param_names + ("tt_spec", "tt_dropout", "tt_scaling")
     tt_in_modes: Any = None
     tt_out_modes: Any = None
     tt_backend: str = "auto"
@@ -77,6 +117,7 @@ class TTLoraLinear(nn.Module, LoraLayer):
         self.lora_tt_cores = nn.ModuleDict()
         self.tt_spec: dict = {}
         self.tt_dropout: dict = {}
+        self.tt_scaling: dict = {}  # the scaling at scale 1 (set_scale multiplies it)
         self.fan_in_fan_out = config.fan_in_fan_out
         self._active_adapter = adapter_name
         self.__dict__["_merge_guard"] = merge_guard_for(self.get_base_layer())
@@ -110,7 +151,10 @@ class TTLoraLinear(nn.Module, LoraLayer):
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.lora_dropout[adapter_name] = nn.Identity()  # the ops apply dropout from a seed, no module
-        self.scaling[adapter_name] = adapter_scaling(lora_alpha, r, rslora=config.use_rslora)
+        rule = config.tt_scaling_rule if isinstance(config, TTLoraConfig) else SCALING_RULE
+        gain = scaling_gain(tt.spec, rule=rule)
+        self.tt_scaling[adapter_name] = adapter_scaling(lora_alpha, r, rslora=config.use_rslora, gain=gain)
+        self.scaling[adapter_name] = self.tt_scaling[adapter_name]
         self.use_rslora[adapter_name] = config.use_rslora
         self.use_dora[adapter_name] = False
         self.lora_bias[adapter_name] = False
@@ -208,6 +252,10 @@ class TTLoraLinear(nn.Module, LoraLayer):
         self.__dict__["_merge_guard"].restore(self._merge_target())
         self.merged_adapters.clear()
 
+    def set_scale(self, adapter: str, scale: float) -> None:
+        if adapter in self.tt_scaling:  # LoraLayer's version recomputes lora_alpha / r
+            self.scaling[adapter] = scale * self.tt_scaling[adapter]
+
     # LoraLayer's versions look adapters up in lora_A
     def scale_layer(self, scale: float) -> None:
         for a in self.active_adapters:
@@ -241,11 +289,15 @@ def tt_lora_config(
     *, in_modes: Any = None, out_modes: Any = None, backend: str = "auto", config: Optional[peft.LoraConfig] = None,
     **lora_kwargs: Any,
 ) -> peft.LoraConfig:  # fmt: skip
-    """A ``peft.LoraConfig`` (built from ``lora_kwargs``, or ``config``) whose ``nn.Linear`` targets get TT
-    adapters: ``r`` is the TT's bond rank, ``lora_alpha`` / ``lora_dropout`` as in LoRA."""
+    """A :class:`TTLoraConfig` (a ``peft.LoraConfig``, built from ``lora_kwargs`` or copied from ``config``)
+    whose ``nn.Linear`` targets get TT adapters: ``r`` is the TT's bond rank, ``lora_alpha`` /
+    ``lora_dropout`` as in LoRA."""
     if config is not None and lora_kwargs:
         raise ValueError("pass either config or LoraConfig keyword arguments, not both")
-    cfg = config if config is not None else peft.LoraConfig(**lora_kwargs)
+    if config is not None:  # a TTLoraConfig keeps its format version, a plain LoraConfig gets this one
+        cfg = _tt_config(config, getattr(config, "tt_format_version", TT_LORA_FORMAT_VERSION))
+    else:
+        cfg = TTLoraConfig(**lora_kwargs)
     cfg._register_custom_module({nn.Linear: tt_lora_layer(in_modes=in_modes, out_modes=out_modes, backend=backend)})
     return cfg
 
@@ -290,6 +342,7 @@ def _check_tt_lora_folder(model: nn.Module, folder: str, in_modes: Any, out_mode
     for flag in ("use_rslora", "use_dora", "fan_in_fan_out", "inference_mode", "lora_bias"):
         if type(data.get(flag, False)) is not bool:
             raise fail(flag, "true or false")
+    tt_format_version = _check_tt_format_version(data.get("tt_format_version", 1), config_file)  # absent: 1
     unsupported = sorted(k for k in _UNSUPPORTED_FIELDS if data.get(k))
     if unsupported:
         raise ValueError(f"{config_file} sets {unsupported}, which TT-LoRA layers do not support")
@@ -365,14 +418,15 @@ def _check_tt_lora_folder(model: nn.Module, folder: str, in_modes: Any, out_mode
     for key, t in tensors.items():
         if not torch.isfinite(t).all():
             raise ValueError(f"{weights}: {key} holds non-finite values")
-    return {"targets": sorted(found), "ranks": ranks, "alphas": alphas}
+    return {"targets": sorted(found), "ranks": ranks, "alphas": alphas, "tt_format_version": tt_format_version}
 
 
 def load_tt_lora(
     model: nn.Module, path: str, *, in_modes: Any = None, out_modes: Any = None, backend: str = "auto", **kwargs: Any
 ) -> peft.PeftModel:
     """``PeftModel.from_pretrained`` for an adapter saved from a :func:`tt_lora_config` model; the TT options
-    must be the ones it was trained with.
+    must be the ones it was trained with. A folder saved before ``tt_format_version`` existed loads with the
+    scaling it was trained with (``lora_alpha / r``).
 
     ``path`` is a local folder. Its config and its tensors' names, shapes and dtypes (from the safetensors
     header) are checked against ``model`` before anything is built, the cores' values are checked finite,
@@ -386,9 +440,11 @@ def load_tt_lora(
     if not os.path.isdir(folder):
         raise ValueError(f"path must be a local folder holding {_PEFT_CONFIG} and {_PEFT_WEIGHTS}, got {folder!r}")
     plan = _check_tt_lora_folder(model, folder, in_modes, out_modes)
-    cfg = tt_lora_config(
-        in_modes=in_modes, out_modes=out_modes, backend=backend, config=peft.LoraConfig.from_pretrained(folder)
-    )
+    with warnings.catch_warnings():  # PEFT's LoraConfig does not know the field and says so
+        warnings.filterwarnings("ignore", message=r"Unexpected keyword arguments \['tt_format_version'\]")
+        lora = peft.LoraConfig.from_pretrained(folder)
+    cfg = tt_lora_config(in_modes=in_modes, out_modes=out_modes, backend=backend, config=lora)
+    cfg.tt_format_version = plan["tt_format_version"]
     cfg.target_modules = plan["targets"]  # the literal names; PEFT escapes nothing, so patterns are escaped
     cfg.rank_pattern = {re.escape(n): v for n, v in plan["ranks"].items() if v != cfg.r}
     cfg.alpha_pattern = {re.escape(n): v for n, v in plan["alphas"].items() if v != cfg.lora_alpha}

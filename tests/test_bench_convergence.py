@@ -130,3 +130,25 @@ def test_a_short_run_on_the_pretrained_minilm(monkeypatch):
     assert results["lora"]["params"] == 18 * 8 * (384 + 384)
     assert results["metatt"]["params"] == 8 * (384 + 6 * 8 + 3 * 8 + 384)
     assert all(p.requires_grad for p in base.parameters())  # each run adapted a copy: the base is untouched
+
+
+def test_the_preset_writes_to_the_results_folder(tmp_path, monkeypatch):
+    """Its rows go where every run writes (``--results-dir``, else $TTKERNELS_BENCH_RESULTS_DIR, else the
+    git-ignored bench/out/), never into the published bench/results/ unless asked for."""
+    from bench import __main__ as bench_main
+    from bench import harness
+
+    def fake_run(env, *, quick, tasks, progress, rows):
+        rows += [dict(r, run=env["run"]) for r in ROWS[:3]]
+
+    monkeypatch.setattr(conv, "run_convergence", fake_run)
+    monkeypatch.delenv(harness.RESULTS_DIR_ENV, raising=False)
+    published = harness.PUBLISHED_DIR / harness.RESULTS_NAME
+    before = published.read_bytes() if published.exists() else None
+    assert bench_main.main(["--preset", "convergence", "--quick", "--results-dir", str(tmp_path / "a")]) == 0
+    assert len(harness.read_rows(tmp_path / "a" / harness.RESULTS_NAME)) == 3
+    monkeypatch.setenv(harness.RESULTS_DIR_ENV, str(tmp_path / "b"))
+    assert bench_main.main(["--preset", "convergence", "--quick"]) == 0
+    assert len(harness.read_rows(tmp_path / "b" / harness.RESULTS_NAME)) == 3
+    assert (published.read_bytes() if published.exists() else None) == before
+    assert harness.results_dir(environ={}) == harness.LOCAL_DIR

@@ -5,12 +5,15 @@
     python -m bench --preset model                # decoder layers at LLaMA-7B dimensions, a training step
     python -m bench --preset micro --M 2048 8192  # each op alone
     python -m bench --preset layer --ranks 8 16 64 --formats lora ttlora metatt --dtypes bfloat16 float16
+    python -m bench --preset convergence          # fine-tune the pretrained MiniLM: LoRA, TT-LoRA, MetaTT (CPU)
 
 Every run measures its ceilings (a large copy, a large matmul) first, checks every provider against the
 float64 formula before timing it, prints a table, and appends one JSON row per measurement to
 ``results.jsonl`` in the results folder (device, dtype, shape and versions in each row): ``bench/out/`` by
 default (git-ignored, so a run leaves the checkout as it was), or ``--results-dir DIR``.
-``python -m bench.plots`` draws the plots from those rows.
+``python -m bench.plots`` draws the plots from those rows. ``all`` is the timing presets (micro, layer,
+model); ``convergence`` measures losses, not time, and runs alone (see bench/convergence.py); its rows go to
+the same results folder.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def _shape(text: str) -> tuple[int, int]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", choices=("micro", "layer", "model", "all"), default="all")
+    ap.add_argument("--preset", choices=("micro", "layer", "model", "convergence", "all"), default="all")
     ap.add_argument("--quick", action="store_true", help="CPU run: small shapes, torch backend, a dropout case")
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     ap.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=None)
@@ -73,6 +76,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     harness.add_results_args(ap)
     ap.add_argument("--no-save", action="store_true", help="print only; write no rows")
     ap.add_argument("--progress", action="store_true", help="progress bar even when stderr is not a terminal")
+    ap.add_argument("--tasks", nargs="+", choices=("sentiment", "topic"), default=None, help="convergence tasks")
     args = ap.parse_args(argv)
     for name in ("M", "ranks"):
         values = getattr(args, name)
@@ -123,8 +127,36 @@ def layer_configs(g: dict[str, Any]) -> list[layer.LayerConfig]:
     return cfgs
 
 
+def run_convergence(args: argparse.Namespace) -> int:
+    """The convergence preset: training losses on the CPU, rows and the targets' verdicts."""
+    from . import convergence
+
+    env = harness.run_env(torch.device("cpu"), args.quick, "ttkernels bench convergence")
+    tasks = len(args.tasks or ([0] if args.quick else convergence.TASKS))
+    progress = harness.Progress(len(convergence.runs(args.quick)) * tasks, "convergence", force=args.progress)
+    rows: list = []
+    interrupted = False
+    try:
+        convergence.run_convergence(env, quick=args.quick, tasks=args.tasks, progress=progress, rows=rows)
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ninterrupted: reporting and saving the runs finished so far", file=sys.stderr)
+    convergence.add_lora_ratios(rows)
+    print("\n== convergence: eval loss after the same steps, pretrained MiniLM (CPU, float32) ==")
+    print(harness.table(rows, convergence.COLUMNS))
+    for line in convergence.targets_report(rows):
+        print("target:", line)
+    if rows and not args.no_save:
+        path = harness.append_rows(rows, harness.results_file(args))
+        plots_cmd = "python -m bench.plots" + (f" --results {path}" if path != harness.RESULTS_FILE else "")
+        print(f"\n{len(rows)} rows appended to {path} (run {env['run']}); plots: {plots_cmd}")
+    return 130 if interrupted else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.preset == "convergence":
+        return run_convergence(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.quick and device.type != "cpu":
         print("--quick runs on the CPU; ignoring --device", file=sys.stderr)

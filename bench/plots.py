@@ -17,7 +17,10 @@ with ``model`` rows (``python -m bench --preset layer`` and ``--preset model`` a
 * ``layer-memory-<device_type>.png``: bytes saved for backward per token relative to the bytes of x, and
   peak memory where it was measured (CUDA only);
 * ``model-<device_type>.png``: tokens/s and peak memory of a training step per provider and model config;
-* ``layer-table-<device_type>.md``: :func:`markdown_table` of the same run, ready for the README.
+* ``layer-table-<device_type>.md``: :func:`markdown_table` of the same run, ready for the README;
+* ``convergence-<device_type>.png`` (from the newest ``convergence`` run): per task, the evaluation loss
+  against the step at lr 1e-3, the final loss against the learning rate at r 8 / alpha 16, and the final loss
+  against the trainable parameters at lr 1e-3 (log axis); ``convergence-table-<device_type>.md``: its rows.
 
 CPU runs are labelled "CPU figures". Every row field may be missing or None; rows without the fields a
 figure needs are left out of that figure. matplotlib is needed only to draw (imported on first use): without
@@ -684,6 +687,86 @@ def plot_model(rows: Sequence[Row], path: Path) -> Path | None:
     return _finish(plt, fig, axes, _title(what, rows), rows, path)
 
 
+# ------------------------------------------------------------------------------------------ convergence
+CONVERGENCE_LR = 1e-3
+
+
+def _adapter_style(row: Row) -> dict[str, Any]:
+    colour = {"lora": "C0", "ttlora": "C1", "metatt": "C2"}.get(str(row.get("format")), "C7")
+    if row.get("scaling_rule") == 1:
+        return {"color": colour, "linestyle": ":", "marker": "x"}
+    if row.get("core_lr"):
+        return {"color": colour, "linestyle": "-.", "marker": "D"}
+    budget = row.get("rank") != 8  # the parameter-budget runs beside the r 8 ones
+    return {"color": colour, "linestyle": "--" if budget else "-", "marker": "s" if budget else "o"}
+
+
+def plot_convergence(rows: Sequence[Row], path: Path) -> Path | None:
+    """Three panels per task (module docstring). None when there is no convergence row with losses."""
+    rows = [r for r in _filter(rows, preset="convergence") if _num(r.get("final_eval_loss")) is not None]
+    tasks = sorted({str(r.get("task")) for r in rows})
+    if not tasks:
+        return None
+    plt = _pyplot()
+    fig, axes = _grid(plt, 3 * len(tasks), width=4.6, max_cols=3)
+    for i, task in enumerate(tasks):
+        mine = [r for r in rows if str(r.get("task")) == task]
+        curves, by_lr, budget = axes[3 * i : 3 * i + 3]
+        for r in mine:
+            if r.get("lr") == CONVERGENCE_LR and isinstance(r.get("eval_losses"), list):
+                steps, losses = zip(*r["eval_losses"])
+                curves.plot(steps, losses, label=r.get("provider"), markersize=3, **_adapter_style(r))
+        curves.set_yscale("log")
+        curves.set_xlabel("step")
+        curves.set_ylabel("eval loss")
+        curves.set_title(f"{task}: eval loss, lr {CONVERGENCE_LR:g}", fontsize=10)
+        lines: dict[str, list] = defaultdict(list)
+        for r in mine:
+            if r.get("rank") == 8 and r.get("scaling_rule") != 1:
+                lines[str(r.get("provider"))].append((r["lr"], r["final_eval_loss"], r))
+        for label, pts in lines.items():
+            pts.sort(key=lambda p: p[0])
+            by_lr.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **_adapter_style(pts[0][2]))
+        by_lr.set_xscale("log")
+        by_lr.set_yscale("log")
+        by_lr.set_xlabel("learning rate")
+        by_lr.set_ylabel("final eval loss")
+        by_lr.set_title(f"{task}: r 8, alpha 16, by learning rate", fontsize=10)
+        for r in mine:
+            if r.get("lr") == CONVERGENCE_LR and _num(r.get("params")):
+                style = _adapter_style(r)
+                budget.scatter(r["params"], r["final_eval_loss"], color=style["color"], marker=style["marker"],
+                               label=r.get("provider"))  # fmt: skip
+                budget.annotate(f"r{r.get('rank')}", (r["params"], r["final_eval_loss"]), fontsize=7,
+                                xytext=(3, 3), textcoords="offset points")  # fmt: skip
+        budget.set_xscale("log")
+        budget.set_yscale("log")
+        budget.set_xlabel("trainable parameters")
+        budget.set_ylabel("final eval loss")
+        budget.set_title(f"{task}: final loss vs parameters, lr {CONVERGENCE_LR:g}", fontsize=10)
+    title = "Fine-tuning all-MiniLM-L6-v2: q/k/v adapters, same steps, same data"
+    return _finish(plt, fig, axes, _title(title, rows), rows, path)
+
+
+def convergence_table(rows: Sequence[Row], run: str | None = None) -> str:
+    """Markdown: per task and adapter, params, alpha, lr, untrained and final eval loss, ratio to LoRA r 8."""
+    rows = _filter(rows, preset="convergence")
+    lines = [
+        f"Run `{run or _first(rows, 'run')}`: {device_line(rows)}.",
+        "",
+        "| task | adapter | params | alpha | lr | eval loss, untrained | eval loss, final | / LoRA r8 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        ratio = _num(r.get("ratio_to_lora"))
+        lines.append(
+            f"| {r.get('task')} | {r.get('provider')} | {r.get('params', 0):,} | {r.get('alpha', 0):g} | "
+            f"{r.get('lr', 0):g} | {r.get('untrained_eval_loss', 0):.4f} | {r.get('final_eval_loss', 0):.4f} | "
+            f"{_fmt_ratio(ratio)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------------------------------------ command line
 def _selections(rows: Sequence[Row], run: str | None, device_type: str | None) -> list[tuple[str, dict]]:
     """Per device type: ``{"layer": (run id, rows), "model": (run id, rows)}``, the newest run per preset
@@ -691,7 +774,7 @@ def _selections(rows: Sequence[Row], run: str | None, device_type: str | None) -
     out = []
     for dt in [device_type] if device_type else device_types(rows):
         chosen = {}
-        for preset in ("layer", "model"):
+        for preset in ("layer", "model", "convergence"):
             run_id = run or latest_run(rows, device_type=dt, preset=preset)
             chosen[preset] = (run_id, run_rows(rows, run_id, device_type=dt, preset=preset))
         out.append((dt, chosen))
@@ -708,6 +791,12 @@ def write_tables(rows: Sequence[Row], out: Path, run: str | None = None, device_
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(markdown_table(layer, run_id, device_type=dt))
             written.append(path)
+        run_id, conv = chosen["convergence"]
+        if conv:
+            path = out / f"convergence-table-{dt}.md"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(convergence_table(conv, run_id))
+            written.append(path)
     return written
 
 
@@ -721,6 +810,7 @@ def draw_all(rows: Sequence[Row], out: Path, run: str | None = None, device_type
             plot_layer_time_ratio(layer, out / f"layer-time-ratio-{dt}.png"),
             plot_layer_memory(layer, out / f"layer-memory-{dt}.png"),
             plot_model(model, out / f"model-{dt}.png"),
+            plot_convergence(chosen["convergence"][1], out / f"convergence-{dt}.png"),
         ):
             if path is not None:
                 written.append(path)
@@ -759,7 +849,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for path in written:
         print(path)
     if not written:
-        print("nothing to draw: no layer or model rows", file=sys.stderr)
+        print("nothing to draw: no layer, model or convergence rows", file=sys.stderr)
     return status
 
 

@@ -195,7 +195,7 @@ class TTKernels(Provider):
             cores,
             p.spec,
             index=p.index or None,
-            alpha=p.spec.max_rank,
+            alpha=None,  # scaling 1 under every rule, as delta64
             dropout=p.dropout,
             backend=backend,
         )

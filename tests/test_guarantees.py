@@ -125,6 +125,16 @@ CORRUPTIONS = {
     "NaN core": (_nan_core, "non-finite"),
     "bad config": (lambda p: rewrite_config(p, lambda c: c["config"].update(rank="big")), "rank must be"),
     "bad scaling": (lambda p: rewrite_config(p, lambda c: c.update(scaling=float("nan"))), "scaling must be"),
+    "negative group scaling": (
+        lambda p: rewrite_config(p, lambda c: c["scaling"].update({g: -1.0 for g in c["scaling"]})),
+        "scaling must be",
+    ),
+    "bad scaling_rule": (lambda p: rewrite_config(p, lambda c: c.update(scaling_rule=True)), "scaling_rule must be"),
+    "no scaling_rule": (lambda p: rewrite_config(p, lambda c: c.pop("scaling_rule")), "has no scaling_rule"),
+    "scaling_rule in version 1": (
+        lambda p: rewrite_config(p, lambda c: c.update(format_version=1, scaling=1.0)),
+        "not a field of format version 1",
+    ),
     "bad target": (
         lambda p: rewrite_config(p, lambda c: c["targets"].update({"layers.0.q": ["8x8", -1, 0]})),
         "placed",
@@ -562,6 +572,7 @@ TT_LORA_CORRUPTIONS = {
     "foreign tensor": (lambda p: _edit_tensors(p, lambda t: t.update({"evil": torch.ones(2)})), "not a TT-LoRA core"),
     "layer_replication": (lambda p: _edit_json(p, lambda c: c.update(layer_replication=[[0, 1]])), "do not support"),
     "deep JSON": (lambda p: (p / "adapter_config.json").write_text("[" * 50_000), "nested too deeply"),
+    "bad tt_format_version": (lambda p: _edit_json(p, lambda c: c.update(tt_format_version=3)), "tt_format_version 3"),
 }
 
 

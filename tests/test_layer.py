@@ -110,8 +110,17 @@ def test_a_refused_wrap_leaves_the_base_as_it_was():
 
 def test_scaling_has_one_formula():
     assert L.adapter_scaling(6, 3) == 2.0 and L.adapter_scaling(6, 4, rslora=True) == 3.0
-    assert tk.TTLinear(8, 4, ranks=[2], alpha=6).scaling == L.adapter_scaling(6, 2)
-    assert TTMLinear(8, 4, in_modes=(2, 4), out_modes=(2, 2), ranks=4, alpha=6).scaling == L.adapter_scaling(6, 4)
+    assert L.adapter_scaling(6, 3, gain=0.5) == 1.0 and L.adapter_scaling(None, 3, gain=7.0) == 1.0
+    assert tk.TTLinear(8, 4, ranks=[2], alpha=6).scaling == L.adapter_scaling(6, 2)  # LoRA-shaped: gain 1
+    # the scaling rule's gain sqrt(F) (ttkernels.init) goes through the same formula
+    tt = tk.TTLinear(8, 4, in_modes=2, out_modes=(2, 2), ranks=3, alpha=6)
+    assert (
+        tt.scaling == L.adapter_scaling(6, 3, gain=tk.init.scaling_gain(tt.spec)) == tk.init.adapter_scaling(6, tt.spec)
+    )
+    assert tk.init.scaling_gain(tt.spec) == pytest.approx(2**0.5)  # F = d_out / s_K = 4 / 2
+    ttm = TTMLinear(8, 4, in_modes=(2, 4), out_modes=(2, 2), ranks=4, alpha=6)
+    assert ttm.scaling == L.adapter_scaling(6, 4, gain=tk.init.scaling_gain(ttm.spec))
+    assert tk.init.scaling_gain(ttm.spec) == pytest.approx((4 / (2 * 4 * 4)) ** 0.5)  # F = d_out / (m_K n_K^2)
     assert tk.TTLinear(8, 4, ranks=4, alpha=0).scaling == 0.0
 
 

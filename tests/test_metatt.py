@@ -358,7 +358,7 @@ def _rewrite_tensors(path, edit):
         (lambda p: (p / CONFIG_NAME).write_text("{not json"), ValueError, "is not a readable JSON file"),
         (lambda p: (p / CONFIG_NAME).write_text("[1, 2]"), ValueError, "is not a ttkernels MetaTT adapter config"),
         (lambda p: os.remove(p / WEIGHTS_NAME), FileNotFoundError, "no adapter_model.safetensors"),
-        (lambda p: _rewrite_config(p, lambda c: c["config"].update(alpha=5.0)), ValueError, "its scaling is 1.0, this model gives 1.66"),
+        (lambda p: _rewrite_config(p, lambda c: c["config"].update(alpha=5.0)), ValueError, r"its scaling is \{'32x16': 1.0, .*this model gives \{'32x32': 3.33"),
         (lambda p: _rewrite_config(p, lambda c: c["groups"]["32x32"].update(core_shapes=[[1, 32]])), ValueError, "malformed core_shapes"),
         (lambda p: _rewrite_config(p, lambda c: c["config"].update(modes=["layer"])), ValueError, "its groups is"),
         (lambda p: _rewrite_config(p, lambda c: c["config"].update(bogus=1)), ValueError, r"unknown MetaTT config fields \['bogus'\]"),

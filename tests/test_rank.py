@@ -366,8 +366,21 @@ def test_a_trained_peft_lora_layer_becomes_a_tt_adapter_and_back():
     cores, spec = rk.from_lora(A.detach(), B.detach(), (4, 6), (5, 4), scaling=scaling)
     base = nn.Linear(24, 20, dtype=torch.float64)
     base.load_state_dict(lora.base_layer.state_dict())
-    tt = tk.TTLinear.from_cores(base, nn.ParameterList(cores), spec, alpha=spec.max_rank)  # scaling 1
+    tt = tk.TTLinear.from_cores(base, nn.ParameterList(cores), spec)  # alpha=None: scaling 1 under every rule
+    assert tt.scaling == 1.0
     torch.testing.assert_close(tt(x), want, atol=1e-10, rtol=1e-10)
+    # keeping LoRA's alpha (to train on at its hyperparameters): fold LoRA's scaling over the TT's into the cores
+    for rule in (1, 2):
+        tt_scaling = tk.init.adapter_scaling(8, spec, rule=rule)
+        kept, _ = rk.from_lora(A.detach(), B.detach(), (4, 6), (5, 4), scaling=scaling / tt_scaling)
+        tt8 = tk.TTLinear.from_cores(base, nn.ParameterList(kept), spec, alpha=8)  # computes rule 2's scaling
+        assert (
+            tt8.scaling == pytest.approx(tk.init.adapter_scaling(8, spec)) != tk.init.adapter_scaling(8, spec, rule=1)
+        )
+        tt8.scaling = tt_scaling  # a module scaled by rule 1 (as loaded from an old adapter)
+        torch.testing.assert_close(tt8(x), want, atol=1e-10, rtol=1e-10)
+        a8, b8 = rk.to_lora(list(tt8.cores), tt8.spec)  # unscaled: LoRA with scaling tt8.scaling is exact
+        torch.testing.assert_close(tt8.scaling * b8 @ a8, scaling * B.detach() @ A.detach(), atol=1e-10, rtol=1e-10)
     lora_A, lora_B = rk.to_lora(list(tt.cores), tt.spec)
     fresh = peft.get_peft_model(
         Net(), peft.LoraConfig(r=lora_A.shape[0], lora_alpha=lora_A.shape[0], target_modules=["proj"])

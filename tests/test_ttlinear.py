@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -36,7 +38,8 @@ def test_equals_dense_formula(name, bias):
             dtype=torch.float64,
         )
     )
-    assert layer.scaling == 5.0 / max(layer.spec.ranks)
+    last = layer.spec.modes[-1]  # scaling rule 2: alpha / r * sqrt(d_out / s_K) (ttkernels.init)
+    assert layer.scaling == pytest.approx(5.0 / max(layer.spec.ranks) * math.sqrt(kw["out_features"] / last.size))
     x = randn(2, 3, kw["in_features"])
     dW = layer.delta_weight(scaled=False)
     assert dW.shape == (kw["out_features"], kw["in_features"])
@@ -58,7 +61,7 @@ def test_core_layout_and_public_attributes():
     assert all(isinstance(c, nn.Parameter) and c.requires_grad for c in layer.cores)
     assert not layer.weight.requires_grad and not layer.bias.requires_grad
     assert layer.weight.shape == (30, 21) and layer.bias.shape == (30,)
-    assert layer.scaling == 1.0  # alpha defaults to the largest rank
+    assert layer.scaling == 1.0  # alpha=None: scaling 1, whatever the modes
     assert layer.num_adapter_params == 3 * 2 + 2 * 7 * 4 + 4 * 5 * 3 + 3 * 6
     assert {n for n, p in layer.named_parameters() if p.requires_grad} == {f"cores.{k}" for k in range(4)}
     r = repr(layer)

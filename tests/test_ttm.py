@@ -224,14 +224,16 @@ def test_ttmlinear_contract():
     layer = TTMLinear.from_linear(base, in_modes=(4, 6), out_modes=(5, 4), ranks=3, alpha=6)
     assert layer.weight is base.weight and not base.weight.requires_grad
     assert layer.num_adapter_params == sum(math.prod(s) for s in layer.spec.core_shapes)
-    assert layer.scaling == 2.0
+    # scaling rule 2: alpha / r * sqrt(d_out / (m_K n_K^2)), last core (3, 4, 6, 1) (ttkernels.init)
+    scaling = 6 / 3 * math.sqrt(20 / (4 * 6 * 6))
+    assert layer.scaling == pytest.approx(scaling)
     x = torch.randn(3, 7, 24, dtype=torch.float64)
     torch.testing.assert_close(layer(x), base(x))  # delta-W starts at zero
     with torch.no_grad():
         layer.cores[-1].normal_()
     y = layer(x)
     torch.testing.assert_close(y, base(x) + x @ layer.delta_weight().t())
-    torch.testing.assert_close(layer.delta_weight(), 2.0 * ttm_dense(list(layer.cores)))
+    torch.testing.assert_close(layer.delta_weight(), scaling * ttm_dense(list(layer.cores)))
     w0 = base.weight.clone()
     layer.merge()
     torch.testing.assert_close(layer(x), y)

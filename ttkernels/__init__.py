@@ -6,6 +6,7 @@ Public API:
 * :class:`TTSpec`, :class:`Mode`, :func:`factorize` — the definition of an adapter;
 * :class:`MetaTTConfig`, :func:`get_metatt_model`, :class:`MetaTTModel` — one shared TT for a whole model;
 * :mod:`ttkernels.peft` — TT adapters through PEFT (imported on demand: it imports peft);
+* :mod:`ttkernels.init` — initialization and the scaling rule that lets TT adapters train at LoRA's settings;
 * :mod:`ttkernels.rank` — TT-SVD, rounding, two-site sweeps, LoRA <-> TT, rank schedules for training;
 * :func:`tt_linear`, :func:`tt_adapter` — the functional forms, backed by the ``torch.ops.ttkernels`` ops;
 * :mod:`ttkernels.reference` — the pure-torch ground truth (the ``torch`` backend).
@@ -13,7 +14,7 @@ Public API:
 Importing ttkernels needs no GPU and no compiled extension; the CUDA extension loads lazily.
 """
 
-from . import ops, rank, reference
+from . import init, ops, rank, reference
 from .metatt import MetaTTConfig, MetaTTModel, get_metatt_model
 from .modules import TTLinear
 from .ops import BACKENDS, BackendUnavailableError, tt_adapter, tt_linear
@@ -32,6 +33,7 @@ __all__ = [
     "__version__",
     "factorize",
     "get_metatt_model",
+    "init",
     "ops",
     "rank",
     "reference",

@@ -97,13 +97,18 @@ INPUT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 BEFORE_MERGE_KEY = "weight_before_merge"
 
 
-def adapter_scaling(alpha: float, rank: int, *, rslora: bool = False) -> float:
-    """``scaling = alpha / rank`` (``alpha / sqrt(rank)`` with rsLoRA): the one formula of every layer.
+def adapter_scaling(alpha: Optional[float], rank: int, *, rslora: bool = False, gain: float = 1.0) -> float:
+    """``scaling = alpha / rank * gain`` (``alpha / sqrt(rank) * gain`` with rsLoRA): the one formula of every
+    layer. ``alpha=None``: ``scaling = 1`` (the cores carry delta-W unscaled).
 
-    ``rank`` is the adapter's largest bond rank when the layer was made; it does not follow later rank changes
-    (``replace_cores``, ``rank.compress_``), so that cores with the same delta-W give the same outputs.
+    ``gain`` is the scaling rule's factor (:func:`ttkernels.init.scaling_gain`: ``sqrt(F)`` under rule 2, 1 under
+    rule 1 and for LoRA-shaped adapters), which depends on mode sizes and sites only. ``rank`` is the adapter's
+    largest bond rank when the layer was made; it does not follow later rank changes (``replace_cores``,
+    ``rank.compress_``), so that cores with the same delta-W give the same outputs.
     """
-    return float(alpha) / (math.sqrt(rank) if rslora else rank)
+    if alpha is None:
+        return 1.0
+    return float(alpha) / (math.sqrt(rank) if rslora else rank) * gain
 
 
 def is_conv1d(module: object) -> bool:
@@ -401,10 +406,12 @@ class AdapterLayer(nn.Module):
         self._disabled = False
         register_merge_hooks(self)
 
-    def _set_alpha(self, alpha: object, rank: int) -> None:
+    def _set_alpha(self, alpha: object, rank: int, gain: float = 1.0) -> None:
+        """``alpha`` checked; ``scaling`` by :func:`adapter_scaling` (``gain``: the scaling rule's factor,
+        :func:`ttkernels.init.scaling_gain`). ``alpha=None`` keeps ``alpha = rank`` and ``scaling = 1``."""
         alpha = check_alpha(alpha)
         self.alpha = float(rank if alpha is None else alpha)
-        self.scaling = adapter_scaling(self.alpha, rank)
+        self.scaling = adapter_scaling(alpha, rank, gain=gain)
 
     @property
     def base_module(self) -> nn.Module:

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checks, ops, quantized
+from .init import RULES, SCALING_RULE, scaling_gain
 from .layer import adapter_scaling, check_alpha
 from .layer import is_conv1d as _is_conv1d
 from .metatt_hf import ForwardWithModelSignature, PeftSurface
@@ -61,7 +62,7 @@ __all__ = [
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "ttkernels-metatt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the config records its scaling rule (ttkernels.init); 1 was saved under rule 1
 MODE_NAMES = ("layer", "matrix", "head", "task")
 _TASK_ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -76,7 +77,9 @@ class MetaTTConfig:
         target_modules: module-name suffixes (``["q_proj", "v_proj"]`` matches ``...self_attn.q_proj``), or a
             regular expression matched against the whole module name (as PEFT does).
         rank: one bond rank for every bond, or one per bond (``num_cores - 1`` entries).
-        alpha: ``scaling = alpha / max(rank)``; None: ``alpha = max(rank)`` (scaling 1).
+        alpha: ``scaling = alpha / max(rank) * sqrt(F)``, ``F`` = the group's targets times ``d_out`` over the
+            last mode's size (:mod:`ttkernels.init`: an Adam step then moves each site as LoRA's does at the
+            same ``alpha``, rank and learning rate); None: scaling 1.
         modes: the index modes between in and out, in order: ``"layer"``, ``"matrix"``, and optionally
             ``"task"`` (with ``num_tasks``) and ``"head"`` (with ``num_heads``; it splits the out mode into
             ``(num_heads, out / num_heads)``, wherever it stands in ``modes``).
@@ -433,6 +436,7 @@ class MetaTTModel(PeftSurface, nn.Module):
         self.metatt_cores = nn.ModuleDict({g.name: new_cores(g.spec, device, dtype) for g in groups.values()})
         self.model = model
         self.alpha = float(config.max_rank if config.alpha is None else config.alpha)
+        self.scaling_rule = SCALING_RULE
         for t in targets:
             base = model.get_submodule(t.name)
             view = MetaTTLinear.wrap(
@@ -445,9 +449,19 @@ class MetaTTModel(PeftSurface, nn.Module):
                 backend=config.backend,
                 routing=self._routing,
             )
-            view.scaling = self.alpha / config.max_rank  # as replace_cores keeps it, for saved lower ranks
+            view.scaling = self.group_scaling(t.group)  # config.max_rank's, for saved lower ranks too
             _set_submodule(model, t.name, view)
         self._install_state_dict_hooks()
+
+    def group_scaling(self, group: str) -> float:
+        """The scaling of every view of ``group``: ``alpha / max(config.rank) * gain``, the gain of this
+        adapter's ``scaling_rule`` with the group's number of targets as its sites (:mod:`ttkernels.init`)."""
+        return _group_scalings(self.metatt_config, self.groups, self.targets, self.scaling_rule)[group]
+
+    def _set_scaling_rule(self, rule: int) -> None:
+        self.scaling_rule = rule
+        for t in self.targets:
+            self.model.get_submodule(t.name).scaling = self.group_scaling(t.group)
 
     # -------------------------------------------------------------------------------- forward
     def _forward(self, *args: Any, task_ids: Optional[Tensor] = None, **kwargs: Any) -> Any:
@@ -639,7 +653,8 @@ class MetaTTModel(PeftSurface, nn.Module):
         """Swap the cores of ``group`` for ``cores`` of other bond ranks (same mode sizes), between steps.
 
         Every view of the group is pointed at the new cores (fresh Parameters); the scaling stays
-        ``alpha / max(config.rank)``, so cores representing the same delta-W give the same outputs. With
+        :meth:`group_scaling` (it does not depend on the ranks), so cores representing the same delta-W give
+        the same outputs. With
         ``optimizer``, the old Parameters leave its param group (their state is dropped) and the new ones
         join the same group with fresh state (moments start at zero).
         """
@@ -675,7 +690,8 @@ class MetaTTModel(PeftSurface, nn.Module):
             "format_version": FORMAT_VERSION,
             "config": config,
             "num_layers": self.num_layers,
-            "scaling": adapter_scaling(self.alpha, self.metatt_config.max_rank),
+            "scaling_rule": self.scaling_rule,
+            "scaling": _group_scalings(self.metatt_config, self.groups, self.targets, self.scaling_rule),
             "groups": {g.name: g.describe() for g in self.groups.values()},
             "targets": {t.name: [t.group, t.layer, t.matrix] for t in self.targets},
         } | ({"modules_to_save": list(self.modules_to_save)} if self.modules_to_save else {})
@@ -727,10 +743,14 @@ class MetaTTModel(PeftSurface, nn.Module):
             raise ValueError(f"{file}: {e}") from e
         groups, targets, num_layers = _plan(model, config)
         saved_modules = _find_modules_to_save(model, config, targets)
+        rule = _scaling_rule(layout)
+        scaling = _group_scalings(config, groups, targets, rule)
+        if layout["format_version"] == 1:  # one scaling for every group: alpha / max(rank) (rule 1)
+            scaling = adapter_scaling(config.alpha, config.max_rank)
         want = {
             "num_layers": num_layers,
             "targets": {t.name: [t.group, t.layer, t.matrix] for t in targets},
-            "scaling": float(config.max_rank if config.alpha is None else config.alpha) / config.max_rank,
+            "scaling": scaling,
             "groups": {g.name: g.describe() for g in groups.values()},
             "modules_to_save": saved_modules,
         }
@@ -792,6 +812,7 @@ class MetaTTModel(PeftSurface, nn.Module):
         before = {key: t.detach().clone() for key, t in kept.items()}  # the model's own values, overwritten below
         self = cls(model, config, _ranks=ranks)  # restores the model itself when it fails
         try:
+            self._set_scaling_rule(rule)
             with torch.no_grad():
                 for key, target in self.adapter_state_dict().items():
                     target.copy_(tensors[key])
@@ -838,8 +859,11 @@ def _mismatch(key: str, saved: Any, now: Any, where: Any) -> str:
     return f"the adapter in {where} does not fit this model: its {key} is {str(saved)[:2000]}, this model gives {now!r}"
 
 
+# every key a layout may hold: "dtypes" and "modules_to_save" are optional, "scaling_rule" belongs to format
+# version 2 (required there) only
 _LAYOUT_KEYS = (
-    "format", "format_version", "config", "num_layers", "scaling", "groups", "targets", "dtypes", "modules_to_save",
+    "format", "format_version", "config", "num_layers", "scaling", "groups", "targets", "scaling_rule", "dtypes",
+    "modules_to_save",
 )  # fmt: skip
 _OPTIONAL_LAYOUT_KEYS = ("dtypes", "modules_to_save")
 _GROUP_KEYS = ("in_features", "out_features", "matrices", "modes", "core_shapes")
@@ -858,10 +882,9 @@ def _read_layout(path: str | os.PathLike) -> dict:
         raise
     if layout.get("format") != FORMAT:
         raise ValueError(f"{file} is not a ttkernels MetaTT adapter config (format {FORMAT!r} expected)")
-    if layout.get("format_version") != FORMAT_VERSION or type(layout.get("format_version")) is not int:
-        raise ValueError(
-            f"{file} has format_version {str(layout.get('format_version'))[:50]}; this version reads {FORMAT_VERSION}"
-        )
+    version = layout.get("format_version")
+    if type(version) is not int or not 1 <= version <= FORMAT_VERSION:
+        raise ValueError(f"{file} has format_version {str(version)[:50]}; this version reads 1 to {FORMAT_VERSION}")
 
     def fail(what: str, value: Any) -> ValueError:
         return ValueError(f"{file}: {what}, got {str(value)[:200]}")
@@ -870,15 +893,30 @@ def _read_layout(path: str | os.PathLike) -> dict:
     if unknown:
         raise fail("unknown fields", unknown[:10])
     for key in _LAYOUT_KEYS:
-        if key not in layout and key not in _OPTIONAL_LAYOUT_KEYS:
+        if key in _OPTIONAL_LAYOUT_KEYS or (key == "scaling_rule" and version < 2):
+            continue
+        if key not in layout:
             raise ValueError(f"{file} has no {key}")
     if not isinstance(layout["config"], dict):
         raise fail("config must be an object", layout["config"])
     if type(layout["num_layers"]) is not int or layout["num_layers"] < 1:
         raise fail("num_layers must be a positive int", layout["num_layers"])
+
+    def number(v: Any) -> bool:
+        return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
+
     scaling = layout["scaling"]
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
-        raise fail("scaling must be a finite number", scaling)
+    if version == 1:  # one scaling, alpha / max(rank); no scaling rule (it was rule 1)
+        if "scaling_rule" in layout:
+            raise fail("scaling_rule is not a field of format version 1", layout["scaling_rule"])
+        if not number(scaling):
+            raise fail("scaling must be a finite number >= 0", scaling)
+    else:  # the rule, and one scaling per group
+        rule = layout["scaling_rule"]
+        if type(rule) is not int or rule not in RULES:
+            raise fail(f"scaling_rule must be one of {list(RULES)}", rule)
+        if not isinstance(scaling, dict) or not all(isinstance(k, str) and number(v) for k, v in scaling.items()):
+            raise fail("scaling must be an object mapping group names to finite numbers >= 0", scaling)
     groups = layout["groups"]
     if not isinstance(groups, dict) or not groups:
         raise fail("groups must be a non-empty object", groups)
@@ -924,6 +962,22 @@ def _find_modules_to_save(model: nn.Module, config: MetaTTConfig, targets: list[
             if t.name == name or t.name.startswith(name + ".") or name.startswith(t.name + "."):
                 raise ValueError(f"modules_to_save module {name!r} overlaps the MetaTT target {t.name!r}")
     return found
+
+
+def _scaling_rule(layout: dict) -> int:
+    """The scaling rule a checked layout was saved under: 1 for format version 1, else its ``scaling_rule``."""
+    return 1 if layout["format_version"] == 1 else layout["scaling_rule"]
+
+
+def _group_scalings(config: MetaTTConfig, groups: dict[str, _Group], targets: list[_Target], rule: int) -> dict:
+    """Each group's scaling under scaling rule ``rule``: ``alpha / max(config.rank) * gain``, the gain
+    (:func:`ttkernels.init.scaling_gain`) with the group's number of targets as its sites. ``config.max_rank``,
+    not the cores' ranks: rank changes and saved lower ranks keep the scaling."""
+    out = {}
+    for name, g in groups.items():
+        sites = sum(t.group == name for t in targets)
+        out[name] = adapter_scaling(config.alpha, config.max_rank, gain=scaling_gain(g.spec, sites=sites, rule=rule))
+    return out
 
 
 def get_metatt_model(model: nn.Module, config: MetaTTConfig) -> MetaTTModel:

@@ -1,18 +1,18 @@
 """``TTLinear``: a drop-in ``nn.Linear`` with a frozen base and a trainable TT adapter.
 
 ``TTLinear(x) = x W^T + b + scaling * x dW^T`` where ``dW^T`` is the TT adapter of :mod:`ttkernels.spec`
-(C-order flattening of the in and out multi-indices) and ``scaling = alpha / max(ranks)``. The module
+(C-order flattening of the in and out multi-indices) and ``scaling`` as below. The module
 knows nothing about kernels: it builds the factors from its cores and calls :func:`ttkernels.ops.tt_adapter`.
 
-**Initialization.** delta-W is zero at the start, as LoRA's zero ``B``: the last core is zero, every other
-core is drawn from ``N(0, 1 / r_{k-1})``, and in-mode cores from ``N(0, 1 / (r_{k-1} s_k))`` so that ``A``
-has entries of variance ``1 / d_in`` (``S = x A`` keeps the scale of ``x``). The gradient of the last core is
-then non-zero from the first step, and the other cores move once it has.
+**Initialization and scaling** (:mod:`ttkernels.init`, where the rule is derived). delta-W is zero at the
+start, as LoRA's zero ``B``: the last core is zero, and the in part ``A`` has LoRA's variance ``1 / (3 d_in)``.
+``scaling = alpha / max(ranks) * sqrt(F)`` with ``F = d_out / s_K`` (1 for the LoRA-shaped chain), so that an
+Adam step moves the output as LoRA's does at the same ``alpha``, rank and learning rate; ``alpha=None``
+means ``scaling = 1``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Optional
 
@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checks, ops, quantized, reference
+from .init import init_cores_, scaling_gain
 from .layer import AdapterLayer, MergeGuard, add_delta_, base_compute_dtype, base_features, check_alpha, is_conv1d
 from .spec import TTSpec
 
@@ -45,8 +46,8 @@ class TTLinear(AdapterLayer):
             an int asking for that many near-balanced factors, or None for a single mode (the
             LoRA-shaped two-core chain).
         ranks: one bond rank for every bond, or one per bond (``len(in_modes) + len(out_modes) - 1``).
-        alpha: the scale numerator, a finite number >= 0; ``scaling = alpha / max(ranks)``. None:
-            ``alpha = max(ranks)``.
+        alpha: the scale numerator, a finite number >= 0; ``scaling = alpha / max(ranks) * sqrt(F)``
+            (:mod:`ttkernels.init`). None: ``alpha = max(ranks)`` and ``scaling = 1``.
         dropout: dropout probability on the adapter's input, in ``[0, 1)``; no mask is stored.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"`` (see :mod:`ttkernels.ops`).
         device, dtype: of the base weight; the cores follow ``device``.
@@ -176,7 +177,7 @@ class TTLinear(AdapterLayer):
         dropout = ops.check_dropout(dropout)
         ops.check_backend_name(backend)
         index = spec.check_index(index)
-        self._set_alpha(alpha, spec.max_rank)
+        self._set_alpha(alpha, spec.max_rank, gain=scaling_gain(spec))
         self.spec = spec
         self.cores = cores
         self.index = index
@@ -366,20 +367,6 @@ def _check_adapter_args(alpha: object, dropout: object, backend: object) -> None
 def _check_linear(linear: object) -> None:
     if not isinstance(linear, nn.Linear):
         raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-
-
-@torch.no_grad()
-def init_cores_(cores: Sequence[Tensor], spec: TTSpec) -> None:
-    """Draw ``cores`` in place by the rule of the module docstring: the last core zero (delta-W starts at
-    zero), in-mode cores ``N(0, 1/(r_{k-1} s_k))``, the others ``N(0, 1/r_{k-1})``."""
-    last = len(cores) - 1
-    for k, core in enumerate(cores):
-        if k == last:
-            core.zero_()
-            continue
-        r0, s, _ = core.shape
-        var = 1.0 / (r0 * s) if spec.modes[k].role == "in" else 1.0 / r0
-        core.normal_(0.0, math.sqrt(var))
 
 
 def new_cores(

@@ -39,6 +39,7 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import Tensor, nn
 
 from . import checks, ops, quantized, reference
+from .init import SCALING_RULE, scaling_gain
 from .layer import (
     MergeGuard,
     adapter_scaling,
@@ -63,12 +64,31 @@ __all__ = [
     "tt_lora_layer",
 ]
 
+# ---------------------------------------------------------------- format version of TT-LoRA folders (scaling rule)
+# All that the scaling rule (ttkernels.init) adds to the TT-LoRA route: the ``tt_format_version`` field of
+# TTLoraConfig (saved in adapter_config.json), the layer's ``tt_scaling`` / ``set_scale``, and its reading in
+# _check_tt_lora_folder / load_tt_lora.
+TT_LORA_FORMAT_VERSION = 2  # saved in adapter_config.json; absent: 1, saved under scaling rule 1
+
+
+def _check_tt_format_version(version: object, where: str = "tt_format_version") -> int:
+    if type(version) is not int or not 1 <= version <= TT_LORA_FORMAT_VERSION:
+        raise ValueError(
+            f"{where} must be an int from 1 to {TT_LORA_FORMAT_VERSION}, got tt_format_version {version!r}"
+        )
+    return version
+
+
+# ------------------------------------------------------------------------------------------------ the layer
+
 
 class TTLoraLinear(nn.Module, LoraLayer):
     """A PEFT LoRA layer on an ``nn.Linear`` whose delta-W is a TT adapter (``r`` = every bond rank).
 
     Only the cores are registered (``lora_tt_cores[adapter]``), so PEFT saves, loads and trains them alone;
-    the base layer is PEFT's ``base_layer``. ``scaling = lora_alpha / r`` (``/ sqrt(r)`` with rslora), as LoRA.
+    the base layer is PEFT's ``base_layer``. ``scaling = lora_alpha / r * sqrt(F)`` (``/ sqrt(r)`` with
+    rslora), ``F = d_out / s_K`` (1 for one out mode: LoRA's scaling; :mod:`ttkernels.init`); a config of
+    ``tt_format_version`` 1 gives ``lora_alpha / r``.
 
     Its class base is PEFT's ``LoraLayer`` (for PEFT's machinery); alpha, scaling and merging are the
     adapter-layer base's (:mod:`ttkernels.layer`), with its guarantees: ``merge()`` keeps the base weight for an
@@ -81,7 +101,7 @@ class TTLoraLinear(nn.Module, LoraLayer):
     """
 
     adapter_layer_names = LoraLayer.adapter_layer_names + ("lora_tt_cores",)
-    other_param_names = LoraLayer.other_param_names + ("tt_spec", "tt_dropout")
+    other_param_names = LoraLayer.other_param_names + ("tt_spec", "tt_dropout", "tt_scaling")
     tt_in_modes: Any = None
     tt_out_modes: Any = None
     tt_backend: str = "auto"
@@ -94,6 +114,7 @@ class TTLoraLinear(nn.Module, LoraLayer):
         self.lora_tt_cores = nn.ModuleDict()
         self.tt_spec: dict = {}
         self.tt_dropout: dict = {}
+        self.tt_scaling: dict = {}  # the scaling at scale 1 (set_scale multiplies it)
         self.fan_in_fan_out = config.fan_in_fan_out
         self._active_adapter = adapter_name
         self.__dict__["_merge_guard"] = merge_guard_for(self.get_base_layer())
@@ -127,7 +148,10 @@ class TTLoraLinear(nn.Module, LoraLayer):
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.lora_dropout[adapter_name] = nn.Identity()  # the ops apply dropout from a seed, no module
-        self.scaling[adapter_name] = adapter_scaling(lora_alpha, r, rslora=config.use_rslora)
+        rule = config.tt_scaling_rule if isinstance(config, TTLoraConfig) else SCALING_RULE
+        gain = scaling_gain(tt.spec, rule=rule)
+        self.tt_scaling[adapter_name] = adapter_scaling(lora_alpha, r, rslora=config.use_rslora, gain=gain)
+        self.scaling[adapter_name] = self.tt_scaling[adapter_name]
         self.use_rslora[adapter_name] = config.use_rslora
         self.use_dora[adapter_name] = False
         self.lora_bias[adapter_name] = False
@@ -260,6 +284,10 @@ class TTLoraLinear(nn.Module, LoraLayer):
             swap_parameters(optimizer, held, old, list(new))
         return new
 
+    def set_scale(self, adapter: str, scale: float) -> None:
+        if adapter in self.tt_scaling:  # LoraLayer's version recomputes lora_alpha / r
+            self.scaling[adapter] = scale * self.tt_scaling[adapter]
+
     # LoraLayer's versions look adapters up in lora_A
     def scale_layer(self, scale: float) -> None:
         for a in self.active_adapters:
@@ -303,7 +331,8 @@ def tt_lora_config(
     if config is not None:
         fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(peft.LoraConfig) if f.init}
         fields.pop("peft_type", None)
-        return TTLoraConfig(**fields, **tt)
+        version = getattr(config, "tt_format_version", TT_LORA_FORMAT_VERSION)  # a plain LoraConfig: this one
+        return TTLoraConfig(**fields, **tt, tt_format_version=version)
     return TTLoraConfig(**lora_kwargs, **tt)
 
 
@@ -399,6 +428,7 @@ def _check_tt_lora_folder(
     for flag in ("use_rslora", "use_dora", "fan_in_fan_out", "inference_mode", "lora_bias"):
         if type(data.get(flag, False)) is not bool:
             raise fail(flag, "true or false")
+    tt_format_version = _check_tt_format_version(data.get("tt_format_version", 1), config_file)  # absent: 1
     unsupported = sorted(k for k in _UNSUPPORTED_FIELDS if data.get(k))
     if unsupported:
         raise ValueError(f"{config_file} sets {unsupported}, which TT-LoRA layers do not support")
@@ -432,6 +462,7 @@ def _check_tt_lora_folder(
             "weights), not a TT-LoRA one: load it with peft.PeftModel.from_pretrained"
         )
     config = _config_from(data, options, config_file)
+    config.tt_format_version = tt_format_version
     found: dict[str, dict[int, checks.TensorInfo]] = {}
     others: dict[str, checks.TensorInfo] = {}  # modules_to_save tensors and biases, checked against the model below
     for key, info in header.items():
@@ -507,7 +538,9 @@ def load_tt_lora(
     backend: Optional[str] = None,
     **kwargs: Any,
 ) -> peft.PeftModel:
-    """``PeftModel.from_pretrained`` for an adapter saved from a :func:`tt_lora_config` model.
+    """``PeftModel.from_pretrained`` for an adapter saved from a :func:`tt_lora_config` model; the TT options
+    must be the ones it was trained with. A folder saved before ``tt_format_version`` existed loads with the
+    scaling it was trained with (``lora_alpha / r``).
 
     The folder records its TT options (``peft_type`` ``TT_LORA``, ``tt_in_modes``, ``tt_out_modes``,
     ``tt_backend``); ``in_modes`` / ``out_modes``, when given, must agree with them, and ``backend`` overrides the
@@ -586,16 +619,25 @@ def _check_tt_modes(name: str, modes: Any) -> Any:
 
 @dataclasses.dataclass
 class TTLoraConfig(peft.LoraConfig):
-    """``peft.LoraConfig`` plus the TT options of :class:`TTLoraLinear`; saved with ``peft_type`` ``"TT_LORA"``
-    and these fields, so the folder says what it holds. In memory ``peft_type`` stays LoRA's (PEFT's LoRA
+    """``peft.LoraConfig`` plus the TT options of :class:`TTLoraLinear` and the format version of the adapter
+    (``tt_format_version``); saved with ``peft_type`` ``"TT_LORA"`` and these fields, so the folder says what it
+    holds. In memory ``peft_type`` stays LoRA's (PEFT's LoRA
     machinery runs the layers)."""
 
     tt_in_modes: Any = None
     tt_out_modes: Any = None
     tt_backend: str = "auto"
+    # Version 2 scales by ttkernels.init's rule (lora_alpha / r * sqrt(F)); version 1 (folders saved before the
+    # field existed) by lora_alpha / r.
+    tt_format_version: int = TT_LORA_FORMAT_VERSION
+
+    @property
+    def tt_scaling_rule(self) -> int:
+        return 1 if _check_tt_format_version(self.tt_format_version) == 1 else SCALING_RULE
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check_tt_format_version(self.tt_format_version)
         self.tt_in_modes = _check_tt_modes("tt_in_modes", self.tt_in_modes)
         self.tt_out_modes = _check_tt_modes("tt_out_modes", self.tt_out_modes)
         ops.check_backend_name(self.tt_backend)

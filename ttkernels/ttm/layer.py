@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..init import init_ttm_cores_, scaling_gain
 from ..layer import AdapterLayer, base_compute_dtype
 from .ops import TTM_BACKENDS, ttm_apply
 from .reference import ttm_dense
@@ -19,11 +20,13 @@ class TTMLinear(AdapterLayer):
     """A frozen linear layer plus a TT-matrix adapter: ``x W^T + b + scaling * x dW^T``.
 
     The TT-matrix counterpart of :class:`~ttkernels.TTLinear`, on the same base
-    (:class:`~ttkernels.layer.AdapterLayer`: the base is shared and frozen, ``scaling = alpha / max(ranks)``,
-    ``delta_weight()`` is scaled, ``merge()`` / ``unmerge()`` with an exact unmerge, ``adapter_disabled()``,
-    ``replace_cores()``). delta-W starts at zero (the last core is zero; the others are drawn from
-    ``N(0, 1 / (r_{k-1} n_k))``). No dropout. ``backend`` is :func:`~ttkernels.ttm.ttm_apply`'s (``"auto"``: the
-    torch sweep on the CPU, the measured choice between the fused kernels and reconstruct-then-GEMM on a GPU).
+    (:class:`~ttkernels.layer.AdapterLayer`: the base is shared and frozen, ``scaling = alpha / max(ranks) *
+    sqrt(F)`` with ``F = d_out / (m_K n_K^2)`` for the last core ``(r, m_K, n_K, 1)`` (:mod:`ttkernels.init`;
+    ``alpha=None``: 1), ``delta_weight()`` is scaled, ``merge()`` / ``unmerge()`` with an exact unmerge,
+    ``adapter_disabled()``, ``replace_cores()``). delta-W starts at zero (the last core is zero; the others are
+    drawn from ``N(0, 1 / (r_{k-1} n_k))``, the first times 1/3, as LoRA's ``A``). No dropout. ``backend`` is
+    :func:`~ttkernels.ttm.ttm_apply`'s (``"auto"``: the torch sweep on the CPU, the measured choice between the
+    fused kernels and reconstruct-then-GEMM on a GPU).
 
     ``from_linear`` also takes a bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` or a torchao-quantized
     ``nn.Linear`` (:mod:`ttkernels.quantized`):
@@ -82,7 +85,7 @@ class TTMLinear(AdapterLayer):
             not isinstance(adapter_dtype, torch.dtype) or not adapter_dtype.is_floating_point
         ):
             raise TypeError(f"adapter_dtype must be a floating-point torch.dtype or None, got {adapter_dtype!r}")
-        self._set_alpha(alpha, spec.max_rank)
+        self._set_alpha(alpha, spec.max_rank, gain=scaling_gain(spec))
         self._attach_base(base)
         wd = base_compute_dtype(base)
         dtype = adapter_dtype or (wd if wd in (torch.float32, torch.float64) else torch.float32)
@@ -95,13 +98,9 @@ class TTMLinear(AdapterLayer):
 
     @torch.no_grad()
     def reset_adapter_parameters(self) -> None:
-        """Re-draw the cores: delta-W becomes zero (the last core is zero)."""
-        last = len(self.cores) - 1
-        for k, core in enumerate(self.cores):
-            if k == last:
-                core.zero_()
-            else:
-                core.normal_(0.0, (1.0 / (core.shape[0] * core.shape[2])) ** 0.5)
+        """Re-draw the cores (:func:`ttkernels.init.init_ttm_cores_`): delta-W becomes zero (the last core is
+        zero)."""
+        init_ttm_cores_(self.cores)
 
     def spec_for_cores(self, cores: Sequence[Tensor]) -> TTMSpec:
         """The spec of ``cores`` (same mode sizes as this layer's, any bond ranks), checked as a chain."""

@@ -25,6 +25,8 @@ from .spec import TTSpec
 
 __all__ = ["TTLinear", "init_cores_", "new_cores"]
 
+_LEAN_BACKENDS = ("auto", "torch")
+
 
 def _adapter_dtype(dtype: Optional[torch.dtype], adapter_dtype: Optional[torch.dtype]) -> torch.dtype:
     checks.check_float_dtype(dtype, "dtype")
@@ -219,6 +221,8 @@ class TTLinear(AdapterLayer):
         return super().forward(x, task_ids=task_ids)
 
     def adapter_forward(self, x: Tensor, task_ids: Optional[Tensor] = None) -> Tensor:
+        if self.backend in _LEAN_BACKENDS and not torch.compiler.is_compiling():
+            return self._lean_forward(x, task_ids)
         return ops.tt_linear(
             x,
             self.base_weight,
@@ -231,6 +235,63 @@ class TTLinear(AdapterLayer):
             dropout=self.dropout if self.training else 0.0,
             backend=self.backend,
         )
+
+    # -------------------------------------------------------------------------------- the lean path
+    # The torch backend in eager mode: what a call costs is Python and dispatcher overhead (at one token the
+    # arithmetic is noise), so this path checks the cores once per (spec, cores) and keeps the factors while the
+    # cores are unchanged (no-grad calls: eval, decode). Without dropout or task ids it calls plain torch ops
+    # (autograd's own backward, as nn.Linear and PEFT's LoRA); otherwise it calls the fused op with the factors.
+    # Under torch.compile, and for the other backends, forward goes through ops.tt_linear as before.
+    def _checked_cores(self) -> list[Tensor]:
+        # the ParameterList's dict, not its iterator (which costs a getattr per core)
+        cores = list(self.cores._parameters.values())
+        if len(cores) != len(self.cores):
+            cores = list(self.cores)
+        key = (self.spec, *map(id, cores))
+        if self.__dict__.get("_lean_checked") != key:
+            reference.check_cores(cores, self.spec)
+            self.spec.check_index(self.index)
+            self.__dict__["_lean_checked"] = key
+        return cores
+
+    def _factors(self) -> tuple[Tensor, Optional[Tensor], Tensor]:
+        cores = self._checked_cores()
+        if torch.is_grad_enabled():
+            return reference.build_factors(cores, self.spec, self.index)
+        # keyed on each core's identity, in-place version and storage (a .data swap or a .to() changes it)
+        key = (self.spec, *((id(c), c._version, c.data_ptr(), c.device) for c in cores))
+        cached = self.__dict__.get("_lean_factors")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        factors = reference.build_factors(cores, self.spec, self.index)
+        self.__dict__["_lean_factors"] = (key, factors)  # one assignment: a reader sees an old or a new pair
+        return factors
+
+    def _lean_forward(self, x: Tensor, task_ids: Optional[Tensor]) -> Tensor:
+        A, C, B = self._factors()
+        p = self.dropout if self.training else 0.0
+        weight, bias = self.base_weight, self.bias
+        dev = x.device
+        plain = (
+            p == 0.0
+            and task_ids is None
+            and x.dtype == weight.dtype == A.dtype
+            and (bias is None or bias.dtype == x.dtype)
+            and (C is None or C.dtype == x.dtype)
+            and dev == weight.device == A.device
+            and dev.type != "meta"
+            and not torch.is_autocast_enabled(dev.type)
+        )
+        if not plain:  # the fused op, with its checks, casts and dropout
+            return ops.tt_adapter(
+                x, weight, bias, A, C, B, task_ids=task_ids, scaling=self.scaling, dropout=p, backend=self.backend
+            )
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        S = x2 @ A
+        if C is not None:
+            S = S @ C
+        y = torch.nn.functional.linear(x2, weight, bias).addmm_(S, B, alpha=self.scaling)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     # -------------------------------------------------------------------------------- delta-W
     def delta_weight(self, task: int | None = None, *, scaled: bool = True) -> Tensor:

@@ -202,7 +202,14 @@ def factors(
     per-sample mode of size T. Cost ``O((d_in + d_out) r^2)``; differentiable by torch autograd.
     """
     check_cores(cores, spec)
-    index = spec.check_index(index)
+    return build_factors(cores, spec, spec.check_index(index))
+
+
+def build_factors(
+    cores: Sequence[Tensor], spec: TTSpec, index: Mapping[str, int]
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """:func:`factors` without its checks: ``cores`` already checked against ``spec``, ``index`` by
+    ``spec.check_index`` (the layers check once per spec and cores, not per call)."""
     p, q = spec.last_in, spec.first_out
 
     def sliced(k: int) -> Tensor:

@@ -283,6 +283,10 @@ class TTLinear(AdapterLayer):
             and not torch.is_autocast_enabled(dev.type)
         )
         if not plain:  # the fused op, with its checks, casts and dropout
+            if dev.type == "meta":  # as tt_linear refuses it, before any other check
+                raise ValueError(
+                    "x is on the meta device: the adapter needs real values (materialize the model and inputs)"
+                )
             return ops.tt_adapter(
                 x, weight, bias, A, C, B, task_ids=task_ids, scaling=self.scaling, dropout=p, backend=self.backend
             )

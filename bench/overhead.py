@@ -4,7 +4,8 @@ Times tiny problems (one token, d = 64, r = 4, one CPU thread by default), where
 what is left is per-call overhead: the op layers alone, then forward (no grad) and forward + backward of
 nn.Linear, PEFT's LoRA layer and TTLinear (LoRA-shaped, and with 2 + 2 modes), with each path's ratio to PEFT's
 LoRA. Paths are timed interleaved (each round times every path, in a rotated order; medians over rounds), so a
-loaded machine slows them alike. Prints a table and writes a JSON row to the results folder (bench/out/, git-ignored, unless --out) with the device and versions.
+loaded machine slows them alike; on the CPU the clock is the thread's CPU time (time.thread_time), which leaves
+out time the scheduler gives to other processes. Prints a table and writes a JSON row to the results folder (bench/out/, git-ignored, unless --out) with the device and versions.
 
     python -m bench.overhead [--device cpu|cuda] [--reps 2000]
 """
@@ -34,6 +35,8 @@ def _interleaved(fns: dict, reps: int, device: torch.device, rounds: int = 21) -
     """Median microseconds per call of each function, timed side by side: every round times each function for
     ``reps`` calls in a rotated order, so that load on a shared machine falls on all of them alike."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    # On the CPU: this thread's CPU time, so that time the scheduler gives to other processes is not counted.
+    clock = time.perf_counter if device.type == "cuda" else time.thread_time
     names = list(fns)
     for name in names:
         for _ in range(max(reps // 10, 10)):
@@ -43,11 +46,11 @@ def _interleaved(fns: dict, reps: int, device: torch.device, rounds: int = 21) -
         for name in names[i % len(names) :] + names[: i % len(names)]:
             fn = fns[name]
             sync()
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(reps):
                 fn()
             sync()
-            samples[name].append((time.perf_counter() - t0) / reps * 1e6)
+            samples[name].append((clock() - t0) / reps * 1e6)
     return {name: statistics.median(v) for name, v in samples.items()}
 
 

@@ -237,29 +237,34 @@ class TTLinear(AdapterLayer):
         )
 
     # -------------------------------------------------------------------------------- the lean path
-    # The torch backend in eager mode: what a call costs is Python and dispatcher overhead (at one token the
-    # arithmetic is noise), so this path checks the cores once per (spec, cores) and keeps the factors while the
-    # cores are unchanged (no-grad calls: eval, decode). Without dropout or task ids it calls plain torch ops
-    # (autograd's own backward, as nn.Linear and PEFT's LoRA); otherwise it calls the fused op with the factors.
-    # Under torch.compile, and for the other backends, forward goes through ops.tt_linear as before.
+    # The torch backend in eager mode. At one token a call costs Python, dispatcher and autograd-graph overhead
+    # (the arithmetic is noise), so this path checks the cores once per (spec, cores), keeps the factors while the
+    # cores are unchanged (keyed on each core's identity, in-place version and storage: an optimizer step or a
+    # .to() rebuilds them once) in no-grad calls, and in grad mode too where they are views of the cores (a
+    # LoRA-shaped chain: a view's graph holds no saved tensor, so it serves any number of backward passes).
+    # Without dropout or task ids it computes with plain torch ops and torch autograd (as nn.Linear and PEFT's
+    # LoRA do: one Python autograd.Function backward costs more than the whole graph here). Dropout, task ids,
+    # autocast and mixed dtypes go through the fused op (ops.tt_adapter) with these factors. Under
+    # torch.compile, and for the other backends, forward goes through ops.tt_linear as before.
     def _checked_cores(self) -> list[Tensor]:
-        # the ParameterList's dict, not its iterator (which costs a getattr per core)
-        cores = list(self.cores._parameters.values())
-        if len(cores) != len(self.cores):
-            cores = list(self.cores)
+        # the ParameterList's dict, not its iterator or nn.Module.__getattr__ (each costs a Python call per use)
+        cores = list(self._modules["cores"]._parameters.values())
         key = (self.spec, *map(id, cores))
         if self.__dict__.get("_lean_checked") != key:
+            cores = list(self.cores)
             reference.check_cores(cores, self.spec)
             self.spec.check_index(self.index)
-            self.__dict__["_lean_checked"] = key
+            spec = self.spec
+            self.__dict__["_lean_views"] = spec.num_cores == 2 and spec.last_in == 0 and spec.first_out == 1
+            self.__dict__["_lean_factors"] = None
+            self.__dict__["_lean_checked"] = (self.spec, *map(id, cores))
         return cores
 
-    def _factors(self) -> tuple[Tensor, Optional[Tensor], Tensor]:
-        cores = self._checked_cores()
-        if torch.is_grad_enabled():
+    def _factors(self, cores: list[Tensor]) -> tuple[Tensor, Optional[Tensor], Tensor]:
+        grad = torch.is_grad_enabled()
+        if grad and not self.__dict__["_lean_views"]:
             return reference.build_factors(cores, self.spec, self.index)
-        # keyed on each core's identity, in-place version and storage (a .data swap or a .to() changes it)
-        key = (self.spec, *((id(c), c._version, c.data_ptr(), c.device) for c in cores))
+        key = (grad, *((id(c), c._version, c.data_ptr(), c.device) for c in cores))
         cached = self.__dict__.get("_lean_factors")
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -268,18 +273,22 @@ class TTLinear(AdapterLayer):
         return factors
 
     def _lean_forward(self, x: Tensor, task_ids: Optional[Tensor]) -> Tensor:
-        A, C, B = self._factors()
+        cores = self._checked_cores()
+        A, C, B = self._factors(cores)
         p = self.dropout if self.training else 0.0
-        weight, bias = self.base_weight, self.bias
-        dev = x.device
+        params = self._parameters
+        weight, bias = params["weight"], params.get("bias")
+        if self.weight_transposed:
+            weight = weight.t()
+        dev, dt = x.device, x.dtype
         plain = (
             p == 0.0
             and task_ids is None
-            and x.dtype == weight.dtype == A.dtype
-            and (bias is None or bias.dtype == x.dtype)
-            and (C is None or C.dtype == x.dtype)
+            and dt == weight.dtype == A.dtype == B.dtype
             and dev == weight.device == A.device
-            and dev.type != "meta"
+            and (bias is None or bias.dtype == dt)
+            and (C is None or C.dtype == dt)
+            and not x.is_meta
             and not torch.is_autocast_enabled(dev.type)
         )
         if not plain:  # the fused op, with its checks, casts and dropout

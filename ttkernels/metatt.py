@@ -434,10 +434,8 @@ class MetaTTModel(nn.Module):
             raise ValueError("task_ids is on the meta device: it needs values")
         if task_ids.dim() != 1:
             raise ValueError(f"task_ids must be 1-D (one id per sample), got shape {tuple(task_ids.shape)}")
-        if task_ids.numel() and not torch.compiler.is_compiling():
-            lo, hi = int(task_ids.min()), int(task_ids.max())
-            if lo < 0 or hi >= num_tasks:
-                raise IndexError(f"task_ids must lie in [0, {num_tasks}), got values from {lo} to {hi}")
+        if not torch.compiler.is_compiling():
+            checks.check_task_ids_range(task_ids, num_tasks)  # on the ids' device: no host read on a GPU
         return task_ids
 
     def views(self) -> Iterator[tuple[str, MetaTTLinear]]:

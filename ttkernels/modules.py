@@ -246,35 +246,42 @@ class TTLinear(AdapterLayer):
     # LoRA do: one Python autograd.Function backward costs more than the whole graph here). Dropout, task ids,
     # autocast and mixed dtypes go through the fused op (ops.tt_adapter) with these factors. Under
     # torch.compile, and for the other backends, forward goes through ops.tt_linear as before.
-    def _checked_cores(self) -> list[Tensor]:
+    def _lean_state(self) -> _LeanCache:
+        cache = self.__dict__.get("_lean")
+        if cache is None:
+            cache = self.__dict__["_lean"] = _LeanCache()
+        return cache
+
+    def _checked_cores(self, cache: _LeanCache) -> list[Tensor]:
         # the ParameterList's dict, not its iterator or nn.Module.__getattr__ (each costs a Python call per use)
         cores = list(self._modules["cores"]._parameters.values())
         key = (self.spec, *map(id, cores))
-        if self.__dict__.get("_lean_checked") != key:
+        if cache.checked != key:
             cores = list(self.cores)
             reference.check_cores(cores, self.spec)
             self.spec.check_index(self.index)
             spec = self.spec
-            self.__dict__["_lean_views"] = spec.num_cores == 2 and spec.last_in == 0 and spec.first_out == 1
-            self.__dict__["_lean_factors"] = None
-            self.__dict__["_lean_checked"] = (self.spec, *map(id, cores))
+            cache.views = spec.num_cores == 2 and spec.last_in == 0 and spec.first_out == 1
+            cache.factors = None
+            cache.checked = (self.spec, *map(id, cores))
         return cores
 
-    def _factors(self, cores: list[Tensor]) -> tuple[Tensor, Optional[Tensor], Tensor]:
+    def _factors(self, cache: _LeanCache, cores: list[Tensor]) -> tuple[Tensor, Optional[Tensor], Tensor]:
         grad = torch.is_grad_enabled()
-        if grad and not self.__dict__["_lean_views"]:
+        if grad and not cache.views:
             return reference.build_factors(cores, self.spec, self.index)
         key = (grad, *((id(c), c._version, c.data_ptr(), c.device) for c in cores))
-        cached = self.__dict__.get("_lean_factors")
+        cached = cache.factors
         if cached is not None and cached[0] == key:
             return cached[1]
         factors = reference.build_factors(cores, self.spec, self.index)
-        self.__dict__["_lean_factors"] = (key, factors)  # one assignment: a reader sees an old or a new pair
+        cache.factors = (key, factors)  # one assignment: a reader sees an old or a new pair
         return factors
 
     def _lean_forward(self, x: Tensor, task_ids: Optional[Tensor]) -> Tensor:
-        cores = self._checked_cores()
-        A, C, B = self._factors(cores)
+        cache = self._lean_state()
+        cores = self._checked_cores(cache)
+        A, C, B = self._factors(cache, cores)
         p = self.dropout if self.training else 0.0
         params = self._parameters
         weight, bias = params["weight"], params.get("bias")
@@ -333,6 +340,24 @@ class TTLinear(AdapterLayer):
         if self.merged:
             text += ", merged=True"
         return text
+
+
+class _LeanCache:
+    """What the lean path keeps between calls: the checked (spec, cores) and the factors of one core version.
+    Not state: a copy or a pickle of the layer starts empty (the factors may carry autograd graph views)."""
+
+    __slots__ = ("checked", "factors", "views")
+
+    def __init__(self) -> None:
+        self.checked: Optional[tuple] = None
+        self.views = False
+        self.factors: Optional[tuple] = None
+
+    def __deepcopy__(self, memo: dict) -> _LeanCache:
+        return _LeanCache()
+
+    def __reduce__(self) -> tuple:
+        return (_LeanCache, ())
 
 
 def _check_adapter_args(alpha: object, dropout: object, backend: object) -> None:

@@ -319,3 +319,34 @@ def test_compile_reduce_overhead_metatt_model():
     compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
     for _ in range(3):
         torch.testing.assert_close(compiled(x, task_ids=ids), model(x, task_ids=ids))
+
+
+# ------------------------------------------------------------------------------------------ MetaTT sharing
+def test_metatt_views_share_a_and_b_within_a_call(monkeypatch):
+    from ttkernels import reference
+
+    model = _metatt(0.0)
+    x, ids = torch.randn(3, 8), torch.tensor([1, 0, 2])
+    built = []
+    original = reference.build_sides
+    monkeypatch.setattr(reference, "build_sides", lambda *a: built.append(1) or original(*a))
+    y = model(x, task_ids=ids)
+    assert len(built) == 2  # two groups (q: 8 -> 8, v: 8 -> 6), four views
+    y.square().sum().backward()
+    grads = [p.grad.clone() for p in model.shared_parameters()]
+    model.zero_grad()
+    # the same step with every view building its own factors (under saved-tensor hooks nothing is shared)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        y2 = model(x, task_ids=ids)
+    assert len(built) == 2
+    y2.square().sum().backward()
+    torch.testing.assert_close(y2, y)
+    for g, p in zip(grads, model.shared_parameters()):
+        torch.testing.assert_close(p.grad, g)
+    # two calls, two separate backwards: no graph is shared between calls
+    model.zero_grad()
+    first, second = model(x, task_ids=ids), model(x, task_ids=ids)
+    first.sum().backward()
+    second.sum().backward()
+    with torch.no_grad():  # outside a call nothing is kept
+        assert model._routing.shared is None

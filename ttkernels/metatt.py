@@ -168,6 +168,8 @@ class _Routing(threading.local):
 
     def __init__(self) -> None:
         self.task_ids: Optional[Tensor] = None
+        # factors the views share within this call (A and B of each group's cores, built once), or None
+        self.shared: Optional[dict] = None
 
     def __deepcopy__(self, memo: dict) -> _Routing:
         return _Routing()
@@ -407,12 +409,13 @@ class MetaTTModel(nn.Module):
     # -------------------------------------------------------------------------------- forward
     def forward(self, *args: Any, task_ids: Optional[Tensor] = None, **kwargs: Any) -> Any:
         routing = self._routing  # per thread: concurrent calls keep their own task ids
-        previous = routing.task_ids
+        previous, previous_shared = routing.task_ids, routing.shared
         routing.task_ids = self._check_task_ids(task_ids)
+        routing.shared = {}  # A and B of each group's cores, built once in this call for all its views
         try:
             return self.model(*args, **kwargs)
         finally:
-            routing.task_ids = previous
+            routing.task_ids, routing.shared = previous, previous_shared
 
     def _check_task_ids(self, task_ids: Optional[Tensor]) -> Optional[Tensor]:
         num_tasks = self.config.num_tasks

@@ -262,6 +262,12 @@ class TTLinear(AdapterLayer):
             self.spec.check_index(self.index)
             spec = self.spec
             cache.views = spec.num_cores == 2 and spec.last_in == 0 and spec.first_out == 1
+            roles = [m.role for m in spec.modes]
+            # in modes, then index modes, then out modes: A and B depend on the cores alone (not on index), so
+            # every view onto these cores (MetaTT's groups) can share them
+            cache.sides = all(r == "in" for r in roles[: spec.last_in + 1]) and all(
+                r == "out" for r in roles[spec.first_out :]
+            )
             cache.factors = None
             cache.checked = (self.spec, *map(id, cores))
         return cores
@@ -269,6 +275,22 @@ class TTLinear(AdapterLayer):
     def _factors(self, cache: _LeanCache, cores: list[Tensor]) -> tuple[Tensor, Optional[Tensor], Tensor]:
         grad = torch.is_grad_enabled()
         if grad and not cache.views:
+            # Within one call of a model that shares cores between its views (MetaTTModel), A and B are built
+            # once for all views: the call hands its views a dict (per thread, per call) that lives until it
+            # returns, so no graph outlives the forward that built it. Not under saved-tensor hooks (activation
+            # checkpointing), where a recomputation must save what the first forward saved.
+            routing = self.__dict__.get("_routing")
+            shared = None if routing is None else routing.shared
+            if (
+                shared is not None
+                and cache.sides
+                and torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+            ):
+                key = (id(self._modules["cores"]), self.spec.last_in, self.spec.first_out)
+                sides = shared.get(key)
+                if sides is None:
+                    sides = shared[key] = reference.build_sides(cores, self.spec.last_in, self.spec.first_out)
+                return sides[0], reference.factor_c(cores, self.spec, self.index), sides[1]
             return reference.build_factors(cores, self.spec, self.index)
         key = (grad, *((id(c), c._version, c.data_ptr(), c.device) for c in cores))
         cached = cache.factors
@@ -346,11 +368,12 @@ class _LeanCache:
     """What the lean path keeps between calls: the checked (spec, cores) and the factors of one core version.
     Not state: a copy or a pickle of the layer starts empty (the factors may carry autograd graph views)."""
 
-    __slots__ = ("checked", "factors", "views")
+    __slots__ = ("checked", "factors", "sides", "views")
 
     def __init__(self) -> None:
         self.checked: Optional[tuple] = None
         self.views = False
+        self.sides = False
         self.factors: Optional[tuple] = None
 
     def __deepcopy__(self, memo: dict) -> _LeanCache:

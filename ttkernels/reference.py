@@ -243,6 +243,22 @@ def build_factors(
     return A, factor_c(cores, spec, index), B
 
 
+def build_sides(cores: Sequence[Tensor], last_in: int, first_out: int) -> tuple[Tensor, Tensor]:
+    """``A`` and ``B`` of :func:`build_factors` for a spec whose cores up to ``last_in`` are all in modes and
+    from ``first_out`` on all out modes (index modes only in between): they do not depend on the index."""
+    r0, s, r1 = cores[0].shape
+    A = cores[0].reshape(s, r1)
+    for k in range(1, last_in + 1):
+        r0, s, r1 = cores[k].shape
+        A = (A @ cores[k].reshape(r0, s * r1)).reshape(-1, r1)
+    r0, s, r1 = cores[-1].shape
+    B = cores[-1].reshape(r0, s)
+    for k in range(len(cores) - 2, first_out - 1, -1):
+        r0, s, r1 = cores[k].shape
+        B = (cores[k].reshape(r0 * s, r1) @ B).reshape(r0, -1)
+    return A, B
+
+
 def factor_c(cores: Sequence[Tensor], spec: TTSpec, index: Mapping[str, int]) -> Tensor | None:
     """``C`` of :func:`factors` alone (``index`` already checked by ``spec.check_index``)."""
     C: Tensor | None = None

@@ -350,3 +350,21 @@ def test_metatt_views_share_a_and_b_within_a_call(monkeypatch):
     second.sum().backward()
     with torch.no_grad():  # outside a call nothing is kept
         assert model._routing.shared is None
+
+
+def test_overhead_bench_writes_peft_rows_and_ratios(tmp_path):
+    import json
+
+    pytest.importorskip("peft")
+    from bench import overhead
+
+    assert overhead.main(["--device", "cpu", "--reps", "2", "--rounds", "2", "--out", str(tmp_path)]) == 0
+    row = json.loads((tmp_path / "overhead-cpu.jsonl").read_text().splitlines()[-1])
+    ratios = row["ratio_to_peft_lora"]
+    for spec in ("TTLinear 1+1 (LoRA-shaped)", "TTLinear 2+2"):
+        for what in ("forward", "forward+backward"):
+            key = f"{spec} {what}"
+            assert row["us_per_call"][key] > 0
+            assert ratios[key] == pytest.approx(row["us_per_call"][key] / row["us_per_call"][f"PEFT LoRA {what}"])
+    assert ratios["PEFT LoRA forward"] == 1.0
+    assert row["threads"] == 1 and row["peft"] and "interleaved" in row["method"]

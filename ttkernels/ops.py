@@ -543,8 +543,9 @@ def tt_adapter(
 
     ``C`` is None, ``(r_a, r_b)``, or ``(T, r_a, r_b)`` with ``task_ids`` (an integer tensor of x's leading
     shape, or a prefix of it: one id per sample) choosing each row's slice. ``dropout`` applies to the
-    adapter's input only; its mask is a function of ``seed`` (drawn from torch's default generator when
-    None), regenerated in backward. The output has the compute dtype: x's, or autocast's when it is on.
+    adapter's input only; its mask is a function of ``seed`` (an int, or an integer tensor used where it
+    lies, never read on the host; when None, drawn on x's device from its default generator, so a captured
+    CUDA graph draws a fresh one at each replay), regenerated in backward. The output has the compute dtype: x's, or autocast's when it is on.
     """
     x = _check_tensor(x, "x")
     weight = _check_tensor(weight, "weight")

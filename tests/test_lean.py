@@ -358,7 +358,11 @@ def test_overhead_bench_writes_peft_rows_and_ratios(tmp_path):
     pytest.importorskip("peft")
     from bench import overhead
 
-    assert overhead.main(["--device", "cpu", "--reps", "2", "--rounds", "2", "--out", str(tmp_path)]) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert overhead.main(["--device", "cpu", "--reps", "2", "--rounds", "2", "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
     row = json.loads((tmp_path / "overhead-cpu.jsonl").read_text().splitlines()[-1])
     ratios = row["ratio_to_peft_lora"]
     for spec in ("TTLinear 1+1 (LoRA-shaped)", "TTLinear 2+2"):

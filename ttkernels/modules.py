@@ -240,8 +240,9 @@ class TTLinear(AdapterLayer):
     # The torch backend in eager mode. At one token a call costs Python, dispatcher and autograd-graph overhead
     # (the arithmetic is noise), so this path checks the cores once per (spec, cores), keeps the factors while the
     # cores are unchanged (keyed on each core's identity, in-place version and storage: an optimizer step or a
-    # .to() rebuilds them once) in no-grad calls, and in grad mode too where they are views of the cores (a
-    # LoRA-shaped chain: a view's graph holds no saved tensor, so it serves any number of backward passes).
+    # .to() rebuilds them once; writes through core.data are not seen, as README says) in no-grad calls, and in
+    # grad mode too where they are views of the cores (a LoRA-shaped chain: a view's graph holds no saved
+    # tensor, so it serves any number of backward passes).
     # Without dropout or task ids it computes with plain torch ops and torch autograd (as nn.Linear and PEFT's
     # LoRA do: one Python autograd.Function backward costs more than the whole graph here). Dropout, task ids,
     # autocast and mixed dtypes go through the fused op (ops.tt_adapter) with these factors. Under

@@ -62,7 +62,7 @@ import torch
 from torch import nn
 
 from ttkernels import MetaTTConfig, Mode, TTLinear, TTSpec, factorize, get_metatt_model
-from ttkernels.modules import new_cores
+from ttkernels.modules import new_cores, shared_factors
 
 from . import harness
 
@@ -213,7 +213,20 @@ def _attach_metatt_factored(base: nn.Module, rank: int) -> tuple[nn.Module, list
                 index = {"layer": i, "matrix": names.index(name)}
                 view = TTLinear.from_cores(getattr(parent, name), cores, spec, index=index, alpha=rank)
                 setattr(parent, name, view)
+    # as a MetaTTModel call does: the views of one forward share their group's A and B
+    model.register_forward_pre_hook(_open_shared_factors)
+    model.register_forward_hook(_close_shared_factors, always_call=True)
     return model, specs
+
+
+def _open_shared_factors(module: nn.Module, args: Any) -> None:
+    block = shared_factors()
+    block.__enter__()
+    module.__dict__.setdefault("_shared_factor_blocks", []).append(block)
+
+
+def _close_shared_factors(module: nn.Module, args: Any, output: Any) -> None:
+    module.__dict__["_shared_factor_blocks"].pop().__exit__(None, None, None)
 
 
 def _lora_params(llama: nn.Module, rank: int) -> int:

@@ -372,3 +372,37 @@ def test_overhead_bench_writes_peft_rows_and_ratios(tmp_path):
             assert ratios[key] == pytest.approx(row["us_per_call"][key] / row["us_per_call"][f"PEFT LoRA {what}"])
     assert ratios["PEFT LoRA forward"] == 1.0
     assert row["threads"] == 1 and row["peft"] and "interleaved" in row["method"]
+
+
+def test_shared_factors_block_for_views_onto_shared_cores(monkeypatch):
+    from ttkernels import reference
+    from ttkernels.modules import shared_factors
+
+    spec = tk.TTSpec.build((3, 4), (2, 5), 3, index_modes=[tk.Mode.index("layer", 3)])
+    cores = nn.ParameterList([nn.Parameter(c) for c in random_cores(spec)])
+    views = [
+        tk.TTLinear.from_cores(nn.Linear(12, 10, dtype=torch.float64), cores, spec, index={"layer": i})
+        for i in range(3)
+    ]
+    x = torch.randn(5, 12, dtype=torch.float64)
+
+    def run():
+        h = sum(v(x) for v in views)
+        h.square().sum().backward()
+        grads = [c.grad.clone() for c in cores]
+        cores.zero_grad()
+        return h, grads
+
+    built = []
+    original = reference.build_sides
+    monkeypatch.setattr(reference, "build_sides", lambda *a: built.append(1) or original(*a))
+    y_alone, g_alone = run()
+    assert built == []  # outside a block each view builds its own factors
+    with shared_factors():
+        y_shared, g_shared = run()
+    assert built == [1]
+    torch.testing.assert_close(y_shared, y_alone)
+    for a, b in zip(g_shared, g_alone):
+        torch.testing.assert_close(a, b)
+    expected = sum(dense_ref(x, v.weight, v.bias, list(cores), spec, v.scaling, v.index) for v in views)
+    torch.testing.assert_close(y_shared, expected)

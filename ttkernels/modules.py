@@ -12,7 +12,9 @@ then non-zero from the first step, and the other cores move once it has.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Optional
 
@@ -23,9 +25,30 @@ from . import checks, ops, reference
 from .layer import AdapterLayer, base_features, check_alpha, is_conv1d
 from .spec import TTSpec
 
-__all__ = ["TTLinear", "init_cores_", "new_cores"]
+__all__ = ["TTLinear", "init_cores_", "new_cores", "shared_factors"]
 
 _LEAN_BACKENDS = ("auto", "torch")
+
+
+class _Scope(threading.local):
+    shared: Optional[dict] = None
+
+
+_SCOPE = _Scope()
+
+
+@contextlib.contextmanager
+def shared_factors():
+    """Within the block (per thread), views onto the same cores (``TTLinear.from_cores``) build the factors that
+    do not depend on their index, A and B, once and share them; a ``MetaTTModel`` call does this by itself.
+    Use it around one forward: what it keeps dies with the block, so no graph serves two backward passes.
+    Eager torch backend only (under ``torch.compile`` the graph is traced as before)."""
+    previous = _SCOPE.shared
+    _SCOPE.shared = {}
+    try:
+        yield
+    finally:
+        _SCOPE.shared = previous
 
 
 def _adapter_dtype(dtype: Optional[torch.dtype], adapter_dtype: Optional[torch.dtype]) -> torch.dtype:
@@ -276,12 +299,12 @@ class TTLinear(AdapterLayer):
     def _factors(self, cache: _LeanCache, cores: list[Tensor]) -> tuple[Tensor, Optional[Tensor], Tensor]:
         grad = torch.is_grad_enabled()
         if grad and not cache.views:
-            # Within one call of a model that shares cores between its views (MetaTTModel), A and B are built
-            # once for all views: the call hands its views a dict (per thread, per call) that lives until it
-            # returns, so no graph outlives the forward that built it. Not under saved-tensor hooks (activation
+            # Within one call of a model that shares cores between its views (MetaTTModel), or a
+            # shared_factors() block, A and B are built once for all views: the call hands its views a dict (per
+            # thread, per call) that lives until it returns, so no graph outlives the forward that built it. Not under saved-tensor hooks (activation
             # checkpointing), where a recomputation must save what the first forward saved.
             routing = self.__dict__.get("_routing")
-            shared = None if routing is None else routing.shared
+            shared = _SCOPE.shared if routing is None or routing.shared is None else routing.shared
             if (
                 shared is not None
                 and cache.sides

@@ -514,6 +514,10 @@ def _expand_task_ids(task_ids: object, lead: tuple[int, ...]) -> Tensor:
     return ids.to(torch.int64)
 
 
+# backend names whose steps take the dropout seed as a tensor on the data's device ("auto" is torch everywhere)
+_DEVICE_SEED_BACKENDS = ("auto", "torch")
+
+
 def _check_seed_tensor(seed: Tensor) -> None:
     ok = seed >= 0
     if seed.device.type != "cpu":
@@ -614,19 +618,22 @@ def tt_adapter(
     A, B = A.to(dtype), B.to(dtype)
     C = C.to(dtype) if C is not None else None
 
-    # The seed lives on x's device: drawn there from the device's generator (on a GPU a Philox draw, which a
-    # captured CUDA graph redraws at every replay, advancing the generator's offset as eager calls do), or the
-    # caller's tensor moved there and range-checked there, never read on the host.
+    # For the torch backend the seed lives on x's device: drawn there from the device's generator (on a GPU a
+    # Philox draw, which a captured CUDA graph redraws at every replay, advancing the generator's offset as
+    # eager calls do), or the caller's tensor moved there and range-checked there, never read on the host. The
+    # triton and cuda kernels take an int seed today: for them it stays on the CPU, as before, so that reading
+    # it does not wait for the GPU.
     seed_t: Optional[Tensor] = None
     if p > 0.0:
+        where = x.device if backend in _DEVICE_SEED_BACKENDS else torch.device("cpu")
         if seed is None:
-            seed_t = torch.randint(0, 2**62, (), dtype=torch.int64, device=x.device)
+            seed_t = torch.randint(0, 2**62, (), dtype=torch.int64, device=where)
         elif isinstance(seed, Tensor):
-            seed_t = seed.reshape(()).to(device=x.device, dtype=torch.int64)
+            seed_t = seed.reshape(()).to(device=where, dtype=torch.int64)
             if not torch.compiler.is_compiling():
                 _check_seed_tensor(seed_t)
         else:
-            seed_t = torch.tensor(reference.check_seed(seed), dtype=torch.int64, device=x.device)
+            seed_t = torch.tensor(reference.check_seed(seed), dtype=torch.int64, device=where)
     x2 = x.reshape(-1, d_in)
     y, _ = torch.ops.ttkernels.tt_adapter_fwd(x2, weight, bias, A, C, B, task_ids, float(scaling), p, seed_t, backend)
     return y.reshape(*lead, d_out)

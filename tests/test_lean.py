@@ -406,3 +406,37 @@ def test_shared_factors_block_for_views_onto_shared_cores(monkeypatch):
         torch.testing.assert_close(a, b)
     expected = sum(dense_ref(x, v.weight, v.bias, list(cores), spec, v.scaling, v.index) for v in views)
     torch.testing.assert_close(y_shared, expected)
+
+
+def test_step_bench_writes_side_by_side_ratios(tmp_path):
+    import json
+
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    from bench import step
+
+    threads = torch.get_num_threads()
+    try:
+        argv = [
+            "--device",
+            "cpu",
+            "--layers",
+            "1",
+            "--seq",
+            "4",
+            "--reps",
+            "1",
+            "--rounds",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+        assert step.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    row = json.loads((tmp_path / "step-cpu.jsonl").read_text().splitlines()[-1])
+    assert set(row["us_per_step"]) == {"frozen", "peft-lora", "metatt", "metatt-factored"}
+    assert row["ratio_to_peft_lora"]["peft-lora"] == 1.0
+    for k, v in row["us_per_step"].items():
+        assert v > 0
+        assert row["ratio_to_peft_lora"][k] == pytest.approx(v / row["us_per_step"]["peft-lora"])

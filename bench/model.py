@@ -70,7 +70,7 @@ import torch
 from torch import nn
 
 from ttkernels import MetaTTConfig, Mode, TTLinear, TTSpec, factorize, get_metatt_model
-from ttkernels.modules import new_cores
+from ttkernels.modules import new_cores, shared_factors
 
 from . import harness
 
@@ -228,6 +228,9 @@ def _attach_metatt_factored(base: nn.Module, rank: int) -> tuple[nn.Module, list
                 index = {"layer": i, "matrix": names.index(name)}
                 view = TTLinear.from_cores(getattr(parent, name), cores, spec, index=index, alpha=rank)
                 setattr(parent, name, view)
+    # as a MetaTTModel call does: the views of one forward share their group's A and B
+    model.register_forward_pre_hook(_open_shared_factors)
+    model.register_forward_hook(_close_shared_factors, always_call=True)
     return model, specs
 
 
@@ -265,6 +268,16 @@ def _quantize_base(base: nn.Module, x_check: torch.Tensor) -> _Quantized:
     with torch.no_grad():
         y_frozen = _hidden(model, x_check)
     return _Quantized(model, dense, y_frozen)
+
+
+def _open_shared_factors(module: nn.Module, args: Any) -> None:
+    block = shared_factors()
+    block.__enter__()
+    module.__dict__.setdefault("_shared_factor_blocks", []).append(block)
+
+
+def _close_shared_factors(module: nn.Module, args: Any, output: Any) -> None:
+    module.__dict__["_shared_factor_blocks"].pop().__exit__(None, None, None)
 
 
 def _lora_params(llama: nn.Module, rank: int) -> int:

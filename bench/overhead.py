@@ -1,8 +1,11 @@
 """Per-call cost of the op registration: how much the dispatcher and the Python wrapper add.
 
-Times tiny problems (one token, d = 64, r = 4), where the arithmetic is negligible and what is left is
-per-call overhead, for the same forward computed five ways, and forward + backward for TTLinear beside
-nn.Linear. Prints a table and writes a JSON row to the results folder (bench/out/, git-ignored, unless --out) with the device and versions.
+Times tiny problems (one token, d = 64, r = 4, one CPU thread by default), where the arithmetic is negligible and
+what is left is per-call overhead: the op layers alone, then forward (no grad) and forward + backward of
+nn.Linear, PEFT's LoRA layer and TTLinear (LoRA-shaped, and with 2 + 2 modes), with each path's ratio to PEFT's
+LoRA. Paths are timed interleaved (each round times every path, in a rotated order; medians over rounds), so a
+loaded machine slows them alike; on the CPU the clock is the thread's CPU time (time.thread_time), which leaves
+out time the scheduler gives to other processes. Prints a table and writes a JSON row to the results folder (bench/out/, git-ignored, unless --out) with the device and versions.
 
     python -m bench.overhead [--device cpu|cuda] [--reps 2000]
 """
@@ -10,6 +13,7 @@ nn.Linear. Prints a table and writes a JSON row to the results folder (bench/out
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import platform
 import statistics
@@ -24,33 +28,80 @@ from .harness import results_dir
 
 
 def _time_us(fn, reps: int, device: torch.device) -> float:
-    for _ in range(max(reps // 10, 10)):
-        fn()
+    return _interleaved({"one": fn}, reps, device, rounds=11)["one"]
+
+
+def _interleaved(fns: dict, reps: int, device: torch.device, rounds: int = 21) -> dict[str, float]:
+    """Median microseconds per call of each function, timed side by side: every round times each function for
+    ``reps`` calls in a rotated order, so that load on a shared machine falls on all of them alike."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    samples = []
-    for _ in range(11):
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        sync()
-        samples.append((time.perf_counter() - t0) / reps * 1e6)
-    return statistics.median(samples)
+    # On the CPU: this thread's CPU time, so that time the scheduler gives to other processes is not counted.
+    clock = time.perf_counter if device.type == "cuda" else time.thread_time
+    names = list(fns)
+    for name in names:
+        for _ in range(max(reps // 10, 10)):
+            fns[name]()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(rounds):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            fn = fns[name]
+            sync()
+            t0 = clock()
+            for _ in range(reps):
+                fn()
+            sync()
+            samples[name].append((clock() - t0) / reps * 1e6)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+class _Holder(torch.nn.Module):
+    def __init__(self, d: int, device: torch.device) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(d, d, device=device)
+
+
+def peft_lora_layer(d: int, r: int, device: torch.device) -> torch.nn.Module | None:
+    """PEFT's LoRA layer on a ``d x d`` linear at rank ``r`` (B drawn, so the adapter computes), or None without
+    peft."""
+    try:
+        import peft
+    except ImportError:
+        return None
+    model = peft.get_peft_model(_Holder(d, device), peft.LoraConfig(r=r, lora_alpha=r, target_modules=["proj"]))
+    layer = model.base_model.model.proj
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    return layer
+
+
+def layers(d: int, r: int, device: torch.device) -> dict[str, torch.nn.Module]:
+    """The layers compared side by side: nn.Linear, PEFT's LoRA, TTLinear LoRA-shaped and with 2 + 2 modes."""
+    out: dict[str, torch.nn.Module] = {"nn.Linear": torch.nn.Linear(d, d, device=device)}
+    lora = peft_lora_layer(d, r, device)
+    if lora is not None:
+        out["PEFT LoRA"] = lora
+    for label, modes in (("TTLinear 1+1 (LoRA-shaped)", None), ("TTLinear 2+2", 2)):
+        layer = tk.TTLinear(d, d, ranks=r, in_modes=modes, out_modes=modes, device=device)
+        with torch.no_grad():
+            layer.cores[-1].normal_()
+        out[label] = layer
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="per-call overhead of the ttkernels ops")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--reps", type=int, default=1000)
+    parser.add_argument("--reps", type=int, default=200, help="calls per timed sample")
+    parser.add_argument("--rounds", type=int, default=21, help="interleaved samples per path")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--out", default=None, help="folder for the row (default: bench/out/, git-ignored)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     d, r, M = 64, 4, 1
-    layer = tk.TTLinear(d, d, ranks=r, device=device)
-    with torch.no_grad():
-        layer.cores[-1].normal_()
-    lin = torch.nn.Linear(d, d, device=device)
+    mods = layers(d, r, device)
+    layer = mods["TTLinear 1+1 (LoRA-shaped)"]
     x = torch.randn(M, d, device=device)
     xg = x.clone().requires_grad_()
     A, C, B = ref.factors(list(layer.cores), layer.spec)
@@ -61,36 +112,51 @@ def main(argv: list[str] | None = None) -> int:
         S, U = ref.shrink(x, A, C, None, 0.0, 0)
         return ref.expand(x, W, b, U, B, 1.0)
 
+    def fwd(module):
+        def run():
+            with torch.no_grad():
+                module(x)
+
+        return run
+
     def fwd_bwd(module):
         def run():
             module(xg).sum().backward()
 
         return run
 
+    ops_rows = {
+        "reference functions, no dispatcher": direct,
+        "torch.ops.ttkernels.tt_adapter_fwd": lambda: torch.ops.ttkernels.tt_adapter_fwd(
+            x, W, b, A, C, B, None, 1.0, 0.0, None, "torch"
+        ),
+        "tt_adapter (checks + op)": lambda: tk.tt_adapter(x, W, b, A, C, B),
+    }
+    timed = {f"{k} forward": fwd(m) for k, m in mods.items()}
+    timed.update({f"{k} forward+backward": fwd_bwd(m) for k, m in mods.items()})
     with torch.no_grad():
-        rows = {
-            "reference functions, no dispatcher": _time_us(direct, args.reps, device),
-            "torch.ops.ttkernels.tt_adapter_fwd": _time_us(
-                lambda: torch.ops.ttkernels.tt_adapter_fwd(x, W, b, A, C, B, None, 1.0, 0.0, None, "torch"),
-                args.reps,
-                device,
-            ),
-            "tt_adapter (checks + op)": _time_us(lambda: tk.tt_adapter(x, W, b, A, C, B), args.reps, device),
-            "TTLinear forward (factors + checks + op)": _time_us(lambda: layer(x), args.reps, device),
-            "nn.Linear forward": _time_us(lambda: lin(x), args.reps, device),
-        }
-    rows["TTLinear forward+backward"] = _time_us(fwd_bwd(layer), args.reps // 2, device)
-    rows["nn.Linear forward+backward"] = _time_us(fwd_bwd(lin), args.reps // 2, device)
+        rows = _interleaved(ops_rows, args.reps, device, args.rounds)
+    rows.update(_interleaved(timed, args.reps, device, args.rounds))
+    ratios = {}
+    if "PEFT LoRA" in mods:
+        for k in mods:
+            for what in ("forward", "forward+backward"):
+                ratios[f"{k} {what}"] = rows[f"{k} {what}"] / rows[f"PEFT LoRA {what}"]
 
     name = (
         torch.cuda.get_device_name(device)
         if device.type == "cuda"
         else f"CPU ({platform.processor() or platform.machine()})"
     )
-    print(f"per-call time, M={M}, d={d}, r={r}, float32, {name}, torch {torch.__version__}")
+    print(
+        f"per-call time, M={M}, d={d}, r={r}, float32, {name}, {args.threads} thread(s), torch {torch.__version__}, "
+        f"median of {args.rounds} interleaved samples of {args.reps} calls"
+    )
     width = max(map(len, rows))
+    print(f"  {'path':<{width}}  {'us/call':>8}  {'x PEFT LoRA':>11}")
     for k, v in rows.items():
-        print(f"  {k:<{width}}  {v:8.1f} us")
+        ratio = f"{ratios[k]:11.2f}" if k in ratios else " " * 11
+        print(f"  {k:<{width}}  {v:8.1f}  {ratio}")
     out = results_dir(args.out)
     out.mkdir(parents=True, exist_ok=True)
     row = {
@@ -102,13 +168,24 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "ttkernels": tk.__version__,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "threads": args.threads,
+        "peft": _version("peft"),
+        "method": f"median of {args.rounds} interleaved samples of {args.reps} calls",
         "us_per_call": rows,
+        "ratio_to_peft_lora": ratios,
     }
     path = out / f"overhead-{device.type}.jsonl"
     with path.open("a") as f:
         f.write(json.dumps(row) + "\n")
     print(f"appended to {path}")
     return 0
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 if __name__ == "__main__":

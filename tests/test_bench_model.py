@@ -127,13 +127,19 @@ def test_gate_refuses_a_broken_adapter(monkeypatch, breakage):
         monkeypatch.setattr(ttkernels.TTLinear, "forward", _adapter_ignored)
         expect = "does nothing"
     else:
-        # The forward applies twice the scaling its delta-W says: the merged model disagrees.
-        real = ttkernels.modules.ops.tt_linear
-        monkeypatch.setattr(
-            ttkernels.modules.ops,
-            "tt_linear",
-            lambda *args, scaling=1.0, **kw: real(*args, scaling=2 * scaling, **kw),
-        )
+        # The forward applies twice the scaling its delta-W says: the merged model disagrees. (Patched on the
+        # layer, not on ops.tt_linear: the eager torch path of TTLinear does not call tt_linear.)
+        real = ttkernels.TTLinear.adapter_forward
+
+        def doubled(self, x, task_ids=None):
+            scaling = self.scaling
+            self.scaling = 2 * scaling
+            try:
+                return real(self, x, task_ids)
+            finally:
+                self.scaling = scaling
+
+        monkeypatch.setattr(ttkernels.TTLinear, "adapter_forward", doubled)
         expect = "merging its delta-W"
     with pytest.warns(bm.ProviderCheckFailed, match=expect):
         rows = bm.run_model(

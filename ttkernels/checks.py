@@ -55,6 +55,7 @@ __all__ = [
     "check_float_dtype",
     "check_path",
     "check_seed",
+    "check_task_ids_range",
     "read_json",
     "read_safetensors_header",
 ]
@@ -253,6 +254,28 @@ def check_finite_number(value: object, name: str) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return value
+
+
+def check_task_ids_range(task_ids: Tensor, num_tasks: int) -> None:
+    """``0 <= task_ids < num_tasks``, checked where the ids are, without a host read on an accelerator.
+
+    On the CPU a bad id raises IndexError naming the range and the values found. On a GPU the check is
+    ``torch._assert_async``: queued with the kernels, it never stops the host (so forward and backward stay free
+    of synchronization and can be captured in a CUDA graph), and a bad id fails as a device-side assert at the
+    next synchronization, as torch's own indexing does, instead of reading out of bounds.
+    """
+    if task_ids.numel() == 0:
+        return
+    ok = ((task_ids >= 0) & (task_ids < num_tasks)).all()
+    if task_ids.device.type != "cpu":
+        torch._assert_async(ok)
+        return
+    try:
+        torch._assert_async(ok, "task_ids out of range")
+    except RuntimeError:
+        # the error path: reading the values here costs nothing that matters
+        lo, hi = int(task_ids.min()), int(task_ids.max())
+        raise IndexError(f"task_ids must lie in [0, {num_tasks}), got values from {lo} to {hi}") from None
 
 
 def check_seed(seed: object, name: str = "seed") -> None:

@@ -199,6 +199,8 @@ class _Routing(threading.local):
 
     def __init__(self) -> None:
         self.task_ids: Optional[Tensor] = None
+        # factors the views share within this call (A and B of each group's cores, built once), or None
+        self.shared: Optional[dict] = None
 
     def __deepcopy__(self, memo: dict) -> _Routing:
         return _Routing()  # ids live only within a call
@@ -467,12 +469,13 @@ class MetaTTModel(PeftSurface, nn.Module):
     def _forward(self, *args: Any, task_ids: Optional[Tensor] = None, **kwargs: Any) -> Any:
         # the ids are set as _task_scope sets them, written out so that torch.compile traces it in one graph
         routing = self._routing  # per thread: concurrent calls keep their own task ids
-        previous = routing.task_ids
+        previous, previous_shared = routing.task_ids, routing.shared
         routing.task_ids = self._check_task_ids(task_ids)
+        routing.shared = {}  # A and B of each group's cores, built once in this call for all its views
         try:
             return self.model(*args, **kwargs)
         finally:
-            routing.task_ids = previous
+            routing.task_ids, routing.shared = previous, previous_shared
 
     def _current_task_ids(self) -> Optional[Tensor]:
         """The task ids the views read now (those of the innermost :meth:`_task_scope`)."""
@@ -511,10 +514,8 @@ class MetaTTModel(PeftSurface, nn.Module):
             raise ValueError("task_ids is on the meta device: it needs values")
         if task_ids.dim() != 1:
             raise ValueError(f"task_ids must be 1-D (one id per sample), got shape {tuple(task_ids.shape)}")
-        if task_ids.numel() and not torch.compiler.is_compiling():
-            lo, hi = int(task_ids.min()), int(task_ids.max())
-            if lo < 0 or hi >= num_tasks:
-                raise IndexError(f"task_ids must lie in [0, {num_tasks}), got values from {lo} to {hi}")
+        if not torch.compiler.is_compiling():
+            checks.check_task_ids_range(task_ids, num_tasks)  # on the ids' device: no host read on a GPU
         return task_ids
 
     def views(self) -> Iterator[tuple[str, MetaTTLinear]]:

@@ -13,6 +13,8 @@ means ``scaling = 1``.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Optional
 
@@ -24,7 +26,30 @@ from .init import init_cores_, scaling_gain
 from .layer import AdapterLayer, MergeGuard, add_delta_, base_compute_dtype, base_features, check_alpha, is_conv1d
 from .spec import TTSpec
 
-__all__ = ["TTLinear", "init_cores_", "new_cores"]
+__all__ = ["TTLinear", "init_cores_", "new_cores", "shared_factors"]
+
+_LEAN_BACKENDS = ("auto", "torch")
+
+
+class _Scope(threading.local):
+    shared: Optional[dict] = None
+
+
+_SCOPE = _Scope()
+
+
+@contextlib.contextmanager
+def shared_factors():
+    """Within the block (per thread), views onto the same cores (``TTLinear.from_cores``) build the factors that
+    do not depend on their index, A and B, once and share them; a ``MetaTTModel`` call does this by itself.
+    Use it around one forward: what it keeps dies with the block, so no graph serves two backward passes.
+    Eager torch backend only (under ``torch.compile`` the graph is traced as before)."""
+    previous = _SCOPE.shared
+    _SCOPE.shared = {}
+    try:
+        yield
+    finally:
+        _SCOPE.shared = previous
 
 
 def _adapter_dtype(dtype: Optional[torch.dtype], adapter_dtype: Optional[torch.dtype]) -> torch.dtype:
@@ -239,6 +264,8 @@ class TTLinear(AdapterLayer):
                 dropout=self.dropout if self.training else 0.0,
                 backend=self.backend,
             )
+        if self.backend in _LEAN_BACKENDS and not torch.compiler.is_compiling():
+            return self._lean_forward(x, task_ids)
         return ops.tt_linear(
             x,
             self.base_weight,
@@ -251,6 +278,106 @@ class TTLinear(AdapterLayer):
             dropout=self.dropout if self.training else 0.0,
             backend=self.backend,
         )
+
+    # -------------------------------------------------------------------------------- the lean path
+    # The torch backend in eager mode. At one token a call costs Python, dispatcher and autograd-graph overhead
+    # (the arithmetic is noise), so this path checks the cores once per (spec, cores), keeps the factors while the
+    # cores are unchanged (keyed on each core's identity, in-place version and storage: an optimizer step or a
+    # .to() rebuilds them once; writes through core.data are not seen, as README says) in no-grad calls, and in
+    # grad mode too where they are views of the cores (a LoRA-shaped chain: a view's graph holds no saved
+    # tensor, so it serves any number of backward passes).
+    # Without dropout or task ids it computes with plain torch ops and torch autograd (as nn.Linear and PEFT's
+    # LoRA do: one Python autograd.Function backward costs more than the whole graph here). Dropout, task ids,
+    # autocast and mixed dtypes go through the fused op (ops.tt_adapter) with these factors. Under
+    # torch.compile, and for the other backends, forward goes through ops.tt_linear as before.
+    def _lean_state(self) -> _LeanCache:
+        cache = self.__dict__.get("_lean")
+        if cache is None:
+            cache = self.__dict__["_lean"] = _LeanCache()
+        return cache
+
+    def _checked_cores(self, cache: _LeanCache) -> list[Tensor]:
+        # the ParameterList's dict, not its iterator or nn.Module.__getattr__ (each costs a Python call per use)
+        cores = list(self._modules["cores"]._parameters.values())
+        key = (self.spec, *map(id, cores))
+        if cache.checked != key:
+            cores = list(self.cores)
+            reference.check_cores(cores, self.spec)
+            self.spec.check_index(self.index)
+            spec = self.spec
+            cache.views = spec.num_cores == 2 and spec.last_in == 0 and spec.first_out == 1
+            roles = [m.role for m in spec.modes]
+            # in modes, then index modes, then out modes: A and B depend on the cores alone (not on index), so
+            # every view onto these cores (MetaTT's groups) can share them
+            cache.sides = all(r == "in" for r in roles[: spec.last_in + 1]) and all(
+                r == "out" for r in roles[spec.first_out :]
+            )
+            cache.factors = None
+            cache.checked = (self.spec, *map(id, cores))
+        return cores
+
+    def _factors(self, cache: _LeanCache, cores: list[Tensor]) -> tuple[Tensor, Optional[Tensor], Tensor]:
+        grad = torch.is_grad_enabled()
+        if grad and not cache.views:
+            # Within one call of a model that shares cores between its views (MetaTTModel), or a
+            # shared_factors() block, A and B are built once for all views: the call hands its views a dict (per
+            # thread, per call) that lives until it returns, so no graph outlives the forward that built it. Not under saved-tensor hooks (activation
+            # checkpointing), where a recomputation must save what the first forward saved.
+            routing = self.__dict__.get("_routing")
+            shared = _SCOPE.shared if routing is None or routing.shared is None else routing.shared
+            if (
+                shared is not None
+                and cache.sides
+                and torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+            ):
+                key = (id(self._modules["cores"]), self.spec.last_in, self.spec.first_out)
+                sides = shared.get(key)
+                if sides is None:
+                    sides = shared[key] = reference.build_sides(cores, self.spec.last_in, self.spec.first_out)
+                return sides[0], reference.factor_c(cores, self.spec, self.index), sides[1]
+            return reference.build_factors(cores, self.spec, self.index)
+        key = (grad, *((id(c), c._version, c.data_ptr(), c.device) for c in cores))
+        cached = cache.factors
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        factors = reference.build_factors(cores, self.spec, self.index)
+        cache.factors = (key, factors)  # one assignment: a reader sees an old or a new pair
+        return factors
+
+    def _lean_forward(self, x: Tensor, task_ids: Optional[Tensor]) -> Tensor:
+        cache = self._lean_state()
+        cores = self._checked_cores(cache)
+        A, C, B = self._factors(cache, cores)
+        p = self.dropout if self.training else 0.0
+        params = self._parameters
+        weight, bias = params["weight"], params.get("bias")
+        if self.weight_transposed:
+            weight = weight.t()
+        dev, dt = x.device, x.dtype
+        plain = (
+            p == 0.0
+            and task_ids is None
+            and dt == weight.dtype == A.dtype == B.dtype
+            and dev == weight.device == A.device
+            and (bias is None or bias.dtype == dt)
+            and (C is None or C.dtype == dt)
+            and not x.is_meta
+            and not torch.is_autocast_enabled(dev.type)
+        )
+        if not plain:  # the fused op, with its checks, casts and dropout
+            if dev.type == "meta":  # as tt_linear refuses it, before any other check
+                raise ValueError(
+                    "x is on the meta device: the adapter needs real values (materialize the model and inputs)"
+                )
+            return ops.tt_adapter(
+                x, weight, bias, A, C, B, task_ids=task_ids, scaling=self.scaling, dropout=p, backend=self.backend
+            )
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        S = x2 @ A
+        if C is not None:
+            S = S @ C
+        y = torch.nn.functional.linear(x2, weight, bias).addmm_(S, B, alpha=self.scaling)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     # -------------------------------------------------------------------------------- delta-W
     def delta_weight(self, task: int | None = None, *, scaled: bool = True) -> Tensor:
@@ -356,6 +483,25 @@ class TTLinear(AdapterLayer):
         if self.merged:
             text += ", merged=True" + ("" if self.merged_task is None else f", merged_task={self.merged_task}")
         return text
+
+
+class _LeanCache:
+    """What the lean path keeps between calls: the checked (spec, cores) and the factors of one core version.
+    Not state: a copy or a pickle of the layer starts empty (the factors may carry autograd graph views)."""
+
+    __slots__ = ("checked", "factors", "sides", "views")
+
+    def __init__(self) -> None:
+        self.checked: Optional[tuple] = None
+        self.views = False
+        self.sides = False
+        self.factors: Optional[tuple] = None
+
+    def __deepcopy__(self, memo: dict) -> _LeanCache:
+        return _LeanCache()
+
+    def __reduce__(self) -> tuple:
+        return (_LeanCache, ())
 
 
 def _check_adapter_args(alpha: object, dropout: object, backend: object) -> None:

@@ -152,20 +152,26 @@ def resolve_backend(backend: str, device: torch.device) -> Backend:
     return _IMPLEMENTED[backend]
 
 
-def _seed(seed: Optional[Tensor]) -> int:
-    return 0 if seed is None else int(seed.item())
+def _seed(seed: Optional[Tensor], be: Backend) -> int | Tensor:
+    """The dropout seed as ``be`` takes it. The torch backend hashes the seed tensor where it lives (no host
+    read; a captured CUDA graph draws the mask of the seed's value at each replay). The Triton and CUDA kernels
+    take an int today, read from the tensor here: a host synchronization that those backends still have."""
+    if seed is None:
+        return 0
+    if be.name == "torch":
+        return seed
+    return int(seed.item())
 
 
 def _check_task_ids_range(task_ids: Optional[Tensor], C: Optional[Tensor], be: Backend) -> None:
-    # Runs inside the ops (not the Python wrapper) so that compiled graphs check values too. The cuda
-    # backend's binding checks the ids itself (and, while a CUDA graph is captured, where no host copy is
-    # allowed, its kernels turn an out-of-range id into NaN instead of reading out of bounds).
-    if task_ids is None or task_ids.numel() == 0 or be.name == "cuda":
+    # Runs inside the ops (not the Python wrapper) so that compiled graphs check values too, on the ids' device
+    # (checks.check_task_ids_range: no host read on a GPU). The cuda backend's binding checks the ids itself
+    # (and, while a CUDA graph is captured, its kernels turn an out-of-range id into NaN instead of reading out
+    # of bounds).
+    if task_ids is None or be.name == "cuda":
         return
     assert C is not None
-    lo, hi = int(task_ids.min()), int(task_ids.max())
-    if lo < 0 or hi >= C.shape[0]:
-        raise IndexError(f"task_ids must lie in [0, {C.shape[0]}), got values from {lo} to {hi}")
+    checks.check_task_ids_range(task_ids, C.shape[0])
 
 
 # ---------------------------------------------------------------------------------- op definitions
@@ -219,8 +225,8 @@ def _fwd_op(x, weight, bias, A, C, B, task_ids, scaling, dropout_p, seed, backen
     be = resolve_backend(backend, x.device)
     _check_task_ids_range(task_ids, C, be)
     if be.forward is not None:
-        return be.forward(x, weight, bias, A, C, B, task_ids, scaling, dropout_p, _seed(seed))
-    S, U = be.shrink(x, A, C, task_ids, dropout_p, _seed(seed))
+        return be.forward(x, weight, bias, A, C, B, task_ids, scaling, dropout_p, _seed(seed, be))
+    S, U = be.shrink(x, A, C, task_ids, dropout_p, _seed(seed, be))
     return be.expand(x, weight, bias, U, B, scaling), S
 
 
@@ -239,7 +245,7 @@ def _bwd_fake(dy, x, weight, A, C, B, S, task_ids, scaling, dropout_p, seed, bac
 def _bwd_op(dy, x, weight, A, C, B, S, task_ids, scaling, dropout_p, seed, backend, need_dx):
     """Steps 4-7: returns ``(dx, dA, dC, dB)``; dx is empty when not needed, dC when C is None."""
     be = resolve_backend(backend, x.device)
-    s = _seed(seed)
+    s = _seed(seed, be)
     if be.backward is not None:
         dx, dA, dC, dB = be.backward(dy, x, weight, A, C, B, S, task_ids, scaling, dropout_p, s, need_dx)
         return dx, dA, (dC if dC is not None else A.new_empty(0)), dB
@@ -294,7 +300,7 @@ def _shrink_fake(x, A, C, task_ids, dropout_p, seed, backend):
 def _shrink_op(x, A, C, task_ids, dropout_p, seed, backend):
     be = resolve_backend(backend, x.device)
     _check_task_ids_range(task_ids, C, be)
-    S, U = be.shrink(x, A, C, task_ids, dropout_p, _seed(seed))
+    S, U = be.shrink(x, A, C, task_ids, dropout_p, _seed(seed, be))
     return S, (U.clone() if U is S else U)  # op outputs may not alias each other
 
 
@@ -334,7 +340,8 @@ def _grad_mid_op(S, dU, C, task_ids, backend):
     lambda dy, weight, dS, A, dropout_p, seed, backend: dy.new_empty((dy.shape[0], weight.shape[1])),
 )
 def _grad_x_op(dy, weight, dS, A, dropout_p, seed, backend):
-    return resolve_backend(backend, dy.device).grad_x(dy, weight, dS, A, dropout_p, _seed(seed))
+    be = resolve_backend(backend, dy.device)
+    return be.grad_x(dy, weight, dS, A, dropout_p, _seed(seed, be))
 
 
 @_define(
@@ -342,7 +349,8 @@ def _grad_x_op(dy, weight, dS, A, dropout_p, seed, backend):
     lambda x, dS, dropout_p, seed, backend: x.new_empty((x.shape[1], dS.shape[1])),
 )
 def _grad_a_op(x, dS, dropout_p, seed, backend):
-    return resolve_backend(backend, x.device).grad_a(x, dS, dropout_p, _seed(seed))
+    be = resolve_backend(backend, x.device)
+    return be.grad_a(x, dS, dropout_p, _seed(seed, be))
 
 
 # ----------------------------------------------------------------------------------- factor ops (1, 8)
@@ -521,6 +529,21 @@ def expand_task_ids(task_ids: object, lead: tuple[int, ...]) -> Tensor:
     return ids.to(torch.int64)
 
 
+# backend names whose steps take the dropout seed as a tensor on the data's device ("auto" is torch everywhere)
+_DEVICE_SEED_BACKENDS = ("auto", "torch")
+
+
+def _check_seed_tensor(seed: Tensor) -> None:
+    ok = seed >= 0
+    if seed.device.type != "cpu":
+        torch._assert_async(ok)  # no host read (see checks.check_task_ids_range)
+        return
+    try:
+        torch._assert_async(ok, "seed")
+    except RuntimeError:
+        raise ValueError(f"seed must be in [0, 2**63), got {int(seed)}") from None
+
+
 def tt_adapter(
     x: Tensor,
     weight: Tensor,
@@ -539,8 +562,9 @@ def tt_adapter(
 
     ``C`` is None, ``(r_a, r_b)``, or ``(T, r_a, r_b)`` with ``task_ids`` (an integer tensor of x's leading
     shape, or a prefix of it: one id per sample) choosing each row's slice. ``dropout`` applies to the
-    adapter's input only; its mask is a function of ``seed`` (drawn from torch's default generator when
-    None), regenerated in backward. The output has the compute dtype: x's, or autocast's when it is on.
+    adapter's input only; its mask is a function of ``seed`` (an int, or an integer tensor used where it
+    lies, never read on the host; when None, drawn on x's device from its default generator, so a captured
+    CUDA graph draws a fresh one at each replay), regenerated in backward. The output has the compute dtype: x's, or autocast's when it is on.
     """
     x = _check_tensor(x, "x")
     weight = _check_tensor(weight, "weight")
@@ -609,12 +633,22 @@ def tt_adapter(
     A, B = A.to(dtype), B.to(dtype)
     C = C.to(dtype) if C is not None else None
 
+    # For the torch backend the seed lives on x's device: drawn there from the device's generator (on a GPU a
+    # Philox draw, which a captured CUDA graph redraws at every replay, advancing the generator's offset as
+    # eager calls do), or the caller's tensor moved there and range-checked there, never read on the host. The
+    # triton and cuda kernels take an int seed today: for them it stays on the CPU, as before, so that reading
+    # it does not wait for the GPU.
     seed_t: Optional[Tensor] = None
     if p > 0.0:
+        where = x.device if backend in _DEVICE_SEED_BACKENDS else torch.device("cpu")
         if seed is None:
-            seed_t = torch.randint(0, 2**62, (), dtype=torch.int64)
+            seed_t = torch.randint(0, 2**62, (), dtype=torch.int64, device=where)
+        elif isinstance(seed, Tensor):
+            seed_t = seed.reshape(()).to(device=where, dtype=torch.int64)
+            if not torch.compiler.is_compiling():
+                _check_seed_tensor(seed_t)
         else:
-            seed_t = torch.as_tensor(reference.check_seed(int(seed)), dtype=torch.int64)
+            seed_t = torch.tensor(reference.check_seed(seed), dtype=torch.int64, device=where)
     x2 = x.reshape(-1, d_in)
     y, _ = torch.ops.ttkernels.tt_adapter_fwd(x2, weight, bias, A, C, B, task_ids, float(scaling), p, seed_t, backend)
     return y.reshape(*lead, d_out)

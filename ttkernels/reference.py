@@ -77,7 +77,11 @@ def _mix32(h: Tensor) -> Tensor:
     return h ^ (h >> 16)
 
 
-def check_seed(seed: int) -> int:
+def check_seed(seed: int | Tensor) -> int | Tensor:
+    """An int seed in ``[0, 2**63)``; a seed tensor (int64, one element, on the data's device) is taken as it is,
+    unread: the functional API checked it on its device, and the hash below runs on it there."""
+    if isinstance(seed, Tensor):
+        return seed.reshape(())
     seed = int(seed)
     if not 0 <= seed < 2**63:
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
@@ -92,7 +96,7 @@ def dropout_threshold(p: float) -> int:
 
 
 def dropout_keep(
-    seed: int, rows: int, cols: int, p: float, *, row_offset: int = 0, device: torch.device | str = "cpu"
+    seed: int | Tensor, rows: int, cols: int, p: float, *, row_offset: int = 0, device: torch.device | str = "cpu"
 ) -> Tensor:
     """The keep-mask of rows ``row_offset .. row_offset + rows`` (bool, ``(rows, cols)``).
 
@@ -102,7 +106,9 @@ def dropout_keep(
     """
     seed = check_seed(seed)
     threshold = dropout_threshold(p)
-    hi = _mix32_int(seed >> 32)
+    # a seed tensor stays where it is (no host read: the mask of a captured CUDA graph follows the seed's value
+    # at replay); an int seed gives the same mask as the tensor of its value
+    hi = _mix32((seed >> 32) & _U32) if isinstance(seed, Tensor) else _mix32_int(seed >> 32)
     r = (torch.arange(rows, dtype=torch.int64, device=device) + row_offset) & _U32
     row_hash = _mix32((seed & _U32) ^ _mix32(r ^ hi))
     c = torch.arange(cols, dtype=torch.int64, device=device)
@@ -114,7 +120,7 @@ def _row_blocks(rows: int, cols: int) -> list[tuple[int, int]]:
     return [(i, min(i + step, rows)) for i in range(0, rows, step)]
 
 
-def _drop_rows(t: Tensor, seed: int, p: float, start: int) -> Tensor:
+def _drop_rows(t: Tensor, seed: int | Tensor, p: float, start: int) -> Tensor:
     keep = dropout_keep(seed, t.shape[0], t.shape[1], p, row_offset=start, device=t.device)
     scale = 1.0 / (1.0 - p)
     # where(), not a multiply: a dropped element is +0 even when it was negative, inf or NaN
@@ -123,7 +129,7 @@ def _drop_rows(t: Tensor, seed: int, p: float, start: int) -> Tensor:
     return torch.where(keep, t.float() * scale, 0.0).to(t.dtype)
 
 
-def apply_dropout(t: Tensor, seed: int, p: float) -> Tensor:
+def apply_dropout(t: Tensor, seed: int | Tensor, p: float) -> Tensor:
     """``drop(t)``: elements whose hash falls below the threshold are zeroed, the rest scaled by 1/(1-p).
 
     Applied to ``x`` in forward and, with the same seed, to ``dS A^T`` in backward (the derivative of
@@ -202,7 +208,14 @@ def factors(
     per-sample mode of size T. Cost ``O((d_in + d_out) r^2)``; differentiable by torch autograd.
     """
     check_cores(cores, spec)
-    index = spec.check_index(index)
+    return build_factors(cores, spec, spec.check_index(index))
+
+
+def build_factors(
+    cores: Sequence[Tensor], spec: TTSpec, index: Mapping[str, int]
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """:func:`factors` without its checks: ``cores`` already checked against ``spec``, ``index`` by
+    ``spec.check_index`` (the layers check once per spec and cores, not per call)."""
     p, q = spec.last_in, spec.first_out
 
     def sliced(k: int) -> Tensor:
@@ -228,6 +241,22 @@ def factors(
 
     assert A is not None and B is not None
     return A, factor_c(cores, spec, index), B
+
+
+def build_sides(cores: Sequence[Tensor], last_in: int, first_out: int) -> tuple[Tensor, Tensor]:
+    """``A`` and ``B`` of :func:`build_factors` for a spec whose cores up to ``last_in`` are all in modes and
+    from ``first_out`` on all out modes (index modes only in between): they do not depend on the index."""
+    r0, s, r1 = cores[0].shape
+    A = cores[0].reshape(s, r1)
+    for k in range(1, last_in + 1):
+        r0, s, r1 = cores[k].shape
+        A = (A @ cores[k].reshape(r0, s * r1)).reshape(-1, r1)
+    r0, s, r1 = cores[-1].shape
+    B = cores[-1].reshape(r0, s)
+    for k in range(len(cores) - 2, first_out - 1, -1):
+        r0, s, r1 = cores[k].shape
+        B = (cores[k].reshape(r0 * s, r1) @ B).reshape(r0, -1)
+    return A, B
 
 
 def factor_c(cores: Sequence[Tensor], spec: TTSpec, index: Mapping[str, int]) -> Tensor | None:
@@ -288,7 +317,7 @@ def mid(S: Tensor, C: Tensor | None, task_ids: Tensor | None) -> Tensor:
 
 
 def shrink(
-    x: Tensor, A: Tensor, C: Tensor | None, task_ids: Tensor | None, p: float, seed: int
+    x: Tensor, A: Tensor, C: Tensor | None, task_ids: Tensor | None, p: float, seed: int | Tensor
 ) -> tuple[Tensor, Tensor]:
     """Step 2: ``S = drop(x) A`` and ``U = S C``, in x's dtype."""
     if p == 0.0:
@@ -323,14 +352,14 @@ def grad_mid(S: Tensor, dU: Tensor, C: Tensor | None, task_ids: Tensor | None) -
     return dS, dC
 
 
-def grad_x(dy: Tensor, weight: Tensor, dS: Tensor, A: Tensor, p: float, seed: int) -> Tensor:
+def grad_x(dy: Tensor, weight: Tensor, dS: Tensor, A: Tensor, p: float, seed: int | Tensor) -> Tensor:
     """Step 6: ``dX = dY W + drop'(dS A^T)``."""
     if p == 0.0:
         return torch.addmm(dy @ weight, dS, A.t())
     return (dy @ weight).add_(apply_dropout(dS @ A.t(), seed, p))
 
 
-def grad_a(x: Tensor, dS: Tensor, p: float, seed: int) -> Tensor:
+def grad_a(x: Tensor, dS: Tensor, p: float, seed: int | Tensor) -> Tensor:
     """Step 7: ``dA = drop(x)^T dS``, a reduction over tokens."""
     if p == 0.0:
         return x.t() @ dS

@@ -1,0 +1,442 @@
+"""The lean eager path of ``TTLinear`` (torch backend) and the no-host-synchronization guarantee.
+
+* The lean path (plain torch ops, cores checked once, factors kept per core version) against the float64
+  reference, forward and backward, at awkward shapes (one token, primes, an empty batch, 3-D inputs), with index
+  modes and per-sample tasks, and kept factors that follow every way cores change.
+* No host read of a tensor (``item``, ``bool``, ``int``, ``float``, ``tolist``, ``cpu``, ``numpy``) runs inside
+  forward and backward of the torch backend and the Python layers: the reads are trapped while they run.
+* A seed tensor gives the mask of its value, hashed where it lives.
+* On a GPU (skipped here): ``TTLinear`` with dropout and task ids captured in a CUDA graph draws a fresh mask
+  at each replay and gives eager's gradients for the same generator state; ``torch.compile(mode=
+  "reduce-overhead")`` runs ``TTLinear`` and ``MetaTTModel``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import ttkernels as tk
+from helpers import TOL, dense_ref, metatt_spec, random_cores
+from ttkernels import MetaTTConfig, get_metatt_model
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+CUDA = torch.cuda.is_available()
+needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+def _layer(d_in, d_out, in_modes, out_modes, dtype, seed_cores=True):
+    layer = tk.TTLinear(d_in, d_out, ranks=3, in_modes=in_modes, out_modes=out_modes, dtype=dtype)
+    if seed_cores:
+        with torch.no_grad():
+            for c in layer.cores:
+                c.normal_(0.0, 0.5)
+    return layer
+
+
+def _fwd_bwd_vs_reference(layer, x, task_ids=None):
+    """Forward and backward of ``layer`` against the float64 dense reference (its own autograd)."""
+    dtype = x.dtype
+    x = x.clone().requires_grad_()
+    kw = {} if task_ids is None else {"task_ids": task_ids}
+    y = layer(x, **kw)
+    y.backward(g := torch.randn_like(y))
+    cores64 = [c.detach().double().requires_grad_() for c in layer.cores]
+    x64 = x.detach().double().requires_grad_()
+    ids = None
+    if task_ids is not None:
+        ids = task_ids.reshape(task_ids.shape + (1,) * (x.dim() - 1 - task_ids.dim())).expand(x.shape[:-1])
+    w, b = layer.weight.double(), None if layer.bias is None else layer.bias.double()
+    y64 = dense_ref(x64, w, b, cores64, layer.spec, layer.scaling, layer.index, ids).reshape(y.shape)
+    y64.backward(g.double())
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(y.double(), y64, atol=atol, rtol=rtol)
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=atol, rtol=rtol)
+    for k, (c, c64) in enumerate(zip(layer.cores, cores64)):
+        torch.testing.assert_close(c.grad.double(), c64.grad, atol=atol * 10, rtol=rtol * 10, msg=f"cores[{k}]")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    "d_in,d_out,in_modes,out_modes",
+    [(12, 10, None, None), (12, 12, 2, 2), (21, 30, (3, 7), (5, 2, 3)), (13, 7, None, None)],
+)
+@pytest.mark.parametrize("lead", [(1,), (7,), (0,), (2, 3)])
+def test_lean_path_matches_the_reference(dtype, d_in, d_out, in_modes, out_modes, lead):
+    layer = _layer(d_in, d_out, in_modes, out_modes, dtype)
+    _fwd_bwd_vs_reference(layer, torch.randn(*lead, d_in, dtype=dtype))
+    with torch.no_grad():  # the kept factors
+        x = torch.randn(*lead, d_in, dtype=dtype)
+        first, second = layer(x), layer(x)
+        assert torch.equal(first, second)
+        expected = dense_ref(x, layer.weight, layer.bias, list(layer.cores), layer.spec, layer.scaling)
+        atol, rtol = TOL[dtype]
+        torch.testing.assert_close(second.double(), expected.reshape(second.shape), atol=atol, rtol=rtol)
+
+
+def test_lean_path_with_index_modes_and_tasks():
+    spec = metatt_spec(12, 10, layers=2, matrices=2, r=3, tasks=4)
+    cores = nn.ParameterList([nn.Parameter(c) for c in random_cores(spec)])
+    layer = tk.TTLinear.from_cores(nn.Linear(12, 10, dtype=torch.float64), cores, spec, index={"layer": 1, "matrix": 0})
+    _fwd_bwd_vs_reference(layer, torch.randn(3, 5, 12, dtype=torch.float64), torch.tensor([3, 0, 2]))
+    spec = metatt_spec(12, 10, layers=2, matrices=2, r=3)
+    cores = nn.ParameterList([nn.Parameter(c) for c in random_cores(spec)])
+    layer = tk.TTLinear.from_cores(nn.Linear(12, 10, dtype=torch.float64), cores, spec, index={"layer": 0, "matrix": 1})
+    _fwd_bwd_vs_reference(layer, torch.randn(1, 12, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("in_modes,out_modes", [(None, None), (2, 2)])
+def test_kept_factors_follow_every_change_of_the_cores(in_modes, out_modes):
+    layer = _layer(12, 12, in_modes, out_modes, torch.float64)
+    x = torch.randn(4, 12, dtype=torch.float64)
+
+    def expected():
+        return dense_ref(x, layer.weight, layer.bias, list(layer.cores), layer.spec, layer.scaling)
+
+    def check():
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), expected())
+        torch.testing.assert_close(layer(x), expected())  # grad mode too
+
+    check()
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    layer(x).square().sum().backward()
+    opt.step()  # in place: versions change
+    check()
+    with torch.no_grad():
+        layer.cores[0].mul_(-2.0)
+    check()
+    layer.cores[0].data = torch.randn_like(layer.cores[0])  # a storage swap, no version change
+    check()
+    layer.load_state_dict({k: torch.randn_like(v) for k, v in layer.state_dict().items()})
+    check()
+    layer.cores[-1] = nn.Parameter(torch.randn_like(layer.cores[-1]))  # a new Parameter
+    check()
+    layer.replace_cores([torch.randn(s, dtype=torch.float64) for s in layer.spec.core_shapes])
+    check()
+    other = copy.deepcopy(layer)
+    with torch.no_grad():
+        other.cores[0].add_(1.0)
+        torch.testing.assert_close(layer(x), expected())
+    with pytest.raises(ValueError, match=r"cores\[0\] has shape"):
+        layer.cores[0] = nn.Parameter(torch.randn(1, 5, 3, dtype=torch.float64))
+        layer(x)
+
+
+def test_lean_path_refuses_what_the_op_refuses():
+    layer = _layer(8, 8, None, None, torch.float32)
+    with pytest.raises(TypeError, match=r"weight is torch\.float32 but the layer computes in torch\.float64"):
+        layer(torch.randn(2, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="x has last dimension 7"):
+        layer(torch.randn(2, 7))
+
+
+# ------------------------------------------------------------------------------------------- no host reads
+_READS = ("item", "__bool__", "__int__", "__float__", "__index__", "tolist", "cpu", "numpy")
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """Trap every host read of a tensor (on the Tensor class: Parameters too, every thread); the list of the
+    reads seen while ``trap`` is on."""
+    seen: list[str] = []
+    state = {"on": False}
+
+    def trap(name, original):
+        def wrapper(self, *args, **kwargs):
+            if state["on"]:
+                seen.append(name)
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    for name in _READS:
+        monkeypatch.setattr(torch.Tensor, name, trap(name, getattr(torch.Tensor, name)))
+
+    class Reads:
+        def __init__(self):
+            self.seen = seen
+
+        def __enter__(self):
+            state["on"] = True
+            return self
+
+        def __exit__(self, *exc):
+            state["on"] = False
+
+    return Reads()
+
+
+def _metatt(dropout):
+    torch.manual_seed(0)
+    base = nn.Sequential()
+    base.layers = nn.ModuleList(nn.ModuleDict({"q": nn.Linear(8, 8), "v": nn.Linear(8, 6)}) for _ in range(2))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = base.layers
+
+        def forward(self, x):
+            return sum(block["v"](torch.tanh(block["q"](x))) for block in self.layers)
+
+    cfg = MetaTTConfig(["q", "v"], rank=2, modes=("layer", "matrix", "task"), num_tasks=3, dropout=dropout)
+    model = get_metatt_model(Net(), cfg)
+    with torch.no_grad():
+        for p in model.shared_parameters():
+            p.normal_(0.0, 0.3)
+    return model
+
+
+def _cases():
+    x = torch.randn(3, 8)
+    ids = torch.tensor([2, 0, 1])
+    spec = metatt_spec(8, 8, layers=2, matrices=2, r=3, tasks=3)
+    cores = nn.ParameterList([nn.Parameter(c.float()) for c in random_cores(spec)])
+    task_layer = tk.TTLinear.from_cores(nn.Linear(8, 8), cores, spec, index={"layer": 1, "matrix": 0}, dropout=0.2)
+    W, b = torch.randn(8, 8), torch.randn(8)
+    A, B = torch.randn(8, 3, requires_grad=True), torch.randn(3, 8, requires_grad=True)
+    C = torch.randn(3, 3, 3, requires_grad=True)
+    return {
+        "TTLinear": lambda: tk.TTLinear(8, 8, ranks=3)(x),
+        "TTLinear 2+2": lambda: tk.TTLinear(8, 8, ranks=3, in_modes=2, out_modes=2)(x),
+        "TTLinear dropout": lambda: tk.TTLinear(8, 8, ranks=3, dropout=0.3).train()(x),
+        "TTLinear tasks + dropout": lambda: task_layer.train()(x, task_ids=ids),
+        "tt_adapter seed tensor": lambda: tk.tt_adapter(
+            x, W, b, A, C, B, task_ids=ids, dropout=0.25, seed=torch.tensor(7), backend="torch"
+        ),
+        "tt_linear": lambda: tk.tt_linear(x, W, b, list(cores), spec, index={"layer": 0, "matrix": 1}, task_ids=ids),
+        "MetaTTModel": lambda: _metatt(0.1).train()(x, task_ids=ids),
+    }
+
+
+@pytest.mark.parametrize("case", list(_cases()))
+def test_no_host_read_in_forward_and_backward(case, host_reads):
+    run = _cases()[case]
+    with host_reads:
+        torch.Tensor.item(torch.zeros(()))  # the trap is live: this read is seen
+    assert host_reads.seen == ["item"]
+    host_reads.seen.clear()
+    with host_reads:
+        y = run()
+        y.square().sum().backward()
+    assert host_reads.seen == [], f"host reads in {case}: {host_reads.seen}"
+
+
+def test_the_trap_catches_a_host_read(monkeypatch):
+    seen: list[str] = []
+    original = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: seen.append("item") or original(self))
+    torch.randn(1).item()
+    assert seen == ["item"]
+
+
+def test_bad_task_ids_still_raise_on_the_cpu():
+    model = _metatt(0.0)
+    with pytest.raises(IndexError, match=r"task_ids must lie in \[0, 3\), got values from 0 to 3"):
+        model(torch.randn(2, 8), task_ids=torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*63\), got -4"):
+        tk.tt_adapter(
+            torch.randn(2, 8), torch.randn(8, 8), None, torch.randn(8, 3), None, torch.randn(3, 8),
+            dropout=0.2, seed=torch.tensor(-4),
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", [0, 11, 2**40 + 3, 2**62 + 99])
+def test_a_seed_tensor_gives_the_mask_of_its_value(seed):
+    x, W = torch.randn(9, 8, dtype=torch.float64), torch.randn(5, 8, dtype=torch.float64)
+    A, B = torch.randn(8, 3, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    a = tk.tt_adapter(x, W, None, A, None, B, dropout=0.4, seed=seed)
+    b = tk.tt_adapter(x, W, None, A, None, B, dropout=0.4, seed=torch.tensor(seed))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, tk.tt_adapter(x, W, None, A, None, B, dropout=0.4, seed=seed + 1))
+
+
+# ------------------------------------------------------------------------------------------------- GPU
+def _gpu_task_layer(dropout):
+    spec = metatt_spec(64, 48, layers=2, matrices=2, r=4, tasks=3)
+    cores = nn.ParameterList([nn.Parameter(c.float().cuda()) for c in random_cores(spec)])
+    base = nn.Linear(64, 48, device="cuda")
+    return tk.TTLinear.from_cores(base, cores, spec, index={"layer": 1, "matrix": 0}, dropout=dropout).train()
+
+
+@needs_gpu
+def test_cuda_graph_capture_draws_fresh_masks_and_matches_eager():
+    layer = _gpu_task_layer(0.5)
+    x = torch.randn(16, 64, device="cuda", requires_grad=True)
+    ids = torch.randint(0, 3, (16,), device="cuda")
+    grads = [p for p in layer.parameters() if p.requires_grad]
+
+    def step():
+        y = layer(x, task_ids=ids)
+        return y, torch.autograd.grad(y.square().sum(), [x, *grads])
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # warm up outside the graph
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_static, g_static = step()
+
+    outs = []
+    for _ in range(2):
+        state = torch.cuda.get_rng_state()
+        graph.replay()
+        torch.cuda.synchronize()
+        replayed = (y_static.clone(), [g.clone() for g in g_static])
+        torch.cuda.set_rng_state(state)  # eager from the same generator state
+        y_eager, g_eager = step()
+        torch.testing.assert_close(replayed[0], y_eager)
+        for a, b in zip(replayed[1], g_eager):
+            torch.testing.assert_close(a, b)
+        outs.append(replayed[0])
+    assert not torch.equal(outs[0], outs[1]), "a replay reused the previous dropout mask"
+
+
+@needs_gpu
+def test_compile_reduce_overhead_ttlinear():
+    torch._dynamo.reset()
+    layer = tk.TTLinear(64, 48, ranks=4, device="cuda")
+    with torch.no_grad():
+        layer.cores[-1].normal_()
+    x = torch.randn(8, 64, device="cuda")
+    compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):
+        torch.testing.assert_close(compiled(x), layer(x))
+
+
+@needs_gpu
+def test_compile_reduce_overhead_metatt_model():
+    torch._dynamo.reset()
+    model = _metatt(0.0).cuda()
+    x, ids = torch.randn(4, 8, device="cuda"), torch.tensor([0, 2, 1, 1], device="cuda")
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):
+        torch.testing.assert_close(compiled(x, task_ids=ids), model(x, task_ids=ids))
+
+
+# ------------------------------------------------------------------------------------------ MetaTT sharing
+def test_metatt_views_share_a_and_b_within_a_call(monkeypatch):
+    from ttkernels import reference
+
+    model = _metatt(0.0)
+    x, ids = torch.randn(3, 8), torch.tensor([1, 0, 2])
+    built = []
+    original = reference.build_sides
+    monkeypatch.setattr(reference, "build_sides", lambda *a: built.append(1) or original(*a))
+    y = model(x, task_ids=ids)
+    assert len(built) == 2  # two groups (q: 8 -> 8, v: 8 -> 6), four views
+    y.square().sum().backward()
+    grads = [p.grad.clone() for p in model.shared_parameters()]
+    model.zero_grad()
+    # the same step with every view building its own factors (under saved-tensor hooks nothing is shared)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        y2 = model(x, task_ids=ids)
+    assert len(built) == 2
+    y2.square().sum().backward()
+    torch.testing.assert_close(y2, y)
+    for g, p in zip(grads, model.shared_parameters()):
+        torch.testing.assert_close(p.grad, g)
+    # two calls, two separate backwards: no graph is shared between calls
+    model.zero_grad()
+    first, second = model(x, task_ids=ids), model(x, task_ids=ids)
+    first.sum().backward()
+    second.sum().backward()
+    with torch.no_grad():  # outside a call nothing is kept
+        assert model._routing.shared is None
+
+
+def test_overhead_bench_writes_peft_rows_and_ratios(tmp_path):
+    import json
+
+    pytest.importorskip("peft")
+    from bench import overhead
+
+    threads = torch.get_num_threads()
+    try:
+        assert overhead.main(["--device", "cpu", "--reps", "2", "--rounds", "2", "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    row = json.loads((tmp_path / "overhead-cpu.jsonl").read_text().splitlines()[-1])
+    ratios = row["ratio_to_peft_lora"]
+    for spec in ("TTLinear 1+1 (LoRA-shaped)", "TTLinear 2+2"):
+        for what in ("forward", "forward+backward"):
+            key = f"{spec} {what}"
+            assert row["us_per_call"][key] > 0
+            assert ratios[key] == pytest.approx(row["us_per_call"][key] / row["us_per_call"][f"PEFT LoRA {what}"])
+    assert ratios["PEFT LoRA forward"] == 1.0
+    assert row["threads"] == 1 and row["peft"] and "interleaved" in row["method"]
+
+
+def test_shared_factors_block_for_views_onto_shared_cores(monkeypatch):
+    from ttkernels import reference
+    from ttkernels.modules import shared_factors
+
+    spec = tk.TTSpec.build((3, 4), (2, 5), 3, index_modes=[tk.Mode.index("layer", 3)])
+    cores = nn.ParameterList([nn.Parameter(c) for c in random_cores(spec)])
+    views = [
+        tk.TTLinear.from_cores(nn.Linear(12, 10, dtype=torch.float64), cores, spec, index={"layer": i})
+        for i in range(3)
+    ]
+    x = torch.randn(5, 12, dtype=torch.float64)
+
+    def run():
+        h = sum(v(x) for v in views)
+        h.square().sum().backward()
+        grads = [c.grad.clone() for c in cores]
+        cores.zero_grad()
+        return h, grads
+
+    built = []
+    original = reference.build_sides
+    monkeypatch.setattr(reference, "build_sides", lambda *a: built.append(1) or original(*a))
+    y_alone, g_alone = run()
+    assert built == []  # outside a block each view builds its own factors
+    with shared_factors():
+        y_shared, g_shared = run()
+    assert built == [1]
+    torch.testing.assert_close(y_shared, y_alone)
+    for a, b in zip(g_shared, g_alone):
+        torch.testing.assert_close(a, b)
+    expected = sum(dense_ref(x, v.weight, v.bias, list(cores), spec, v.scaling, v.index) for v in views)
+    torch.testing.assert_close(y_shared, expected)
+
+
+def test_step_bench_writes_side_by_side_ratios(tmp_path):
+    import json
+
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    from bench import step
+
+    threads = torch.get_num_threads()
+    try:
+        argv = [
+            "--device",
+            "cpu",
+            "--layers",
+            "1",
+            "--seq",
+            "4",
+            "--reps",
+            "1",
+            "--rounds",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+        assert step.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    row = json.loads((tmp_path / "step-cpu.jsonl").read_text().splitlines()[-1])
+    assert set(row["us_per_step"]) == {"frozen", "peft-lora", "metatt", "metatt-factored"}
+    assert row["ratio_to_peft_lora"]["peft-lora"] == 1.0
+    for k, v in row["us_per_step"].items():
+        assert v > 0
+        assert row["ratio_to_peft_lora"][k] == pytest.approx(v / row["us_per_step"]["peft-lora"])

@@ -153,8 +153,11 @@ class PeftSurface:
         scopes: list[contextlib.ExitStack] = []
         thread = threading.get_ident()  # the hooks are the model's: calls from other threads pass them by
 
-        def before(module: nn.Module, a: tuple, kw: dict) -> None:
-            if threading.get_ident() != thread:
+        # Another thread's forward can meet these hooks while they are being added or removed, when torch has not
+        # yet (or no longer) marked them as taking kwargs: they then get no ``kw`` and return at once, as they do
+        # for every other thread's call.
+        def before(module: nn.Module, a: tuple, kw: Optional[dict] = None) -> None:
+            if threading.get_ident() != thread or kw is None:
                 return
             x = kw.get("input_ids")
             if x is None:
@@ -169,7 +172,7 @@ class PeftSurface:
             stack.enter_context(self._task_scope(ids.repeat_interleave(rows // max(count, 1))))
             scopes.append(stack)
 
-        def after(module: nn.Module, a: tuple, kw: dict, out: Any) -> None:
+        def after(module: nn.Module, a: tuple, *kw_out: Any) -> None:
             if threading.get_ident() == thread and scopes:
                 scopes.pop().close()
 

@@ -252,32 +252,18 @@ class TTLinear(AdapterLayer):
         return super().forward(x, task_ids=task_ids)
 
     def adapter_forward(self, x: Tensor, task_ids: Optional[Tensor] = None) -> Tensor:
-        if self.quantized_base:  # the base's own forward plus the adapter term (the weight is packed)
-            return quantized.adapter_forward(
-                self.base_layer,
-                x,
-                list(self.cores),
-                self.spec,
-                index=self.index,
-                task_ids=task_ids,
-                scaling=self.scaling,
-                dropout=self.dropout if self.training else 0.0,
-                backend=self.backend,
-            )
-        if self.backend in _LEAN_BACKENDS and not torch.compiler.is_compiling():
+        if not self.quantized_base and self.backend in _LEAN_BACKENDS and not torch.compiler.is_compiling():
             return self._lean_forward(x, task_ids)
-        return ops.tt_linear(
-            x,
-            self.base_weight,
-            self.bias,
-            list(self.cores),
-            self.spec,
+        adapter = dict(
             index=self.index,
             task_ids=task_ids,
             scaling=self.scaling,
             dropout=self.dropout if self.training else 0.0,
             backend=self.backend,
         )
+        if self.quantized_base:  # the base's own forward plus the adapter term (the weight is packed)
+            return quantized.adapter_forward(self.base_layer, x, list(self.cores), self.spec, **adapter)
+        return ops.tt_linear(x, self.base_weight, self.bias, list(self.cores), self.spec, **adapter)
 
     # -------------------------------------------------------------------------------- the lean path
     # The torch backend in eager mode. At one token a call costs Python, dispatcher and autograd-graph overhead

@@ -34,7 +34,16 @@ from ttkernels import ttm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(REPO, "csrc")
-SOURCES = ["shrink.cu", "grad_dy.cu", "token_reduce.cu", "lowrank.cu", "dropout.cu", "ttm.cu"]
+SOURCES = [
+    "shrink.cu",
+    "grad_dy.cu",
+    "token_reduce.cu",
+    "accumulate.cu",
+    "rowmix.cu",
+    "finalize.cu",
+    "dropout.cu",
+    "ttm.cu",
+]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 NUM_SMS = 3  # a small "device": several row splits even for small M

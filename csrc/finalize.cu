@@ -1,8 +1,8 @@
 // finalize.cu: out[e] = round(scale * sum over parts p of buf[p][e]), summed in order p = 0, 1, ...: the fp32
 // buffers of grad_dy.cu, token_reduce.cu (grad_mid's dC, grad_a) and ttm.cu to T, one kernel for all of them.
 // Launch: one thread per element, blocks of 256 threads striding over n.
-// Checked by: tests/test_cuda_emulated.py against the float64 reference on the CPU, tests/test_cuda_backend.py
-// on a GPU.
+// Checked by: tests/test_steps.py against the float64 reference (runners cuda-emulated, on the CPU, and cuda,
+// on a GPU).
 #include <stdint.h>
 
 #include "tt_common.cuh"

@@ -5,8 +5,8 @@
 //   One thread per output element (r_in <= 128 products, the rows come from the L1 cache). A row whose task id
 //   is out of range gets NaN (see shrink.cu).
 // Limits: 1 <= r_in, r_out <= 128.
-// Checked by: tests/test_cuda_emulated.py against the float64 reference on the CPU, tests/test_cuda_backend.py
-// on a GPU.
+// Checked by: tests/test_steps.py against the float64 reference (runners cuda-emulated, on the CPU, and cuda,
+// on a GPU).
 #include <stdint.h>
 
 #include "tt_common.cuh"

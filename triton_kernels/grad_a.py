@@ -3,7 +3,7 @@ ranges (grid ``d_in blocks x SPLIT``); the partial sums are added with atomics, 
 written to a ``(SPLIT, d_in, r_a)`` buffer and summed in order. The mask is the forward's (same seed).
 
 Deterministic mode is torch's: ``torch.use_deterministic_algorithms(True)``. fp32 accumulation; ranks
-``<= 128``. Checked in tests/test_triton.py against ``ttkernels.reference``.
+``<= 128``. Checked in tests/test_steps.py against ``ttkernels.reference``.
 """
 
 from __future__ import annotations

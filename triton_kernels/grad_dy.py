@@ -4,7 +4,7 @@ registers; ``dB`` is a sum over row blocks, added with float32 atomics, or, in d
 per row block to a ``(blocks, r_b, d_out)`` float32 buffer summed afterwards in a fixed order.
 
 Deterministic mode is torch's: ``torch.use_deterministic_algorithms(True)``. fp32 accumulation; ranks
-``<= 128``. Checked in tests/test_triton.py against ``ttkernels.reference``.
+``<= 128``. Checked in tests/test_steps.py against ``ttkernels.reference``.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 :func:`triton_kernels.mid.task_matmul` with C transposed.
 
 Deterministic mode is torch's: ``torch.use_deterministic_algorithms(True)``. fp32 accumulation; ranks
-``<= 128``. Checked in tests/test_triton.py against ``ttkernels.reference``.
+``<= 128``. Checked in tests/test_steps.py against ``ttkernels.reference``.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
   an ``(M, r_a, r_b)`` copy of C: U in backward (:func:`mid`) and ``dS = dU C[t]^T`` in step grad_mid
   (triton_kernels/grad_mid.py).
 
-fp32 accumulation; ranks ``<= 128``. Checked in tests/test_triton.py against ``ttkernels.reference``.
+fp32 accumulation; ranks ``<= 128``. Checked in tests/test_steps.py against ``ttkernels.reference``.
 """
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ One step, one name (docs/design.md section 2): the step ``X`` is ``ttkernels.ref
 ``torch.ops.ttkernels.X``, the Triton launcher ``X`` in ``triton_kernels/X.py`` and the CUDA binding ``X`` in
 csrc/bindings.cpp (op ``torch.ops.ttkernels_cuda.X``). A kernel that serves several steps lives in one file named
 for what it does (``gemm.py``, ``accumulate.cu``, ``rowmix.cu``, ``token_reduce.cu``, ``finalize.cu``); the table
-says which. Tests: ``test_X`` in tests/test_triton.py (Triton, interpreter on the CPU), tests/test_cuda_emulated.py
-(CUDA kernels, host emulation on the CPU) and tests/test_cuda_backend.py (CUDA on a GPU); tests/test_ops.py for
+says which. Tests: ``test_X`` in tests/test_steps.py, parametrized over the runners ``triton`` (interpreter on
+the CPU), ``cuda-emulated`` (the CUDA kernels' source on the CPU) and ``cuda`` (on a GPU); tests/test_ops.py for
 the op. Benchmark row: ``bench/micro.py``'s op ``X`` (``python -m bench --preset micro``).
 
 ========== =================== ========================================== ==========================================

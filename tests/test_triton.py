@@ -66,9 +66,7 @@ def test_keep_mask_keeps_one_minus_p(p):
     assert abs(kept - (1 - p)) < 0.02  # 20480 draws: 5 standard deviations
 
 
-# ------------------------------------------------------------------------------------------ each step
-
-
+# -------------------------------------------------- deterministic reductions (each step: tests/test_steps.py)
 def test_deterministic_mode_repeats_bit_for_bit():
     torch.use_deterministic_algorithms(True)
     try:

@@ -167,18 +167,18 @@ class _Recorder(TorchDispatchMode):
 
 @contextmanager
 def _recording(gpu: GPU) -> Iterator[_Recorder]:
-    from ttkernels._triton_kernels import _common, grads, rows
+    from ttkernels._triton_kernels import _common, grad_a, rows
 
     rec = _Recorder()
-    saved = (_common.run, _common.Tuned.meta_for, rows.num_sms, grads.num_sms)
+    saved = (_common.run, _common.Tuned.meta_for, rows.num_sms, grad_a.num_sms)
     _common.run = rec.run
     _common.Tuned.meta_for = lambda self, device: dict(self.gpu_meta)  # the tiling used without autotuning
-    rows.num_sms = grads.num_sms = lambda device: gpu.sms
+    rows.num_sms = grad_a.num_sms = lambda device: gpu.sms
     try:
         with rec:
             yield rec
     finally:
-        _common.run, _common.Tuned.meta_for, rows.num_sms, grads.num_sms = saved
+        _common.run, _common.Tuned.meta_for, rows.num_sms, grad_a.num_sms = saved
 
 
 def _operands(M: int, d_in: int, d_out: int, r: int, dtype: torch.dtype, fmt: str, tasks: int = 3) -> dict:
@@ -209,11 +209,15 @@ def record(
     saved, saved_det = backend.BASE_GEMM, _common.deterministic
     backend.BASE_GEMM = plan
     _common.deterministic = lambda: deterministic
-    import ttkernels._triton_kernels.grads as grads
+    import ttkernels._triton_kernels.grad_a as grad_a
+    import ttkernels._triton_kernels.grad_dy as grad_dy
+    import ttkernels._triton_kernels.grad_mid as grad_mid
     import ttkernels._triton_kernels.rows as rows
 
-    saved_g, saved_r = grads.deterministic, rows.deterministic
-    grads.deterministic = rows.deterministic = lambda: deterministic
+    steps = (grad_a, grad_dy, grad_mid, rows)
+    saved_steps = [m.deterministic for m in steps]
+    for m in steps:
+        m.deterministic = lambda: deterministic
     try:
         with _recording(gpu) as rec:
             args = (o["x"], o["W"], o["b"], o["A"], o["C"], o["B"], o["ids"], 2.0, dropout, 7)
@@ -221,7 +225,8 @@ def record(
             backend.backward(o["dy"], o["x"], o["W"], o["A"], o["C"], o["B"], S, o["ids"], 2.0, dropout, 7, True)
     finally:
         backend.BASE_GEMM, _common.deterministic = saved, saved_det
-        grads.deterministic, rows.deterministic = saved_g, saved_r
+        for m, d in zip(steps, saved_steps):
+            m.deterministic = d
     return rec.launches
 
 

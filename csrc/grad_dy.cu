@@ -3,7 +3,7 @@
 //
 //   dy: (M, N) contiguous, U: (M, rb), B: (rb, N), dU: (M, rb), all of one storage type T
 //   dU_buf: fp32 (slices, M, rb) when the columns are cut into slices > 1: the block of slice c writes every
-//           element of dU_buf[c] (its columns' share of dY B^T) and csrc/lowrank.cu's finalize kernel sums the
+//           element of dU_buf[c] (its columns' share of dY B^T) and csrc/finalize.cu's kernel sums the
 //           slices in order into dU. With one slice the kernel writes dU itself (scaled, rounded once).
 //   dB_buf: fp32. Atomic mode: (rb, N), zeroed by the caller; blocks add their rows' U^T dY into it.
 //           Deterministic mode: (splits, rb, N), no zeroing needed: the blocks of row split s own dB_buf[s]

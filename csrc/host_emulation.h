@@ -3,8 +3,8 @@
 // Compiled only with -DTTK_HOST_EMULATION by a host compiler (never by nvcc, never into the extension):
 //
 //   g++ -std=c++20 -O1 -x c++ -DTTK_HOST_EMULATION -Icsrc -I$CUDA_HOME/include -shared -fPIC -pthread \
-//       csrc/shrink.cu csrc/grad_dy.cu csrc/token_reduce.cu csrc/lowrank.cu csrc/dropout.cu csrc/ttm.cu \
-//       -o libttk_emu.so
+//       csrc/shrink.cu csrc/grad_dy.cu csrc/token_reduce.cu csrc/accumulate.cu csrc/rowmix.cu csrc/finalize.cu \
+//       csrc/dropout.cu csrc/ttm.cu -o libttk_emu.so
 //
 // (tests/test_cuda_emulated.py does it.) A launch runs the grid's blocks one after another; a block runs as
 // blockDim threads (std::thread) that meet at __syncthreads() on a std::barrier, so shared memory is a plain

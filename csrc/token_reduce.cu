@@ -3,7 +3,7 @@
 //   X: (M, I) contiguous, Y: (M, R) contiguous, one storage type T; drop is the hash dropout (optional)
 //   groups: absent (one group) or (M,) int64 group ids in [0, G)
 //   buf: fp32 (parts, G, I, R), zeroed by the caller; parts = 1 (atomic mode) or `splits` (deterministic mode:
-//        split s adds only into buf[s], and csrc/lowrank.cu's finalize kernel sums the splits in order)
+//        split s adds only into buf[s], and csrc/finalize.cu's kernel sums the splits in order)
 //
 // Uses: step 7, dA = drop(x)^T dS (X = x, Y = dS, one group); step 5's dC = S^T dU (X = S, Y = dU), one group
 // for a shared C, or grouped by task_ids for a per-sample C (ids of a sample are consecutive rows, so a block

@@ -65,17 +65,19 @@ cudaError_t ttk_token_reduce_launch(ttk_dtype dtype, const void* X, const void* 
                                     int64_t I, int64_t R, int dropout, uint64_t seed, uint32_t threshold,
                                     float scale, cudaStream_t stream);
 
-// Steps 3 and 6 (lowrank.cu): out += drop'(scaling * U Bm) in place, Bm (R, N) read with strides (bsk, bsn).
+// Steps 3 and 6, expand and grad_x (accumulate.cu): out += drop'(scaling * U Bm) in place, Bm (R, N) read with
+// strides (bsk, bsn).
 cudaError_t ttk_accumulate_launch(ttk_dtype dtype, void* out, const void* U, const void* Bm, int64_t bsk,
                                   int64_t bsn, int64_t M, int64_t N, int64_t R, float scaling, int dropout,
                                   uint64_t seed, uint32_t threshold, float scale, cudaStream_t stream);
 
-// U = S C and step 5's dS = dU C^T (lowrank.cu): out[row] = in[row] C(row) (or C(row)^T when transposed).
+// Step mid's U = S C and step 5's (grad_mid) dS = dU C^T (rowmix.cu): out[row] = in[row] C(row) (or C(row)^T
+// when transposed).
 cudaError_t ttk_rowmix_launch(ttk_dtype dtype, const void* in, const void* C, const int64_t* task_ids,
                               int64_t num_tasks, int transposed, void* out, int64_t M, int64_t r_in, int64_t r_out,
                               cudaStream_t stream);
 
-// out[e] = round(scale * sum_p buf[p * n + e]) for e < n, p = 0 .. parts - 1 in order (lowrank.cu).
+// out[e] = round(scale * sum_p buf[p * n + e]) for e < n, p = 0 .. parts - 1 in order (finalize.cu).
 cudaError_t ttk_finalize_launch(ttk_dtype dtype, const float* buf, int64_t parts, int64_t n, float scale, void* out,
                                 cudaStream_t stream);
 

@@ -26,7 +26,7 @@
 //   (recomputed per column tile), then each thread adds W^T dy into its 4 elements of the (16, 64) dp tile.
 //   Shared memory: x tile 1024 + q[r] 4096 + W 1088 + dy tile 4096 floats = 41216 bytes.
 // * The gradients are deterministic: split s writes all of its fp32 piece buf[s] (zeros where it has no tokens),
-//   no atomics, and the caller sums the pieces in order (csrc/lowrank.cu's finalize kernel) or, with one split,
+//   no atomics, and the caller sums the pieces in order (csrc/finalize.cu's kernel) or, with one split,
 //   passes the output itself as buf. The splits are a function of the shape and the SM count only.
 // Limits: 1 <= R <= 16, 1 <= NI <= 64, 1 <= NA <= 64 (q[r] and a token tile's kept modes stay whole in a block),
 // NJ >= 1, NC >= 1, M >= 1 (the binding returns early for M = 0).

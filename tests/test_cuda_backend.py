@@ -5,10 +5,10 @@ schema, every bad argument raises an error naming the op and the argument (CPU t
 and a CPU tensor that passes them all is refused as "must be a CUDA tensor"), the fake kernels give the shapes
 torch.compile traces with, and the registry refuses ``backend="cuda"`` without a GPU or without the extension.
 
-With a GPU, every step and the fused op run against the float64 reference (accuracy rule of
-tests/helpers.check_error_ratio) at awkward shapes (0, 1, prime token counts, per-bond ranks, every rank
-bucket), every dtype, dropout on and off, atomic and deterministic reductions, with outputs poisoned with NaN
-before the kernels write them; plus task-id checks, CUDA graph capture, torch.compile and opcheck.
+With a GPU, the fused op runs (every step: tests/test_steps.py, runner ``cuda``) against the float64 reference
+(accuracy rule of tests/helpers.check_error_ratio) at awkward shapes (0, 1, prime token counts, per-bond ranks,
+every rank bucket), every dtype, dropout on and off, atomic and deterministic reductions, with outputs poisoned
+with NaN before the kernels write them; plus task-id checks, CUDA graph capture, torch.compile and opcheck.
 
 When the extension is not built, the tests that need it skip; with TTKERNELS_REQUIRE_CUDA_EXT=1 (CI) they fail.
 """
@@ -332,11 +332,6 @@ def rnd(*shape, **kw):
     return helpers.rnd(*shape, device="cuda", **kw)
 
 
-def both(fn_name, *args):
-    """(cuda result, float64 reference on the CPU, torch backend in the inputs' dtype)."""
-    return helpers.against_reference(cb, fn_name, *args)
-
-
 def middle(kind, ra, rb, n_tasks, dtype, m):
     return helpers.random_middle(kind, ra, rb, n_tasks, dtype, m, device="cuda", run=3)
 
@@ -354,97 +349,6 @@ def deterministic(request):
     torch.use_deterministic_algorithms(request.param, warn_only=True)
     yield request.param
     torch.use_deterministic_algorithms(old)
-
-
-# (M, d_in, d_out, ra, rb): empty, one token, primes, per-bond ranks, each rank bucket, a long K loop
-SHAPES = [
-    (0, 13, 11, 3, 3),
-    (1, 13, 11, 1, 1),
-    (7, 29, 31, 5, 3),
-    (37, 67, 131, 16, 19),
-    (97, 131, 67, 33, 64),
-    (61, 257, 263, 128, 100),
-    (1031, 509, 521, 8, 8),
-]
-
-
-@needs_cuda
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kind", ["none", "shared", "task"])
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("p", [0.0, 0.3])
-def test_shrink_and_mid(poison, shape, kind, p, dtype):
-    m, d_in, _, ra, rb = shape
-    rb = ra if kind == "none" else rb
-    x, A = rnd(m, d_in, dtype=dtype), rnd(d_in, ra, dtype=dtype, scale=d_in**-0.5)
-    C, ids = middle(kind, ra, rb, 4, dtype, m)
-    seed = int(torch.randint(0, 2**62, ()).item())
-    (S, U), (S64, U64), (St, Ut) = both("shrink", x, A, C, ids, p, seed)
-    check("S", S, S64, St, dtype)
-    check("U", U, U64, Ut, dtype)
-    U2, U64b, Utb = both("mid", S, C, ids)
-    check("mid", U2, U64b, Utb, dtype)
-
-
-@needs_cuda
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("bias", [True, False])
-def test_expand(poison, shape, bias, dtype):
-    m, d_in, d_out, _, rb = shape
-    x, W = rnd(m, d_in, dtype=dtype), rnd(d_out, d_in, dtype=dtype, scale=d_in**-0.5)
-    b = rnd(d_out, dtype=dtype) if bias else None
-    U, B = rnd(m, rb, dtype=dtype), rnd(rb, d_out, dtype=dtype, scale=rb**-0.5)
-    y, y64, yt = both("expand", x, W, b, U, B, 0.75)
-    check("y", y, y64, yt, dtype)
-
-
-@needs_cuda
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
-def test_grad_dy(poison, deterministic, shape, dtype):
-    m, _, d_out, _, rb = shape
-    dy, U, B = rnd(m, d_out, dtype=dtype), rnd(m, rb, dtype=dtype), rnd(rb, d_out, dtype=dtype, scale=rb**-0.5)
-    (dU, dB), (dU64, dB64), (dUt, dBt) = both("grad_dy", dy, U, B, 0.5)
-    check("dU", dU, dU64, dUt, dtype)
-    check("dB", dB, dB64, dBt, dtype)
-
-
-@needs_cuda
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kind", ["none", "shared", "task"])
-@pytest.mark.parametrize("shape", SHAPES)
-def test_grad_mid(poison, deterministic, shape, kind, dtype):
-    m, _, _, ra, rb = shape
-    rb = ra if kind == "none" else rb
-    C, ids = middle(kind, ra, rb, 5, dtype, m)
-    S, dU = rnd(m, ra, dtype=dtype), rnd(m, rb, dtype=dtype)
-    (dS, dC), (dS64, dC64), (dSt, dCt) = both("grad_mid", S, dU, C, ids)
-    check("dS", dS, dS64, dSt, dtype)
-    check("dC", dC, dC64, dCt, dtype)
-
-
-@needs_cuda
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("p", [0.0, 0.3])
-def test_grad_x(poison, shape, p, dtype):
-    m, d_in, d_out, ra, _ = shape
-    dy, W = rnd(m, d_out, dtype=dtype), rnd(d_out, d_in, dtype=dtype, scale=d_out**-0.5)
-    dS, A = rnd(m, ra, dtype=dtype), rnd(d_in, ra, dtype=dtype, scale=ra**-0.5)
-    dx, dx64, dxt = both("grad_x", dy, W, dS, A, p, int(torch.randint(0, 2**62, ()).item()))
-    check("dx", dx, dx64, dxt, dtype)
-
-
-@needs_cuda
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES + [(4099, 64, 64, 16, 16)])
-@pytest.mark.parametrize("p", [0.0, 0.3])
-def test_grad_a(poison, deterministic, shape, p, dtype):
-    m, d_in, _, ra, _ = shape
-    x, dS = rnd(m, d_in, dtype=dtype), rnd(m, ra, dtype=dtype)
-    dA, dA64, dAt = both("grad_a", x, dS, p, int(torch.randint(0, 2**62, ()).item()))
-    check("dA", dA, dA64, dAt, dtype)
 
 
 @needs_cuda

@@ -7,8 +7,10 @@ shared-memory staging, atomics and deterministic reductions are checked as writt
 make them "run on a GPU": speed, the GPU memory model and code generation are only checked on a GPU
 (tests/test_cuda_backend.py).
 
-``Emulated`` replays the plan of csrc/bindings.cpp for each op (outputs, fp32 buffers, launch order) so the
-launchers are called as the binding calls them; outputs are filled with NaN before the kernels write them.
+``Emulated`` (tests/cuda_emulation.py) replays the plan of csrc/bindings.cpp for each op (outputs, fp32 buffers,
+launch order) so the launchers are called as the binding calls them; outputs are filled with NaN before the kernels
+write them. The six step tests run in tests/test_steps.py (runner ``cuda-emulated``); this file holds the checks
+specific to the kernels: split-K, vector loads and unaligned rows, buffer plans, masks, launch limits, kron ops.
 
 Needs a C++20 compiler and the CUDA headers (CUDA_HOME, /usr/local/cuda, or the nvidia-cuda-runtime wheel);
 without them the tests skip, and with TTKERNELS_REQUIRE_CUDA_EXT=1 (CI) they fail. On a machine with a GPU they
@@ -17,244 +19,19 @@ skip: there tests/test_cuda_backend.py runs the kernels themselves.
 
 from __future__ import annotations
 
-import ctypes
-import glob
-import hashlib
-import os
-import shutil
-import subprocess
-
 import pytest
 import torch
 
 import helpers
+from cuda_emulation import CODE, DTYPES, NUM_SMS, Emulated, build_lib, poisoned, ptr
 from helpers import check_error_ratio as check
 from ttkernels import reference as ref
 from ttkernels import ttm
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CSRC = os.path.join(REPO, "csrc")
-SOURCES = ["shrink.cu", "grad_dy.cu", "token_reduce.cu", "lowrank.cu", "dropout.cu", "ttm.cu"]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-NUM_SMS = 3  # a small "device": several row splits even for small M
-
-i64, u64, u32, f32, cint, vp = (
-    ctypes.c_int64,
-    ctypes.c_uint64,
-    ctypes.c_uint32,
-    ctypes.c_float,
-    ctypes.c_int,
-    ctypes.c_void_p,
-)
-SIGNATURES = {
-    "ttk_shrink_splits": [i64, i64, i64, cint],
-    "ttk_shrink_launch": [cint, vp, vp, vp, vp, i64, vp, vp, vp, cint, i64, i64, i64, i64, cint, u64, u32, f32, vp],
-    "ttk_grad_dy_slices": [i64, i64, i64, cint],
-    "ttk_grad_dy_splits": [i64, i64, i64, cint, cint],
-    "ttk_grad_dy_launch": [cint, vp, vp, vp, vp, vp, vp, cint, cint, i64, i64, i64, f32, vp],
-    "ttk_token_reduce_splits": [i64, i64, cint],
-    "ttk_token_reduce_launch": [cint, vp, vp, vp, i64, vp, i64, cint, i64, i64, i64, cint, u64, u32, f32, vp],
-    "ttk_accumulate_launch": [cint, vp, vp, vp, i64, i64, i64, i64, i64, f32, cint, u64, u32, f32, vp],
-    "ttk_rowmix_launch": [cint, vp, vp, vp, i64, cint, vp, i64, i64, i64, vp],
-    "ttk_finalize_launch": [cint, vp, i64, i64, f32, vp, vp],
-    "ttk_dropout_launch": [cint, vp, vp, i64, i64, u64, u32, f32, vp],
-    "ttk_kron_apply_launch": [cint, vp, i64, i64, i64, vp, vp, vp, i64, i64, i64, i64, i64, i64, vp],
-    "ttk_kron_grad_q_splits": [i64, i64, cint],
-    "ttk_kron_grad_q_launch": [cint, vp, i64, i64, i64, vp, i64, i64, i64, vp, vp, i64, *[i64] * 6, vp],
-    "ttk_kron_grad_p_splits": [i64, i64, i64, i64, cint],
-    "ttk_kron_grad_p_launch": [cint, vp, i64, i64, i64, vp, i64, i64, i64, vp, vp, i64, *[i64] * 6, vp],
-}
-
-
-def _cuda_include() -> str | None:
-    candidates = [os.path.join(os.environ.get("CUDA_HOME", ""), "include"), "/usr/local/cuda/include"]
-    try:
-        import nvidia
-
-        candidates += [os.path.join(p, "cu13", "include") for p in nvidia.__path__]
-        candidates += sorted(glob.glob(os.path.join(nvidia.__path__[0], "*", "include")))
-    except ImportError:
-        pass
-    for inc in candidates:
-        if (
-            inc
-            and os.path.isfile(os.path.join(inc, "cuda_fp16.h"))
-            and os.path.isfile(os.path.join(inc, "cuda_runtime.h"))
-        ):
-            return inc
-    return None
-
-
-def _unavailable(why: str):
-    if os.environ.get("TTKERNELS_REQUIRE_CUDA_EXT") == "1":
-        pytest.fail(f"TTKERNELS_REQUIRE_CUDA_EXT=1 but the emulated kernels cannot be built: {why}")
-    pytest.skip(why)
-
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
-    if torch.cuda.is_available():
-        pytest.skip("a GPU runs the kernels themselves (tests/test_cuda_backend.py); the emulation is for CPU machines")
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    inc = _cuda_include()
-    if cxx is None or inc is None:
-        _unavailable(f"needs a C++ compiler (found {cxx}) and the CUDA headers (found {inc})")
-    files = [os.path.join(CSRC, f) for f in SOURCES] + sorted(glob.glob(os.path.join(CSRC, "*.h*")))
-    digest = hashlib.sha256(b"".join(open(f, "rb").read() for f in files)).hexdigest()[:16]
-    out = os.path.join(str(tmp_path_factory.getbasetemp()), f"libttk_emu_{digest}.so")
-    cmd = [cxx, "-std=c++20", "-O1", "-x", "c++", "-DTTK_HOST_EMULATION", f"-I{CSRC}", f"-I{inc}", "-shared",
-           "-fPIC", "-pthread", *[os.path.join(CSRC, f) for f in SOURCES], "-o", out]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.fail(f"the emulated kernels do not compile:\n{' '.join(cmd)}\n{done.stderr[-4000:]}")
-    handle = ctypes.CDLL(out)
-    for name, args in SIGNATURES.items():
-        fn = getattr(handle, name)
-        fn.argtypes = args
-        fn.restype = ctypes.c_int64 if name.endswith(("_slices", "_splits")) else ctypes.c_int
-    return handle
-
-
-def ptr(t):
-    return None if t is None else t.data_ptr()
-
-
-def poisoned(*shape, dtype):
-    return torch.full(shape, float("nan"), dtype=dtype)
-
-
-class Emulated:
-    """The ops of csrc/bindings.cpp, on CPU tensors, launching the emulated kernels as the binding does."""
-
-    def __init__(self, lib, deterministic=False):
-        self.lib, self.det = lib, deterministic
-
-    def _ok(self, err):
-        assert err == 0, f"launcher returned cudaError {err}"
-
-    def _drop(self, p, seed):
-        return (int(p > 0), seed, ref.dropout_threshold(p), float(torch.tensor(1.0 / (1.0 - p), dtype=torch.float32)))
-
-    def _finalize(self, buf, parts, out, scale):
-        self._ok(self.lib.ttk_finalize_launch(CODE[out.dtype], ptr(buf), parts, out.numel(), scale, ptr(out), None))
-
-    def _reduce(self, X, Y, groups, num_groups, p, seed, out):
-        m, i_cols, r = X.shape[0], X.shape[1], Y.shape[1]
-        splits = self.lib.ttk_token_reduce_splits(m, i_cols, NUM_SMS)
-        parts = splits if self.det else 1
-        buf = torch.zeros(parts * num_groups * i_cols * r, dtype=torch.float32)
-        self._ok(self.lib.ttk_token_reduce_launch(CODE[X.dtype], ptr(X), ptr(Y), ptr(groups), num_groups, ptr(buf),
-                                                  splits, int(self.det), m, i_cols, r, *self._drop(p, seed), None))  # fmt: skip
-        self._finalize(buf, parts, out, 1.0)
-        return out
-
-    def shrink(self, x, A, C, task_ids, p, seed):
-        m, ra = x.shape[0], A.shape[1]
-        rb = ra if C is None else C.shape[-1]
-        S, U = poisoned(m, ra, dtype=x.dtype), (None if C is None else poisoned(m, rb, dtype=x.dtype))
-        if m:
-            T = C.shape[0] if C is not None and C.dim() == 3 else 0
-            splits = self.lib.ttk_shrink_splits(m, x.shape[1], ra, NUM_SMS)
-            partial = poisoned(splits * m * ra, dtype=torch.float32) if splits > 1 else None
-            self._ok(self.lib.ttk_shrink_launch(CODE[x.dtype], ptr(x), ptr(A), ptr(C), ptr(task_ids), T, ptr(S),
-                                                ptr(U), ptr(partial), NUM_SMS, m, x.shape[1], ra, rb,
-                                                *self._drop(p, seed), None))  # fmt: skip
-        return S, (S if C is None else U)
-
-    def mid(self, S, C, task_ids):
-        if C is None:
-            return S
-        U = poisoned(S.shape[0], C.shape[-1], dtype=S.dtype)
-        if S.shape[0]:
-            T = C.shape[0] if C.dim() == 3 else 0
-            self._ok(self.lib.ttk_rowmix_launch(CODE[S.dtype], ptr(S), ptr(C), ptr(task_ids), T, 0, ptr(U),
-                                                S.shape[0], S.shape[1], C.shape[-1], None))  # fmt: skip
-        return U
-
-    def expand(self, x, weight, bias, U, B, scaling):
-        y = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
-        if x.shape[0]:
-            self._ok(self.lib.ttk_accumulate_launch(CODE[x.dtype], ptr(y), ptr(U), ptr(B), B.shape[1], 1, x.shape[0],
-                                                    B.shape[1], B.shape[0], scaling, 0, 0, 0, 1.0, None))  # fmt: skip
-        return y
-
-    def grad_dy(self, dy, U, B, scaling):
-        m, n, rb = dy.shape[0], dy.shape[1], B.shape[0]
-        dU = poisoned(m, rb, dtype=dy.dtype)
-        if m == 0:
-            return dU, torch.zeros(rb, n, dtype=dy.dtype)
-        slices = self.lib.ttk_grad_dy_slices(m, n, rb, NUM_SMS)
-        splits = self.lib.ttk_grad_dy_splits(m, n, rb, int(self.det), NUM_SMS)
-        parts = splits if self.det else 1
-        dU_buf = poisoned(slices * m * rb, dtype=torch.float32) if slices > 1 else None
-        buf = poisoned(parts * rb * n, dtype=torch.float32) if self.det else torch.zeros(rb * n)
-        self._ok(self.lib.ttk_grad_dy_launch(CODE[dy.dtype], ptr(dy), ptr(U), ptr(B), ptr(dU), ptr(dU_buf), ptr(buf),
-                                             int(self.det), NUM_SMS, m, n, rb, scaling, None))  # fmt: skip
-        if slices > 1:
-            self._finalize(dU_buf, slices, dU, scaling)
-        dB = poisoned(rb, n, dtype=dy.dtype)
-        self._finalize(buf, parts, dB, scaling)
-        return dU, dB
-
-    def grad_mid(self, S, dU, C, task_ids):
-        if C is None:
-            return dU, None
-        m, ra, rb = S.shape[0], S.shape[1], C.shape[-1]
-        dS = poisoned(m, ra, dtype=S.dtype)
-        if m == 0:
-            return dS, torch.zeros_like(C)
-        T = C.shape[0] if C.dim() == 3 else 0
-        self._ok(self.lib.ttk_rowmix_launch(CODE[S.dtype], ptr(dU), ptr(C), ptr(task_ids), T, 1, ptr(dS), m, rb, ra,
-                                            None))  # fmt: skip
-        dC = self._reduce(S, dU, task_ids, max(T, 1), 0.0, 0, poisoned(*C.shape, dtype=C.dtype))
-        return dS, dC
-
-    def grad_x(self, dy, weight, dS, A, p, seed):
-        dx = dy @ weight
-        if dy.shape[0]:
-            self._ok(self.lib.ttk_accumulate_launch(CODE[dy.dtype], ptr(dx), ptr(dS), ptr(A), 1, A.shape[1],
-                                                    dy.shape[0], A.shape[0], A.shape[1], 1.0, *self._drop(p, seed),
-                                                    None))  # fmt: skip
-        return dx
-
-    def grad_a(self, x, dS, p, seed):
-        if x.shape[0] == 0:
-            return torch.zeros(x.shape[1], dS.shape[1], dtype=x.dtype)
-        return self._reduce(x, dS, None, 1, p, seed, poisoned(x.shape[1], dS.shape[1], dtype=x.dtype))
-
-    # The Kronecker-sum ops (ttm.cu); x and dy keep their strides, q and p are contiguous (the binding checks it).
-    def kron_apply(self, x, q, p):
-        (m, ni, nj), (r, na, _), nc = x.shape, q.shape, p.shape[2]
-        y = poisoned(m, na, nc, dtype=x.dtype)
-        if m:
-            self._ok(self.lib.ttk_kron_apply_launch(CODE[x.dtype], ptr(x), *x.stride(), ptr(q), ptr(p), ptr(y), m, r,
-                                                    ni, nj, na, nc, None))  # fmt: skip
-        return y
-
-    def _kron_reduce(self, dy, x, factor, grad_q):
-        (m, ni, nj), (_, na, nc), r = x.shape, dy.shape, factor.shape[0]
-        sizes = (r, na, ni) if grad_q else (r, nj, nc)
-        if m == 0:
-            return torch.zeros(sizes)
-        out = poisoned(*sizes, dtype=torch.float32)
-        if grad_q:
-            parts, launch = self.lib.ttk_kron_grad_q_splits(m, r, NUM_SMS), self.lib.ttk_kron_grad_q_launch
-        else:
-            parts, launch = self.lib.ttk_kron_grad_p_splits(m, r, nj, nc, NUM_SMS), self.lib.ttk_kron_grad_p_launch
-        buf = out if parts == 1 else poisoned(parts * out.numel(), dtype=torch.float32)
-        self._ok(launch(CODE[x.dtype], ptr(dy), *dy.stride(), ptr(x), *x.stride(), ptr(factor), ptr(buf), parts, m, r,
-                        ni, nj, na, nc, None))  # fmt: skip
-        if parts > 1:
-            self._ok(self.lib.ttk_finalize_launch(CODE[torch.float32], ptr(buf), parts, out.numel(), 1.0, ptr(out),
-                                                  None))  # fmt: skip
-        return out
-
-    def kron_grad_q(self, dy, x, p):
-        return self._kron_reduce(dy, x, p, True)
-
-    def kron_grad_p(self, dy, x, q):
-        return self._kron_reduce(dy, x, q, False)
+    return build_lib(tmp_path_factory)
 
 
 rnd = helpers.rnd
@@ -279,28 +56,6 @@ VEC_CASES += [pytest.param(d, False, marks=pytest.mark.slow) for d in (torch.flo
 VEC_IDS = ["fp32", "fp16", "bf16", "bf16-offset", "fp32-offset", "fp16-offset"]
 
 
-# (M, d_in, d_out, ra, rb): empty, one token, primes, per-bond ranks, the rank buckets, several row blocks
-SHAPES = [(0, 13, 11, 3, 3), (1, 13, 11, 1, 1), (7, 29, 31, 5, 3), (37, 67, 131, 16, 19), (71, 37, 41, 33, 64),
-          (13, 23, 19, 128, 100), (97, 70, 45, 8, 8)]  # fmt: skip
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kind", ["none", "shared", "task"])
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("p", [0.0, 0.3])
-def test_shrink_and_mid(lib, shape, kind, p, dtype):
-    m, d_in, _, ra, rb = shape
-    rb = ra if kind == "none" else rb
-    emu = Emulated(lib)
-    x, A = rnd(m, d_in, dtype=dtype), rnd(d_in, ra, dtype=dtype, scale=d_in**-0.5)
-    C, ids = middle(kind, ra, rb, 4, dtype, m)
-    (S, U), (S64, U64), (St, Ut) = both(emu, "shrink", x, A, C, ids, p, seed())
-    check("S", S, S64, St, dtype)
-    check("U", U, U64, Ut, dtype)
-    U2, U64b, Utb = both(emu, "mid", S, C, ids)
-    check("mid", U2, U64b, Utb, dtype)
-
-
 # (M, d_in, ra, rb): split-K at decode (1 and 5 tokens over 1000 / 1031 columns: several K ranges, the last one
 # short), rows that allow 16-byte loads (d_in a multiple of 8) and rows that do not, every rank bucket
 SHRINK_SPLIT_K = [(1, 1000, 16, 16), (5, 1031, 33, 7), (3, 512, 128, 100), (40, 264, 3, 70)]
@@ -321,18 +76,6 @@ def test_shrink_split_k_and_vector_loads(lib, shape, kind, p, aligned, dtype):
     (S, U), (S64, U64), (St, Ut) = both(Emulated(lib), "shrink", x, A, C, ids, p, seed())
     check("S", S, S64, St, dtype)
     check("U", U, U64, Ut, dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("bias", [True, False])
-def test_expand(lib, shape, bias, dtype):
-    m, d_in, d_out, _, rb = shape
-    x, W = rnd(m, d_in, dtype=dtype), rnd(d_out, d_in, dtype=dtype, scale=d_in**-0.5)
-    b = rnd(d_out, dtype=dtype) if bias else None
-    U, B = rnd(m, rb, dtype=dtype), rnd(rb, d_out, dtype=dtype, scale=rb**-0.5)
-    y, y64, yt = both(Emulated(lib), "expand", x, W, b, U, B, 0.75)
-    check("y", y, y64, yt, dtype)
 
 
 # (M, d_in, d_out, ra, rb): rows that allow 16-byte updates of out (d_out, d_in multiples of 8), ranks over more than
@@ -363,17 +106,6 @@ def test_accumulate_vector_rows(lib, shape, p, dtype):
         lib.ttk_accumulate_launch(CODE[dtype], ptr(moved), ptr(dS), ptr(A), 1, ra, m, d_in, ra, 1.0, *drop, None) == 0
     )
     assert torch.equal(moved, dx)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("det", [False, True], ids=["atomic", "deterministic"])
-def test_grad_dy(lib, shape, det, dtype):
-    m, _, d_out, _, rb = shape
-    dy, U, B = rnd(m, d_out, dtype=dtype), rnd(m, rb, dtype=dtype), rnd(rb, d_out, dtype=dtype, scale=rb**-0.5)
-    (dU, dB), (dU64, dB64), (dUt, dBt) = both(Emulated(lib, det), "grad_dy", dy, U, B, 0.5)
-    check("dU", dU, dU64, dUt, dtype)
-    check("dB", dB, dB64, dBt, dtype)
 
 
 def offset_copy(t, by=1):
@@ -413,48 +145,6 @@ def test_grad_dy_plan_and_bounded_buffers(lib):
     # the dU buffer (slices > 1 only when the rows are few) stays within a few MiB at the decode and training shapes
     for m in (1, 32, 8192, 65536):
         assert lib.ttk_grad_dy_slices(m, n, rb, sms) * m * rb * 4 <= 64 * 2**20
-
-
-KINDS = ["none", "shared", "task"]
-
-
-def _grad_mid_fast(det, shape, kind, dtype):
-    """The fast suite: every case below rank 33; at ranks 33 and 128 (seconds each), each kind and reduction
-    once in one of the dtypes, so every dtype still meets the large ranks."""
-    return max(shape[3:]) < 33 or dtype == DTYPES[(KINDS.index(kind) + det) % len(DTYPES)]
-
-
-@helpers.matrix("det,shape,kind,dtype", [False, True], SHAPES, KINDS, DTYPES, fast=_grad_mid_fast)
-def test_grad_mid(lib, shape, kind, det, dtype):
-    m, _, _, ra, rb = shape
-    rb = ra if kind == "none" else rb
-    C, ids = middle(kind, ra, rb, 5, dtype, m)
-    S, dU = rnd(m, ra, dtype=dtype), rnd(m, rb, dtype=dtype)
-    (dS, dC), (dS64, dC64), (dSt, dCt) = both(Emulated(lib, det), "grad_mid", S, dU, C, ids)
-    check("dS", dS, dS64, dSt, dtype)
-    check("dC", dC, dC64, dCt, dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("p", [0.0, 0.3])
-def test_grad_x(lib, shape, p, dtype):
-    m, d_in, d_out, ra, _ = shape
-    dy, W = rnd(m, d_out, dtype=dtype), rnd(d_out, d_in, dtype=dtype, scale=d_out**-0.5)
-    dS, A = rnd(m, ra, dtype=dtype), rnd(d_in, ra, dtype=dtype, scale=ra**-0.5)
-    dx, dx64, dxt = both(Emulated(lib), "grad_x", dy, W, dS, A, p, seed())
-    check("dx", dx, dx64, dxt, dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES + [(1100, 20, 5, 4, 4)])
-@pytest.mark.parametrize("p", [0.0, 0.3])
-@pytest.mark.parametrize("det", [False, True], ids=["atomic", "deterministic"])
-def test_grad_a(lib, shape, p, det, dtype):
-    m, d_in, _, ra, _ = shape
-    x, dS = rnd(m, d_in, dtype=dtype), rnd(m, ra, dtype=dtype)
-    dA, dA64, dAt = both(Emulated(lib, det), "grad_a", x, dS, p, seed())
-    check("dA", dA, dA64, dAt, dtype)
 
 
 # (M, d_in, ra): rows of x that allow 16-byte loads, several column blocks and row splits, ranks in every bucket

@@ -1,4 +1,5 @@
-"""The Triton backend against the float64 reference, step by step and fused, forward and backward.
+"""The Triton backend against the float64 reference, fused, forward and backward (the steps one by one:
+tests/test_steps.py, runner ``triton``).
 
 On a machine without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1 before they are imported); there, fp16 stands in for bf16, whose tl.dot the interpreter
@@ -46,15 +47,8 @@ def rnd(*shape, **kw):
     return helpers.rnd(*shape, device=DEVICE, **kw)
 
 
-def both(fn_name, *args):
-    return helpers.against_reference(tb, fn_name, *args)
-
-
 def middle(kind, ra, rb, T, dtype, M):
     return helpers.random_middle(kind, ra, rb, T, dtype, M, device=DEVICE)
-
-
-SHAPES = [(0, 13, 11, 3, 3), (1, 13, 11, 1, 1), (7, 29, 31, 5, 3), (37, 23, 17, 16, 19)]
 
 
 # ----------------------------------------------------------------------------------------- dropout hash
@@ -72,79 +66,7 @@ def test_keep_mask_keeps_one_minus_p(p):
     assert abs(kept - (1 - p)) < 0.02  # 20480 draws: 5 standard deviations
 
 
-# ------------------------------------------------------------------------------------------ each step
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kind", ["none", "shared", "task"])
-@pytest.mark.parametrize("M,d_in,d_out,ra,rb", SHAPES)
-@pytest.mark.parametrize("p", [0.0, 0.3])
-def test_shrink_and_mid(M, d_in, d_out, ra, rb, kind, p, dtype):
-    rb = ra if kind == "none" else rb
-    x, A = rnd(M, d_in, dtype=dtype), rnd(d_in, ra, dtype=dtype, scale=d_in**-0.5)
-    C, ids = middle(kind, ra, rb, 4, dtype, M)
-    (S, U), (S64, U64), (St, Ut) = both("shrink", x, A, C, ids, p, 1234)
-    check("S", S, S64, St, dtype)
-    check("U", U, U64, Ut, dtype)
-    U2, U64b, Utb = both("mid", S, C, ids)
-    check("mid", U2, U64b, Utb, dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M,d_in,d_out,ra,rb", SHAPES)
-@pytest.mark.parametrize("bias", [True, False])
-def test_expand(M, d_in, d_out, ra, rb, bias, dtype, plan):
-    x, W = rnd(M, d_in, dtype=dtype), rnd(d_out, d_in, dtype=dtype, scale=d_in**-0.5)
-    b = rnd(d_out, dtype=dtype) if bias else None
-    U, B = rnd(M, rb, dtype=dtype), rnd(rb, d_out, dtype=dtype, scale=rb**-0.5)
-    y, y64, yt = both("expand", x, W, b, U, B, 0.75)
-    check("y", y, y64, yt, dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M,d_in,d_out,ra,rb", SHAPES)
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_grad_dy(M, d_in, d_out, ra, rb, dtype, deterministic, monkeypatch):
-    monkeypatch.setattr(_common, "deterministic", lambda: deterministic)
-    dy, U, B = rnd(M, d_out, dtype=dtype), rnd(M, rb, dtype=dtype), rnd(rb, d_out, dtype=dtype, scale=rb**-0.5)
-    (dU, dB), (dU64, dB64), (dUt, dBt) = both("grad_dy", dy, U, B, 0.5)
-    check("dU", dU, dU64, dUt, dtype)
-    check("dB", dB, dB64, dBt, dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kind", ["none", "shared", "task"])
-@pytest.mark.parametrize("M,d_in,d_out,ra,rb", SHAPES)
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_grad_mid(M, d_in, d_out, ra, rb, kind, dtype, deterministic, monkeypatch):
-    monkeypatch.setattr(_common, "deterministic", lambda: deterministic)
-    rb = ra if kind == "none" else rb
-    C, ids = middle(kind, ra, rb, 5, dtype, M)
-    S, dU = rnd(M, ra, dtype=dtype), rnd(M, rb, dtype=dtype)
-    (dS, dC), (dS64, dC64), (dSt, dCt) = both("grad_mid", S, dU, C, ids)
-    check("dS", dS, dS64, dSt, dtype)
-    check("dC", dC, dC64, dCt, dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M,d_in,d_out,ra,rb", SHAPES)
-@pytest.mark.parametrize("p", [0.0, 0.3])
-def test_grad_x(M, d_in, d_out, ra, rb, p, dtype, plan):
-    dy, W = rnd(M, d_out, dtype=dtype), rnd(d_out, d_in, dtype=dtype, scale=d_out**-0.5)
-    dS, A = rnd(M, ra, dtype=dtype), rnd(d_in, ra, dtype=dtype, scale=ra**-0.5)
-    dx, dx64, dxt = both("grad_x", dy, W, dS, A, p, 99)
-    check("dx", dx, dx64, dxt, dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M,d_in,d_out,ra,rb", SHAPES + [(97, 21, 5, 4, 4)])
-@pytest.mark.parametrize("p", [0.0, 0.3])
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_grad_a(M, d_in, d_out, ra, rb, p, dtype, deterministic, monkeypatch):
-    monkeypatch.setattr(_common, "deterministic", lambda: deterministic)
-    x, dS = rnd(M, d_in, dtype=dtype), rnd(M, ra, dtype=dtype)
-    dA, dA64, dAt = both("grad_a", x, dS, p, 99)
-    check("dA", dA, dA64, dAt, dtype)
-
-
+# -------------------------------------------------- deterministic reductions (each step: tests/test_steps.py)
 def test_deterministic_mode_repeats_bit_for_bit():
     torch.use_deterministic_algorithms(True)
     try:

@@ -202,9 +202,9 @@ def test_dropout_arguments_are_int32_and_the_mask_is_the_reference(seed, p):
 def test_every_kernel_with_dropout_arguments_never_specializes_them():
     import inspect
 
-    from ttkernels._triton_kernels import gemm, grads, shrink
+    from ttkernels._triton_kernels import gemm, grad_a, grad_dy, grad_mid, mid, shrink
 
-    for mod in (gemm, grads, shrink, rows, _common):
+    for mod in (gemm, grad_a, grad_dy, grad_mid, mid, shrink, rows, _common):
         src = inspect.getsource(mod)
         for block in src.split("@triton.jit")[1:]:
             head = block[: block.index(":\n")] if ":\n" in block else block
@@ -214,13 +214,13 @@ def test_every_kernel_with_dropout_arguments_never_specializes_them():
 
 
 def test_autotune_keys_hold_every_flag():
-    from ttkernels._triton_kernels import gemm, grads, shrink
+    from ttkernels._triton_kernels import gemm, grad_a, grad_dy, shrink
 
     for tuned, flags in [
         (gemm.GEMM, {"DROPOUT", "HAS_BIAS", "BASE", "PRECISION"}),
         (shrink.SHRINK, {"DROPOUT", "HAS_C", "PER_SAMPLE"}),
-        (grads.GRAD_DY, {"DETERMINISTIC"}),
-        (grads.GRAD_A, {"DETERMINISTIC", "DROPOUT"}),
+        (grad_dy.GRAD_DY, {"DETERMINISTIC"}),
+        (grad_a.GRAD_A, {"DETERMINISTIC", "DROPOUT"}),
         (rows.ROWS_FWD, {"DROPOUT", "HAS_BIAS", "HAS_C", "PER_SAMPLE"}),
         (rows.ROWS_BWD, {"DROPOUT", "DETERMINISTIC", "NEED_DX", "HAS_C", "PER_SAMPLE"}),
     ]:

@@ -246,3 +246,8 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> t
 def deterministic() -> bool:
     """Reductions over tokens use no atomics when torch's deterministic mode is on."""
     return torch.are_deterministic_algorithms_enabled()
+
+
+def with_arg(args: tuple, i: int, value: object) -> tuple:
+    """``args`` with its ``i``-th element replaced by ``value``."""
+    return args[:i] + (value,) + args[i + 1 :]

@@ -49,7 +49,8 @@ from . import _common, backend, rows
 from .factors import side_backward, side_forward
 from .gemm import GEMM
 from .gemm import tuned_for as gemm_tuned_for
-from .grads import GRAD_A, GRAD_DY
+from .grad_a import GRAD_A
+from .grad_dy import GRAD_DY
 from .shrink import SHRINK, SHRINK_PARTIAL
 from .ttm import kron_apply, kron_grad_p, kron_grad_q, tuned_for_launch
 

@@ -33,10 +33,10 @@ from ttkernels.checks import check_kernel_limits
 from . import rows
 from ._common import INTERPRET, MAX_RANK, empty
 from .gemm import gemm_lowrank
-from .grads import grad_a as _grad_a
-from .grads import grad_dy as _grad_dy
-from .grads import grad_mid as _grad_mid
-from .grads import mid as _mid
+from .grad_a import grad_a as _grad_a
+from .grad_dy import grad_dy as _grad_dy
+from .grad_mid import grad_mid as _grad_mid
+from .mid import mid as _mid
 from .shrink import shrink as _shrink
 
 __all__ = [

@@ -8,7 +8,7 @@ rows: it streams x's row block once, applies dropout from the seed (the hash of 
 blocks give fewer than one program per two SMs, ``drop(x) A`` is split over K (:func:`split_k`): one launch
 writes float32 partial sums per K range, the shrink kernel adds them in order (``FROM_PARTIALS``), then
 rounds S and forms U as above; the row-owner forward of :mod:`.rows` does the same. fp32 accumulation;
-``r_a, r_b <= 128``. Checked in tests/test_triton.py against ``ttkernels.reference.shrink``.
+``r_a, r_b <= 128``. Checked in tests/test_steps.py against ``ttkernels.reference.shrink``.
 """
 
 from __future__ import annotations

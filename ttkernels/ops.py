@@ -18,6 +18,47 @@ Layers, from the outside in:
   backend, ``ttkernels._triton_kernels.backend`` the ``triton`` one, ``ttkernels._cuda_backend`` (the
   extension's ops, csrc/) the ``cuda`` one.
 
+One step, one name (docs/design.md section 2): the step ``X`` is ``ttkernels.reference.X``, the op
+``torch.ops.ttkernels.X``, the Triton launcher ``X`` in ``triton_kernels/X.py`` and the CUDA binding ``X`` in
+csrc/bindings.cpp (op ``torch.ops.ttkernels_cuda.X``). A kernel that serves several steps lives in one file named
+for what it does (``gemm.py``, ``accumulate.cu``, ``rowmix.cu``, ``token_reduce.cu``, ``finalize.cu``); the table
+says which. Tests: ``test_X`` in tests/test_steps.py, parametrized over the runners ``triton`` (interpreter on
+the CPU), ``cuda-emulated`` (the CUDA kernels' source on the CPU) and ``cuda`` (on a GPU); tests/test_ops.py for
+the op. Benchmark row: ``bench/micro.py``'s op ``X`` (``python -m bench --preset micro``).
+
+========== =================== ========================================== ==========================================
+step       reference           Triton: triton_kernels/file:function       CUDA: csrc/file:kernel
+========== =================== ========================================== ==========================================
+1 factors  ``factors``         factors.py:side_forward                    (none: torch or Triton)
+           (one side:          (``_side_fwd_kernel``)                     tests: test_triton_factors.py,
+           ``tt_factor_side``)                                            test_reference.py; bench: ``factors``
+2 shrink   ``shrink``          shrink.py:shrink (``_shrink_kernel``,      shrink.cu:shrink_kernel,
+                               ``_shrink_partial_kernel``)                shrink_finish_kernel; finalize.cu
+                                                                          tests: ``test_shrink_and_mid``
+3 expand   ``expand``          gemm.py:gemm_lowrank                       accumulate.cu:accumulate_kernel,
+                               (``_gemm_lowrank_kernel``, also grad_x)    accumulate_mma_kernel (also grad_x);
+                                                                          bench: ``expand`` beside ``frozen``
+mid        ``mid``             mid.py:mid (``_task_matmul_kernel``,       rowmix.cu:rowmix_kernel (also grad_mid's
+(U = S C)                      also grad_mid's dS)                        dS); tests: ``test_shrink_and_mid``
+4 grad_dy  ``grad_dy``         grad_dy.py:grad_dy (``_grad_dy_kernel``)   grad_dy.cu:grad_dy_kernel,
+                                                                          grad_dy_mma_kernel; finalize.cu
+5 grad_mid ``grad_mid``        grad_mid.py:grad_mid                       rowmix.cu:rowmix_kernel (dS),
+                               (``_task_grad_c_kernel``; dS by mid.py)    token_reduce.cu:token_reduce_kernel (dC)
+6 grad_x   ``grad_x``          gemm.py:gemm_lowrank (as expand)           accumulate.cu (as expand);
+                                                                          bench: ``grad_x`` beside ``frozen``
+7 grad_a   ``grad_a``          grad_a.py:grad_a (``_grad_a_kernel``)      token_reduce.cu:token_reduce_kernel,
+                                                                          token_reduce_mma_kernel (also grad_mid's
+                                                                          dC); finalize.cu
+8 core     autograd of         factors.py:side_backward                   (none); tests: test_triton_factors.py
+grads      ``factors``         (``_side_bwd_kernel``; op
+                               ``tt_factor_side_bwd``)
+========== =================== ========================================== ==========================================
+
+Whole passes: the fused ops ``tt_adapter_fwd`` / ``tt_adapter_bwd`` call the steps above, except Triton's default
+``cublas`` plan, which runs steps 2-3 and 4-7 as rows.py:forward / backward (``_rows_fwd_kernel``,
+``_rows_bwd_kernel``, ``_finalize_kernel``; tests: tests/test_triton_plans.py); ``finalize.cu:finalize_kernel``
+is the in-order fp32 sum every CUDA reduction ends with.
+
 ``backend`` is one of ``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"``. ``torch`` runs everywhere; ``triton``
 runs on CUDA tensors (and on the CPU under ``TRITON_INTERPRET=1``, for tests) and is imported on first use;
 ``cuda`` runs on CUDA tensors when the extension ``ttkernels._C`` is built (otherwise

@@ -1,6 +1,6 @@
-// lowrank.cu: the small kernels around the base GEMMs.
+// accumulate.cu: the small kernel after the base GEMM of steps expand (3) and grad_x (6), one kernel for both.
 //
-// accumulate (steps 3 and 6): out += drop'(scaling * U Bm), in place, one rounding.
+// accumulate (expand and grad_x): out += drop'(scaling * U Bm), in place, one rounding.
 //   out: (M, N) contiguous, U: (M, R) contiguous, Bm: (R, N) read through strides (bsk, bsn), so that
 //   expand passes B (N, 1) and grad_x passes A^T (1, ra) without a copy; all of one storage type T.
 //   The base product is already in out (torch's GEMM, cuBLAS); the low-rank term is added in fp32 to the
@@ -10,13 +10,7 @@
 //   through shared memory, stopping at the real rank. fp16 / bf16: tensor cores (WMMA 16 x 16 x 16, fp32
 //   accumulation; accumulate_mma_kernel) and 16-byte updates of out when its rows allow them; fp32: exact
 //   FMA (no TF32), each thread owning a 4 x 4 piece of the tile.
-// rowmix (mid and step 5's dS): out[row] = in[row] Cm(row), Cm = C or C^T, per row slice C[task_ids[row]].
-//   in: (M, r_in), out: (M, r_out), C: (r_in, r_out) or (T, r_in, r_out); transposed: (r_out, r_in) slices.
-//   One thread per output element (r_in <= 128 products, the rows come from the L1 cache). A row whose task id
-//   is out of range gets NaN (see shrink.cu).
-// finalize: out[e] = round(scale * sum over parts p of buf[p][e]), summed in order p = 0, 1, ...: the fp32
-//   buffers of grad_dy.cu and token_reduce.cu to T.
-// Limits: M, N <= 2^32 with dropout (hashed indices are uint32), 1 <= R <= 128 (accumulate works for any R).
+// Limits: M, N <= 2^32 with dropout (hashed indices are uint32); any R >= 1.
 // Checked by: tests/test_cuda_emulated.py against the float64 reference on the CPU (the WMMA calls through
 // host_emulation.h; aligned and unaligned rows of out), tests/test_cuda_backend.py on a GPU.
 #include <limits.h>
@@ -231,51 +225,6 @@ struct AccumulateFor<float> {
   }
 };
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    rowmix_kernel(const T* __restrict__ in, const T* __restrict__ C, const int64_t* __restrict__ task_ids,
-                  int64_t num_tasks, int transposed, T* __restrict__ out, int64_t M, int r_in, int r_out) {
-  const int64_t total = M * r_out;
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < total;
-       e += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const int64_t row = e / r_out;
-    const int j = static_cast<int>(e % r_out);
-    const T* c = C;
-    if (task_ids != nullptr) {
-      const int64_t t = task_ids[row];
-      if (t < 0 || t >= num_tasks) {
-        out[e] = from_float<T>(__int_as_float(0x7fc00000));
-        continue;
-      }
-      c = C + t * r_in * r_out;
-    }
-    const T* x = in + row * r_in;
-    float acc = 0.0f;
-    if (transposed) {
-      for (int k = 0; k < r_in; ++k) acc = fmaf(to_float(x[k]), to_float(c[j * r_in + k]), acc);
-    } else {
-      for (int k = 0; k < r_in; ++k) acc = fmaf(to_float(x[k]), to_float(c[k * r_out + j]), acc);
-    }
-    out[e] = from_float<T>(acc);
-  }
-}
-
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    finalize_kernel(const float* __restrict__ buf, int64_t parts, int64_t n, float scale, T* __restrict__ out) {
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < n;
-       e += static_cast<int64_t>(gridDim.x) * kThreads) {
-    float s = 0.0f;
-    for (int64_t p = 0; p < parts; ++p) s += buf[p * n + e];
-    out[e] = from_float<T>(scale * s);
-  }
-}
-
-unsigned grid_1d(int64_t n) {
-  const int64_t blocks = ceil_div(n, kThreads);
-  return static_cast<unsigned>(blocks < (int64_t{1} << 20) ? blocks : (int64_t{1} << 20));
-}
-
 }  // namespace
 }  // namespace ttkernels
 
@@ -293,32 +242,5 @@ extern "C" cudaError_t ttk_accumulate_launch(ttk_dtype dtype, void* out, const v
     using T = decltype(tag);
     return AccumulateFor<T>::launch(grid, stream, static_cast<T*>(out), static_cast<const T*>(U),
                                     static_cast<const T*>(Bm), bsk, bsn, M, N, static_cast<int>(R), scaling, drop);
-  });
-}
-
-extern "C" cudaError_t ttk_rowmix_launch(ttk_dtype dtype, const void* in, const void* C, const int64_t* task_ids,
-                                         int64_t num_tasks, int transposed, void* out, int64_t M, int64_t r_in,
-                                         int64_t r_out, cudaStream_t stream) {
-  using namespace ttkernels;
-  if (M <= 0 || r_in < 1 || r_in > kMaxRank || r_out < 1 || r_out > kMaxRank) return cudaErrorInvalidValue;
-  return dispatch_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    auto* kernel = rowmix_kernel<T>;
-    TTK_LAUNCH(kernel, grid_1d(M * r_out), kThreads, stream, static_cast<const T*>(in), static_cast<const T*>(C),
-               task_ids, num_tasks, transposed, static_cast<T*>(out), M, static_cast<int>(r_in),
-               static_cast<int>(r_out));
-    return TTK_LAST_ERROR();
-  });
-}
-
-extern "C" cudaError_t ttk_finalize_launch(ttk_dtype dtype, const float* buf, int64_t parts, int64_t n, float scale,
-                                           void* out, cudaStream_t stream) {
-  using namespace ttkernels;
-  if (n <= 0 || parts < 1) return cudaErrorInvalidValue;
-  return dispatch_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    auto* kernel = finalize_kernel<T>;
-    TTK_LAUNCH(kernel, grid_1d(n), kThreads, stream, buf, parts, n, scale, static_cast<T*>(out));
-    return TTK_LAST_ERROR();
   });
 }

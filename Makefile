@@ -105,7 +105,7 @@ triton36: $(STAMP)
 	PYTHONPATH=$(abspath $(T36)) $(PY) -c "import numpy, triton; assert triton.__version__ == '3.6.0'; \
 	print('triton', triton.__version__, 'numpy', numpy.__version__)"
 	PYTHONPATH=$(abspath $(T36)) $(PY) -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning \
-	  tests/test_triton.py tests/test_steps.py tests/test_triton_factors.py tests/test_ttm_kernels.py
+	  tests/test_triton.py tests/test_steps.py tests/test_triton_plans.py tests/test_triton_factors.py tests/test_ttm_kernels.py
 	PYTHONPATH=$(abspath $(T36)) $(PY) -m ttkernels._triton_kernels.aot --arch 90 --dtypes bf16 --configs default --jobs 2
 
 # The compile gate: every recorded Triton launch compiled for sm_90 (bf16) with the JIT's own specialization and

@@ -11,8 +11,9 @@
 //   accumulation; accumulate_mma_kernel) and 16-byte updates of out when its rows allow them; fp32: exact
 //   FMA (no TF32), each thread owning a 4 x 4 piece of the tile.
 // Limits: M, N <= 2^32 with dropout (hashed indices are uint32); any R >= 1.
-// Checked by: tests/test_cuda_emulated.py against the float64 reference on the CPU (the WMMA calls through
-// host_emulation.h; aligned and unaligned rows of out), tests/test_cuda_backend.py on a GPU.
+// Checked by: tests/test_steps.py (the step, runner cuda-emulated) and tests/test_cuda_emulated.py (this kernel's
+// own cases) against the float64 reference on the CPU (the WMMA calls through
+// host_emulation.h; aligned and unaligned rows of out), tests/test_steps.py (runner cuda) and tests/test_cuda_backend.py on a GPU.
 #include <limits.h>
 #include <stdint.h>
 

@@ -23,9 +23,10 @@
 // TF32). fp16 / bf16 take grad_dy_mma_kernel: the same plan with both products on tensor cores (WMMA 16 x 16 x 16,
 // fp32 accumulation; operands kept in their storage type in shared memory).
 // Limits: 1 <= M, 1 <= N, 1 <= rb <= 128.
-// Checked by: tests/test_cuda_emulated.py against the float64 reference on the CPU (both paths, both modes, several
+// Checked by: tests/test_steps.py (the step, runner cuda-emulated) and tests/test_cuda_emulated.py (this kernel's
+// own cases) against the float64 reference on the CPU (both paths, both modes, several
 // slices and splits, aligned and unaligned rows, bitwise repeatability of the deterministic mode; the WMMA calls
-// run through host_emulation.h's emulation), tests/test_cuda_backend.py on a GPU.
+// run through host_emulation.h's emulation), tests/test_steps.py (runner cuda) and tests/test_cuda_backend.py on a GPU.
 #include <limits.h>
 #include <stdint.h>
 

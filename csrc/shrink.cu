@@ -19,8 +19,9 @@
 // Task ids are never copied to the host: a row whose id is out of range gets U = NaN instead of an
 // out-of-bounds read.
 // Limits: 1 <= M, K <= 2^32 (hashed indices are uint32), 1 <= ra, rb <= 128.
-// Checked by: tests/test_cuda_emulated.py against the float64 reference on the CPU (one split and split-K,
-// aligned and unaligned x), tests/test_cuda_backend.py on a GPU.
+// Checked by: tests/test_steps.py (the step, runner cuda-emulated) and tests/test_cuda_emulated.py (this kernel's
+// own cases) against the float64 reference on the CPU (one split and split-K,
+// aligned and unaligned x), tests/test_steps.py (runner cuda) and tests/test_cuda_backend.py on a GPU.
 #include <limits.h>
 #include <stdint.h>
 

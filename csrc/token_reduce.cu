@@ -16,8 +16,9 @@
 // (WMMA 16 x 16 x 16, fp32 accumulation), 16-byte loads of X when its rows allow them, only the rank tiles below
 // R. A row whose group id is out of range is skipped (ids are never copied to the host; see shrink.cu).
 // Limits: 1 <= M, I <= 2^32, 1 <= R <= 128.
-// Checked by: tests/test_cuda_emulated.py against the float64 reference on the CPU (both kernels, both modes,
-// aligned and unaligned rows; the WMMA calls through host_emulation.h), tests/test_cuda_backend.py on a GPU.
+// Checked by: tests/test_steps.py (the step, runner cuda-emulated) and tests/test_cuda_emulated.py (this kernel's
+// own cases) against the float64 reference on the CPU (both kernels, both modes,
+// aligned and unaligned rows; the WMMA calls through host_emulation.h), tests/test_steps.py (runner cuda) and tests/test_cuda_backend.py on a GPU.
 #include <limits.h>
 #include <stdint.h>
 

@@ -306,3 +306,25 @@ def case_id(value):
     if isinstance(value, torch.dtype):
         return str(value).removeprefix("torch.")
     return None
+
+
+def assert_two_core_tt_equals_lora(lora_model, lora, tt, x):
+    """``tt`` (a two-core ``TTLinear`` on the same base as PEFT's LoRA layer ``lora``) given LoRA's ``A`` and ``B``
+    as its cores: the same scaling, output, dx, factor gradients and delta-W as ``lora_model`` on ``x``."""
+    A, B = lora.lora_A["default"].weight, lora.lora_B["default"].weight
+    r, d_in = A.shape
+    d_out = B.shape[0]
+    with torch.no_grad():
+        tt.cores[0].copy_(A.t().reshape(1, d_in, r))
+        tt.cores[1].copy_(B.t().reshape(r, d_out, 1))
+    assert tt.scaling == lora.scaling["default"]
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_peft, y_tt = lora_model(x1), tt(x2)
+    torch.testing.assert_close(y_tt, y_peft)
+    dy = torch.randn_like(y_peft)
+    y_peft.backward(dy)
+    y_tt.backward(dy)
+    torch.testing.assert_close(x2.grad, x1.grad)
+    torch.testing.assert_close(tt.cores[0].grad.reshape(d_in, r), A.grad.t())
+    torch.testing.assert_close(tt.cores[1].grad.reshape(r, d_out), B.grad.t())
+    torch.testing.assert_close(tt.delta_weight(), lora.get_delta_weight("default"))

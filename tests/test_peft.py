@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+import helpers
 import ttkernels as tk
 from helpers import require
 
@@ -36,22 +37,8 @@ def test_two_core_ttlinear_equals_peft_lora(d_in, d_out, r, alpha):
     with torch.no_grad():
         tt.weight.copy_(lora.base_layer.weight)
         tt.bias.copy_(lora.base_layer.bias)
-        tt.cores[0].copy_(A.t().reshape(1, d_in, r))
-        tt.cores[1].copy_(B.t().reshape(r, d_out, 1))
-    assert tt.scaling == lora.scaling["default"]
     assert tt.num_adapter_params == A.numel() + B.numel()
-
-    x = torch.randn(3, 5, d_in, dtype=dtype)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y_peft, y_tt = model(x1), tt(x2)
-    torch.testing.assert_close(y_tt, y_peft)
-    dy = torch.randn_like(y_peft)
-    y_peft.backward(dy)
-    y_tt.backward(dy)
-    torch.testing.assert_close(x2.grad, x1.grad)
-    torch.testing.assert_close(tt.cores[0].grad.reshape(d_in, r), A.grad.t())
-    torch.testing.assert_close(tt.cores[1].grad.reshape(r, d_out), B.grad.t())
-    torch.testing.assert_close(tt.delta_weight(), lora.get_delta_weight("default"))
+    helpers.assert_two_core_tt_equals_lora(model, lora, tt, torch.randn(3, 5, d_in, dtype=dtype))
 
 
 # ------------------------------------------------------------------ TT adapters through PEFT's custom-module route

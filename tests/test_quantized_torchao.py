@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+import helpers
 import ttkernels as tk
 from helpers import TOL, require
 from ttkernels import quantized, reference
@@ -146,26 +147,8 @@ def test_two_core_tt_equals_peft_lora_over_the_same_torchao_linear(kind, lead):
     with torch.no_grad():
         lora.lora_A["default"].weight.normal_(0, 0.3)
         lora.lora_B["default"].weight.normal_(0, 0.3)
-    A, B = lora.lora_A["default"].weight, lora.lora_B["default"].weight
-
-    base = lora.base_layer
-    tt = tk.TTLinear.from_linear(base, ranks=r, alpha=alpha)
-    with torch.no_grad():
-        tt.cores[0].copy_(A.t().reshape(1, d_in, r))
-        tt.cores[1].copy_(B.t().reshape(r, d_out, 1))
-    assert tt.scaling == lora.scaling["default"]
-
-    x = torch.randn(*lead, d_in)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y_peft, y_tt = model(x1), tt(x2)
-    torch.testing.assert_close(y_tt, y_peft)
-    dy = torch.randn_like(y_peft)
-    y_peft.backward(dy)
-    y_tt.backward(dy)
-    torch.testing.assert_close(x2.grad, x1.grad)
-    torch.testing.assert_close(tt.cores[0].grad.reshape(d_in, r), A.grad.t())
-    torch.testing.assert_close(tt.cores[1].grad.reshape(r, d_out), B.grad.t())
-    torch.testing.assert_close(tt.delta_weight(), lora.get_delta_weight("default"))
+    tt = tk.TTLinear.from_linear(lora.base_layer, ranks=r, alpha=alpha)
+    helpers.assert_two_core_tt_equals_lora(model, lora, tt, torch.randn(*lead, d_in))
 
 
 def test_tt_lora_route_equals_peft_lora_over_the_same_torchao_linear():

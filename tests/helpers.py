@@ -328,3 +328,34 @@ def assert_two_core_tt_equals_lora(lora_model, lora, tt, x):
     torch.testing.assert_close(tt.cores[0].grad.reshape(d_in, r), A.grad.t())
     torch.testing.assert_close(tt.cores[1].grad.reshape(r, d_out), B.grad.t())
     torch.testing.assert_close(tt.delta_weight(), lora.get_delta_weight("default"))
+
+
+def check_ttm_over_quantized_base(base):
+    """A TTMLinear over a quantized ``base``: float32 cores, output = base(x) + the TT term (float64-checked),
+    core gradients, and a merge that swaps the packed weight and an unmerge that puts it back. Returns the layer."""
+    import pytest
+
+    from ttkernels.ttm import TTMLinear
+
+    layer = TTMLinear.from_linear(base, in_modes=2, ranks=3)
+    assert layer.quantized_base and layer.base_layer is base
+    assert all(c.dtype == torch.float32 and c.requires_grad for c in layer.cores)
+    with torch.no_grad():
+        for c in layer.cores:
+            c.normal_(0.0, 0.3)
+    x = torch.randn(4, base.in_features, requires_grad=True)
+    y = layer(x)
+    with torch.no_grad():
+        term = x.double() @ layer.delta_weight().double().t()
+        torch.testing.assert_close((y - base(x)).double(), term, atol=1e-4, rtol=1e-4)
+    y.sum().backward()
+    assert all(c.grad is not None for c in layer.cores)
+    with torch.no_grad():
+        y0 = layer(x)
+        packed0 = base.weight
+        with pytest.warns(UserWarning, match="rounding"):
+            layer.merge()
+        assert base.weight is not packed0
+        layer.unmerge()
+        assert base.weight is packed0 and torch.equal(layer(x), y0)
+    return layer

@@ -297,31 +297,9 @@ def test_peft_tt_layer_over_a_quantized_base_unmerges_exactly(kind):
 
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_ttm_linear_over_a_quantized_base(kind):
-    from ttkernels.ttm import TTMLinear
-
     torch.manual_seed(10)
     base = make_base(kind, 64, 48)
-    layer = TTMLinear.from_linear(base, in_modes=2, ranks=3)
-    assert layer.quantized_base and layer.base_layer is base
-    assert all(c.dtype == torch.float32 and c.requires_grad for c in layer.cores)
-    with torch.no_grad():
-        for c in layer.cores:
-            c.normal_(0.0, 0.3)
-    x = torch.randn(4, 64, requires_grad=True)
-    y = layer(x)
-    with torch.no_grad():
-        term = x.double() @ layer.delta_weight().double().t()
-        torch.testing.assert_close((y - base(x)).double(), term, atol=1e-4, rtol=1e-4)
-    y.sum().backward()
-    assert all(c.grad is not None for c in layer.cores)
-    with torch.no_grad():
-        y0 = layer(x)
-        packed0 = base.weight
-        with pytest.warns(UserWarning, match="rounding"):
-            layer.merge()
-        assert base.weight is not packed0
-        layer.unmerge()
-        assert base.weight is packed0 and torch.equal(layer(x), y0)
+    helpers.check_ttm_over_quantized_base(base)
 
 
 def test_failed_safe_merge_leaves_the_base_as_it_was():

@@ -232,6 +232,29 @@ def run_env(device: torch.device, quick: bool, label: str, suffix: str = "") -> 
     return env
 
 
+def interleaved_us(fns: dict, reps: int, device: torch.device, rounds: int = 21) -> dict[str, float]:
+    """Median microseconds per call of each function, timed side by side: every round times each function for
+    ``reps`` calls in a rotated order, so that load on a shared machine falls on all of them alike."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    # On the CPU: this thread's CPU time, so that time the scheduler gives to other processes is not counted.
+    clock = time.perf_counter if device.type == "cuda" else time.thread_time
+    names = list(fns)
+    for name in names:
+        for _ in range(max(reps // 10, 10)):
+            fns[name]()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(rounds):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            fn = fns[name]
+            sync()
+            t0 = clock()
+            for _ in range(reps):
+                fn()
+            sync()
+            samples[name].append((clock() - t0) / reps * 1e6)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
 # ------------------------------------------------------------------------------------------ ceilings
 def ceilings(device: torch.device, dtype: torch.dtype, quick: bool = False) -> dict[str, float]:
     """Measured on this device now: ``copy_gbps`` (a large copy, bytes read + written) and ``matmul_tflops``

@@ -13,10 +13,8 @@ out time the scheduler gives to other processes. Prints a table and writes a JSO
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import platform
-import statistics
 import time
 
 import torch
@@ -24,34 +22,7 @@ import torch
 import ttkernels as tk
 from ttkernels import reference as ref
 
-from .harness import results_dir
-
-
-def _time_us(fn, reps: int, device: torch.device) -> float:
-    return _interleaved({"one": fn}, reps, device, rounds=11)["one"]
-
-
-def _interleaved(fns: dict, reps: int, device: torch.device, rounds: int = 21) -> dict[str, float]:
-    """Median microseconds per call of each function, timed side by side: every round times each function for
-    ``reps`` calls in a rotated order, so that load on a shared machine falls on all of them alike."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    # On the CPU: this thread's CPU time, so that time the scheduler gives to other processes is not counted.
-    clock = time.perf_counter if device.type == "cuda" else time.thread_time
-    names = list(fns)
-    for name in names:
-        for _ in range(max(reps // 10, 10)):
-            fns[name]()
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(rounds):
-        for name in names[i % len(names) :] + names[: i % len(names)]:
-            fn = fns[name]
-            sync()
-            t0 = clock()
-            for _ in range(reps):
-                fn()
-            sync()
-            samples[name].append((clock() - t0) / reps * 1e6)
-    return {name: statistics.median(v) for name, v in samples.items()}
+from .harness import interleaved_us, results_dir, versions
 
 
 class _Holder(torch.nn.Module):
@@ -135,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     timed = {f"{k} forward": fwd(m) for k, m in mods.items()}
     timed.update({f"{k} forward+backward": fwd_bwd(m) for k, m in mods.items()})
     with torch.no_grad():
-        rows = _interleaved(ops_rows, args.reps, device, args.rounds)
-    rows.update(_interleaved(timed, args.reps, device, args.rounds))
+        rows = interleaved_us(ops_rows, args.reps, device, args.rounds)
+    rows.update(interleaved_us(timed, args.reps, device, args.rounds))
     ratios = {}
     if "PEFT LoRA" in mods:
         for k in mods:
@@ -169,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         "ttkernels": tk.__version__,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "threads": args.threads,
-        "peft": _version("peft"),
+        "peft": versions()["peft"],
         "method": f"median of {args.rounds} interleaved samples of {args.reps} calls",
         "us_per_call": rows,
         "ratio_to_peft_lora": ratios,
@@ -179,13 +150,6 @@ def main(argv: list[str] | None = None) -> int:
         f.write(json.dumps(row) + "\n")
     print(f"appended to {path}")
     return 0
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 if __name__ == "__main__":

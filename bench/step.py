@@ -23,8 +23,7 @@ import torch
 import ttkernels as tk
 
 from . import model as bm
-from .harness import results_dir
-from .overhead import _interleaved, _version
+from .harness import interleaved_us, results_dir, versions
 
 
 def build_steps(config: str, rank: int, layers: int, batch: int, seq: int, device: torch.device) -> dict:
@@ -69,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     steps = build_steps(args.config, args.rank, args.layers, args.batch, args.seq, device)
-    us = _interleaved(steps, args.reps, device, args.rounds)
+    us = interleaved_us(steps, args.reps, device, args.rounds)
     ratios = {k: v / us["peft-lora"] for k, v in us.items()}
     name = (
         torch.cuda.get_device_name(device)
@@ -92,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         "shape": {"layers": args.layers, "batch": args.batch, "seq": args.seq, "rank": args.rank},
         "threads": args.threads,
         "torch": torch.__version__,
-        "peft": _version("peft"),
-        "transformers": _version("transformers"),
+        **{k: v for k, v in versions().items() if k in ("peft", "transformers")},
         "python": platform.python_version(),
         "ttkernels": tk.__version__,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),

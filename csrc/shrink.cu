@@ -250,7 +250,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 // the end of K are skipped (warp-uniform). The accumulators then go through a shared fp32 stage (reusing the
 // tiles' memory) to the partial sums, or to S (rounded) and U.
 template <typename T, int RP>
-__global__ void __launch_bounds__(kThreads, 2)
+__global__ void __launch_bounds__(kThreads)
     shrink_mma_kernel(const T* __restrict__ x, const T* __restrict__ A, const T* __restrict__ C,
                       const int64_t* __restrict__ task_ids, int64_t num_tasks, T* __restrict__ S, T* __restrict__ U,
                       float* __restrict__ partial, int64_t k_per_split, int vec, int64_t M, int64_t K, int ra, int rb,

@@ -243,14 +243,15 @@ __global__ void __launch_bounds__(kThreads, 2)
 // The same step for fp16 / bf16 on tensor cores (WMMA 16 x 16 x 16, fp32 accumulation): the same grid, row
 // blocks, K chunks, splits and outputs as shrink_kernel. Each chunk stages, in their storage type in shared memory,
 // drop(x)'s rows (the mask applied and the value rounded to T as the tile is staged, as the reference rounds
-// drop(x); 16-byte loads when x's rows allow them; only the 16-row blocks that hold rows below M) and A's rows
-// (the real rank padded to 16; 16-byte loads when A's rows allow them). Warp w owns the 16-row block
+// drop(x); 16-byte loads issued one chunk ahead into registers when x's rows allow them, element loads of only the
+// 16-row blocks that hold rows below M otherwise) and A's rows (the real rank padded to 16; 16-byte loads when A's
+// rows allow them). Warp w owns the 16-row block
 // w / kWarpsPerRowBlock of the tile and kJPerWarp consecutive 16-rank blocks, whose fp32 accumulators stay in
 // registers across the chunks; rank blocks at or above ra, row blocks at or after M and the 16-column steps past
 // the end of K are skipped (warp-uniform). The accumulators then go through a shared fp32 stage (reusing the
 // tiles' memory) to the partial sums, or to S (rounded) and U.
 template <typename T, int RP>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 3)
     shrink_mma_kernel(const T* __restrict__ x, const T* __restrict__ A, const T* __restrict__ C,
                       const int64_t* __restrict__ task_ids, int64_t num_tasks, T* __restrict__ S, T* __restrict__ U,
                       float* __restrict__ partial, int64_t k_per_split, int vec, int64_t M, int64_t K, int ra, int rb,
@@ -302,35 +303,51 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int u = 0; u < kJPerWarp; ++u) wmma::fill_fragment(acc[u], 0.0f);
 
+  // Vector path: the thread's 16-byte pieces of a chunk's x tile (consecutive threads take consecutive pieces of a
+  // row) are loaded into registers one chunk ahead, so that their loads are in flight during the products of the
+  // current chunk, then masked, scaled, rounded and stored to xs at the start of their chunk.
+  constexpr int kXVecs = kRows * (kChunk / V) / kThreads;  // 4, 4, 2, 1
+  static_assert(kXVecs * kThreads == kRows * (kChunk / V), "the x tile is whole 16-byte pieces per thread");
+  const bool vec_x = (vec & kVecX) != 0;
+  uint4 xr[kXVecs];
+  auto load_x = [&](int64_t k0) {
+#pragma unroll
+    for (int u = 0; u < kXVecs; ++u) {
+      const int e = tid + u * kThreads;
+      const int64_t row = row0 + e / (kChunk / V);
+      const int64_t kk = k0 + (e % (kChunk / V)) * V;
+      // K is a multiple of V: a piece that starts in range is whole
+      xr[u] = (row < M && kk < k_end) ? load_16b(x + row * K + kk) : uint4{0u, 0u, 0u, 0u};
+    }
+  };
+  auto store_x = [&](int64_t k0) {
+#pragma unroll
+    for (int u = 0; u < kXVecs; ++u) {
+      const int e = tid + u * kThreads;
+      const int i = e / (kChunk / V);
+      const int k = (e % (kChunk / V)) * V;
+      uint4 v = xr[u];
+      if (drop.enabled) {
+        T t8[V];
+        memcpy(t8, &v, 16);
+#pragma unroll
+        for (int t = 0; t < V; ++t) {
+          t8[t] = dropout_keep(row_hash[i], static_cast<uint32_t>(k0 + k + t), drop.threshold)
+                      ? from_float<T>(to_float(t8[t]) * drop.scale)
+                      : zero;
+        }
+        memcpy(&v, t8, 16);
+      }
+      store_16b(xs + i * kLdX + k, v);
+    }
+  };
+  if (vec_x && k_begin < k_end) load_x(k_begin);
+
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kChunk) {
     __syncthreads();  // the previous step's tiles are consumed (and row_hash is visible)
-    // drop(x) tile, row-major: consecutive threads take consecutive 16-byte pieces (or elements) of a row
-    if (vec & kVecX) {
-#pragma unroll 1
-      for (int e = tid; e < rows16 * (kChunk / V); e += kThreads) {
-        const int i = e / (kChunk / V);
-        const int k = (e % (kChunk / V)) * V;
-        const int64_t row = row0 + i;
-        const int64_t kk = k0 + k;
-        T* dst = xs + i * kLdX + k;
-        if (row < M && kk < k_end) {  // K is a multiple of V: the whole vector is in range
-          if (drop.enabled) {
-            float v[V];
-            load_vec(x + row * K + kk, v);
-#pragma unroll
-            for (int t = 0; t < V; ++t) {
-              dst[t] = dropout_keep(row_hash[i], static_cast<uint32_t>(kk + t), drop.threshold)
-                           ? from_float<T>(v[t] * drop.scale)
-                           : zero;
-            }
-          } else {
-            copy_16b(dst, x + row * K + kk);
-          }
-        } else {
-#pragma unroll
-          for (int t = 0; t < V; ++t) dst[t] = zero;
-        }
-      }
+    // drop(x) tile, row-major
+    if (vec_x) {
+      store_x(k0);
     } else {
       for (int e = tid; e < rows16 * kChunk; e += kThreads) {
         const int k = e % kChunk;
@@ -373,6 +390,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     __syncthreads();
+    if (vec_x && k0 + kChunk < k_end) load_x(k0 + kChunk);  // in flight during this chunk's products
     if (live) {
       const int steps = k_end - k0 < kChunk ? static_cast<int>(k_end - k0) : kChunk;
       for (int kb = 0; kb * 16 < steps; ++kb) {  // columns past k_end are zero in both tiles

@@ -8,20 +8,26 @@
 // product accumulates in fp32, S is rounded to T, and U is computed from the rounded S (fp32 accumulation,
 // one rounding). The dropout mask is the hash of dropout_hash.cuh, regenerated, never stored.
 //
-// Launch: a grid of (row blocks, splits) blocks of 256 threads, 32 rows each. A block walks its range of K in
-// steps of 64: a 32 x 64 tile of drop(x) (16-byte vector loads when x's rows allow them) and a 64 x RP tile of A
-// go to shared memory (fp32), and each thread accumulates a 2 x (RP / 16) piece of S in registers (RP = ra padded
-// to 16, 32, 64 or 128: the specialisations for small ranks; loops stop at the real rank). With one split (the
-// rows give at least two blocks per SM) the rounded S tile stays in shared memory for U = S C, which reads C
-// (tiny, cached) from global memory. Split-K (decode: few rows) cuts K into up to 64 ranges of at least 128
-// columns, for about four blocks per SM; each block writes fp32 partial sums (splits, M, ra), and a second small
-// kernel adds them in split order (deterministic), rounds S and computes U.
+// Launch: a grid of (row blocks, splits) blocks of 256 threads, 128 rows each up to rank 32 and 64 above (RP = ra
+// padded to 16, 32, 64 or 128: the specialisations for small ranks; loops stop at the real rank). A block walks its
+// range of K in chunks of 64 columns (32 at RP = 128), staging drop(x)'s rows and A's rows in shared memory
+// (16-byte loads where the rows allow them, element loads otherwise: odd K, unaligned data). fp16 / bf16
+// (shrink_mma_kernel): both tiles stay in their storage type and S is computed on tensor cores (WMMA 16 x 16 x 16,
+// fp32 accumulators kept in registers across the chunks; ranks padded to 16 only inside the fragments, rank and
+// row blocks past ra and M skipped). fp32 (shrink_kernel): the tiles are staged as fp32 (x transposed) and each
+// thread accumulates a 4-row x (RP / 8 or RP / 16)-rank piece of S in registers with exact FMA (no TF32), reading
+// the tiles back with 128-bit shared loads. With one split (the rows give at least two blocks per SM) the rounded S
+// tile stays in shared memory for U = S C, which reads C (tiny, cached) from global memory. Split-K (decode: few
+// rows) cuts K into up to 64 ranges of at least two chunks, for about four blocks per SM; each block writes fp32
+// partial sums (splits, M, ra), and a second small kernel adds them in split order (deterministic), rounds S and
+// computes U.
 // Task ids are never copied to the host: a row whose id is out of range gets U = NaN instead of an
 // out-of-bounds read.
 // Limits: 1 <= M, K <= 2^32 (hashed indices are uint32), 1 <= ra, rb <= 128.
 // Checked by: tests/test_steps.py (the step, runner cuda-emulated) and tests/test_cuda_emulated.py (this kernel's
-// own cases) against the float64 reference on the CPU (one split and split-K,
-// aligned and unaligned x), tests/test_steps.py (runner cuda) and tests/test_cuda_backend.py on a GPU.
+// own cases) against the float64 reference on the CPU (both kernels, one split and split-K, aligned and unaligned x
+// and A, whose staging must give the same bits; the WMMA calls through host_emulation.h), tests/test_steps.py (runner
+// cuda) and tests/test_cuda_backend.py on a GPU.
 #include <limits.h>
 #include <stdint.h>
 
@@ -35,6 +41,8 @@ constexpr int kTileRows = 4;               // rows of S per thread (one 128-bit 
 constexpr int kFinishRows = 32;            // rows per block of the finishing kernel
 constexpr int64_t kMinChunksPerSplit = 2;  // a split walks at least two chunks of K
 constexpr int64_t kMaxSplits = 64;
+constexpr int kVecX = 1;  // bits of a kernel's `vec`: x's rows allow 16-byte loads
+constexpr int kVecA = 2;  // A's rows allow 16-byte loads (the tensor-core kernel uses them)
 
 // The shape of a block for the rank bucket RP: kRankGroups threads share a row group and own kTileRanks
 // consecutive ranks each; a block covers kRows rows and walks K in chunks of kChunk columns.
@@ -66,9 +74,9 @@ int64_t rows_per_block(int64_t ra) {
 
 int64_t chunk_of(int64_t ra) { return rank_pad(ra) >= 128 ? Shape<128>::kChunk : Shape<16>::kChunk; }
 
-// Writes the block's rows of S from ss (the rounded S tile, [kRows][RP + 1], fp32) and, when C is given, U = S C
+// Writes the block's rows of S from ss (the rounded S tile, [kRows][kLd], fp32) and, when C is given, U = S C
 // (C per row by task_ids; a row whose id is out of range gets NaN). Called by every thread of the block.
-template <typename T, int RP, int kRows>
+template <typename T, int kLd, int kRows>
 __device__ __forceinline__ void write_s_and_u(const float* ss, const T* __restrict__ C,
                                               const int64_t* __restrict__ task_ids, int64_t num_tasks,
                                               T* __restrict__ S, T* __restrict__ U, int64_t row0, int64_t M, int ra,
@@ -78,7 +86,7 @@ __device__ __forceinline__ void write_s_and_u(const float* ss, const T* __restri
     const int i = e / ra;
     const int j = e % ra;
     const int64_t row = row0 + i;
-    if (row < M) S[row * ra + j] = from_float<T>(ss[i * (RP + 1) + j]);  // exact: ss holds rounded values
+    if (row < M) S[row * ra + j] = from_float<T>(ss[i * kLd + j]);  // exact: ss holds rounded values
   }
   if (C == nullptr) return;
   for (int e = tid; e < kRows * rb; e += kThreads) {
@@ -96,7 +104,7 @@ __device__ __forceinline__ void write_s_and_u(const float* ss, const T* __restri
       c = C + t * ra * rb;
     }
     float u = 0.0f;
-    for (int k = 0; k < ra; ++k) u = fmaf(ss[i * (RP + 1) + k], to_float(c[k * rb + j]), u);
+    for (int k = 0; k < ra; ++k) u = fmaf(ss[i * kLd + k], to_float(c[k * rb + j]), u);
     U[row * rb + j] = from_float<T>(u);
   }
 }
@@ -145,7 +153,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     __syncthreads();  // the previous step's tiles are consumed (and row_hash is visible)
     // drop(x) tile, transposed into xs[k][i]: consecutive threads take consecutive rows, so the shared stores do
     // not conflict; a warp's 16-byte loads of one column range cover whole sectors across the block's threads.
-    if (vec) {
+    if (vec & kVecX) {
       constexpr int V = vec_width<T>();
       for (int e = tid; e < kRows * (kChunk / V); e += kThreads) {
         const int i = e % kRows;
@@ -229,8 +237,209 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
     for (int q = 0; q < TC; ++q) ss[(trow0 + w) * (RP + 1) + rank0 + q] = round_trip<T>(acc[w][q]);
   __syncthreads();
-  write_s_and_u<T, RP, kRows>(ss, C, task_ids, num_tasks, S, U, row0, M, ra, rb);
+  write_s_and_u<T, RP + 1, kRows>(ss, C, task_ids, num_tasks, S, U, row0, M, ra, rb);
 }
+
+// The same step for fp16 / bf16 on tensor cores (WMMA 16 x 16 x 16, fp32 accumulation): the same grid, row
+// blocks, K chunks, splits and outputs as shrink_kernel. Each chunk stages, in their storage type in shared memory,
+// drop(x)'s rows (the mask applied and the value rounded to T as the tile is staged, as the reference rounds
+// drop(x); 16-byte loads issued one chunk ahead into registers when x's rows allow them, element loads of only the
+// 16-row blocks that hold rows below M otherwise) and A's rows (the real rank padded to 16; 16-byte loads when A's
+// rows allow them). Warp w owns the 16-row block
+// w / kWarpsPerRowBlock of the tile and kJPerWarp consecutive 16-rank blocks, whose fp32 accumulators stay in
+// registers across the chunks; rank blocks at or above ra, row blocks at or after M and the 16-column steps past
+// the end of K are skipped (warp-uniform). The accumulators then go through a shared fp32 stage (reusing the
+// tiles' memory) to the partial sums, or to S (rounded) and U.
+template <typename T, int RP>
+__global__ void __launch_bounds__(kThreads, 3)
+    shrink_mma_kernel(const T* __restrict__ x, const T* __restrict__ A, const T* __restrict__ C,
+                      const int64_t* __restrict__ task_ids, int64_t num_tasks, T* __restrict__ S, T* __restrict__ U,
+                      float* __restrict__ partial, int64_t k_per_split, int vec, int64_t M, int64_t K, int ra, int rb,
+                      DropoutArgs drop) {
+  static_assert(sizeof(T) == 2, "tensor-core path: fp16 / bf16");
+  using Sh = Shape<RP>;
+  constexpr int kRows = Sh::kRows;
+  constexpr int kChunk = Sh::kChunk;
+  constexpr int kWarps = kThreads / 32;
+  constexpr int kLdX = kChunk + 8;  // T elements per row of xs (rows 16-byte aligned, banks staggered)
+  constexpr int kLdA = RP + 8;      // T elements per row of as
+  constexpr int kLdS = RP + 4;      // floats per row of the S stage
+  constexpr int kRowBlocks = kRows / 16;
+  constexpr int kWarpsPerRowBlock = kWarps / kRowBlocks;       // 1, 1, 2, 2
+  constexpr int kJPerWarp = RP / 16 / kWarpsPerRowBlock;       // 1, 2, 2, 4
+  static_assert(kWarps % kRowBlocks == 0 && (RP / 16) % kWarpsPerRowBlock == 0, "every warp owns whole blocks");
+  constexpr int kTileBytes = (kRows * kLdX + kChunk * kLdA) * 2;
+  constexpr int kStageBytes = kRows * kLdS * 4;
+  constexpr int kSmem = kTileBytes > kStageBytes ? kTileBytes : kStageBytes;
+  static_assert(kSmem + kRows * 4 <= 48 * 1024, "static shared memory above 48 KiB");
+  static_assert((kRows * kLdX * 2) % 32 == 0, "as must start 32-byte aligned");
+  constexpr int V = 8;  // T elements per 16 bytes
+  __shared__ __align__(32) unsigned char smem[kSmem];
+  __shared__ uint32_t row_hash[kRows];
+  T* xs = reinterpret_cast<T*>(smem);              // [kRows][kLdX]: drop(x) tile
+  T* as = xs + kRows * kLdX;                        // [kChunk][kLdA]: A tile
+  float* stage = reinterpret_cast<float*>(smem);    // [kRows][kLdS]: S tile, after the chunks
+
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int ib = warp / kWarpsPerRowBlock;                 // this warp's 16-row block of the tile
+  const int jb0 = (warp % kWarpsPerRowBlock) * kJPerWarp;  // and its first 16-rank block
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows;
+  const int64_t k_begin = static_cast<int64_t>(blockIdx.y) * k_per_split;
+  const int64_t k_end = k_begin + k_per_split < K ? k_begin + k_per_split : K;
+  const int rows = M - row0 < kRows ? static_cast<int>(M - row0) : kRows;  // rows of S in this block
+  const int rows16 = (rows + 15) / 16 * 16;                                 // rows staged
+  const int ra16 = (ra + 15) / 16 * 16;                                     // ranks staged
+  const bool live = ib * 16 < rows && jb0 * 16 < ra;                        // warp-uniform
+  const T zero = from_float<T>(0.0f);
+
+  if (drop.enabled) {
+    for (int i = tid; i < kRows; i += kThreads) {
+      row_hash[i] = dropout_row_hash(drop.seed, static_cast<uint32_t>(row0 + i));
+    }
+  }
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kJPerWarp];
+#pragma unroll
+  for (int u = 0; u < kJPerWarp; ++u) wmma::fill_fragment(acc[u], 0.0f);
+
+  // Vector path: the thread's 16-byte pieces of a chunk's x tile (consecutive threads take consecutive pieces of a
+  // row) are loaded into registers one chunk ahead, so that their loads are in flight during the products of the
+  // current chunk, then masked, scaled, rounded and stored to xs at the start of their chunk.
+  constexpr int kXVecs = kRows * (kChunk / V) / kThreads;  // 4, 4, 2, 1
+  static_assert(kXVecs * kThreads == kRows * (kChunk / V), "the x tile is whole 16-byte pieces per thread");
+  const bool vec_x = (vec & kVecX) != 0;
+  uint4 xr[kXVecs];
+  auto load_x = [&](int64_t k0) {
+#pragma unroll
+    for (int u = 0; u < kXVecs; ++u) {
+      const int e = tid + u * kThreads;
+      const int64_t row = row0 + e / (kChunk / V);
+      const int64_t kk = k0 + (e % (kChunk / V)) * V;
+      // K is a multiple of V: a piece that starts in range is whole
+      xr[u] = (row < M && kk < k_end) ? load_16b(x + row * K + kk) : uint4{0u, 0u, 0u, 0u};
+    }
+  };
+  auto store_x = [&](int64_t k0) {
+#pragma unroll
+    for (int u = 0; u < kXVecs; ++u) {
+      const int e = tid + u * kThreads;
+      const int i = e / (kChunk / V);
+      const int k = (e % (kChunk / V)) * V;
+      uint4 v = xr[u];
+      if (drop.enabled) {
+        T t8[V];
+        memcpy(t8, &v, 16);
+#pragma unroll
+        for (int t = 0; t < V; ++t) {
+          t8[t] = dropout_keep(row_hash[i], static_cast<uint32_t>(k0 + k + t), drop.threshold)
+                      ? from_float<T>(to_float(t8[t]) * drop.scale)
+                      : zero;
+        }
+        memcpy(&v, t8, 16);
+      }
+      store_16b(xs + i * kLdX + k, v);
+    }
+  };
+  if (vec_x && k_begin < k_end) load_x(k_begin);
+
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kChunk) {
+    __syncthreads();  // the previous step's tiles are consumed (and row_hash is visible)
+    // drop(x) tile, row-major
+    if (vec_x) {
+      store_x(k0);
+    } else {
+      for (int e = tid; e < rows16 * kChunk; e += kThreads) {
+        const int k = e % kChunk;
+        const int i = e / kChunk;
+        const int64_t row = row0 + i;
+        const int64_t kk = k0 + k;
+        T v = zero;
+        if (row < M && kk < k_end) {
+          v = x[row * K + kk];
+          if (drop.enabled) {
+            const bool keep = dropout_keep(row_hash[i], static_cast<uint32_t>(kk), drop.threshold);
+            v = keep ? from_float<T>(to_float(v) * drop.scale) : zero;
+          }
+        }
+        xs[i * kLdX + k] = v;
+      }
+    }
+    // A tile: ranks up to ra16 (the rank blocks the fragments read), zero at and above ra and past k_end
+    if (vec & kVecA) {
+      const int per_row = ra16 / V;
+#pragma unroll 1
+      for (int e = tid; e < kChunk * per_row; e += kThreads) {
+        const int k = e / per_row;
+        const int j = (e % per_row) * V;
+        const int64_t kk = k0 + k;
+        T* dst = as + k * kLdA + j;
+        if (kk < k_end && j < ra) {  // ra is a multiple of V: the whole vector is in range
+          copy_16b(dst, A + kk * ra + j);
+        } else {
+#pragma unroll
+          for (int t = 0; t < V; ++t) dst[t] = zero;
+        }
+      }
+    } else {
+      for (int e = tid; e < kChunk * ra16; e += kThreads) {
+        const int k = e / ra16;
+        const int j = e % ra16;
+        const int64_t kk = k0 + k;
+        as[k * kLdA + j] = (kk < k_end && j < ra) ? A[kk * ra + j] : zero;
+      }
+    }
+    __syncthreads();
+    if (vec_x && k0 + kChunk < k_end) load_x(k0 + kChunk);  // in flight during this chunk's products
+    if (live) {
+      const int steps = k_end - k0 < kChunk ? static_cast<int>(k_end - k0) : kChunk;
+      for (int kb = 0; kb * 16 < steps; ++kb) {  // columns past k_end are zero in both tiles
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+        wmma::load_matrix_sync(a, xs + ib * 16 * kLdX + kb * 16, kLdX);
+#pragma unroll
+        for (int u = 0; u < kJPerWarp; ++u) {
+          const int jb = jb0 + u;
+          if (jb * 16 >= ra) break;  // warp-uniform: the real rank only
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+          wmma::load_matrix_sync(b, as + kb * 16 * kLdA + jb * 16, kLdA);
+          wmma::mma_sync(acc[u], a, b, acc[u]);
+        }
+      }
+    }
+  }
+
+  __syncthreads();  // the tiles are consumed: the stage reuses their memory
+  if (live) {
+#pragma unroll
+    for (int u = 0; u < kJPerWarp; ++u) {
+      const int jb = jb0 + u;
+      if (jb * 16 >= ra) break;
+      wmma::store_matrix_sync(stage + ib * 16 * kLdS + jb * 16, acc[u], kLdS, wmma::mem_row_major);
+    }
+  }
+  __syncthreads();
+  if (partial != nullptr) {  // every element of this split's rows below M and ranks below ra
+    float* out = partial + (static_cast<int64_t>(blockIdx.y) * M + row0) * ra;
+    for (int e = tid; e < rows * ra; e += kThreads) out[e] = stage[(e / ra) * kLdS + e % ra];
+    return;
+  }
+  for (int e = tid; e < rows * ra; e += kThreads) {
+    float* v = stage + (e / ra) * kLdS + e % ra;
+    *v = round_trip<T>(*v);
+  }
+  __syncthreads();
+  write_s_and_u<T, kLdS, kRows>(stage, C, task_ids, num_tasks, S, U, row0, M, ra, rb);
+}
+
+// fp32 stays on the exact FMA path (no TF32); fp16 / bf16 take the tensor cores.
+template <typename T, int RP>
+struct KernelFor {
+  static auto get() { return shrink_mma_kernel<T, RP>; }
+};
+template <int RP>
+struct KernelFor<float, RP> {
+  static auto get() { return shrink_kernel<float, RP>; }
+};
 
 // S = round(sum over splits s = 0, 1, ... of partial[s]) and U = S C, for kFinishRows rows per block.
 template <typename T, int RP>
@@ -251,7 +460,7 @@ __global__ void __launch_bounds__(kThreads)
     ss[i * (RP + 1) + j] = round_trip<T>(v);
   }
   __syncthreads();
-  write_s_and_u<T, RP, kFinishRows>(ss, C, task_ids, num_tasks, S, U, row0, M, ra, rb);
+  write_s_and_u<T, RP + 1, kFinishRows>(ss, C, task_ids, num_tasks, S, U, row0, M, ra, rb);
 }
 
 struct Plan {
@@ -300,10 +509,10 @@ extern "C" cudaError_t ttk_shrink_launch(ttk_dtype dtype, const void* x, const v
   const dim3 grid(static_cast<unsigned>(ceil_div(M, rows_per_block(ra))), static_cast<unsigned>(p.splits));
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    const int vec = can_vec<T>(x, K) ? 1 : 0;
+    const int vec = (can_vec<T>(x, K) ? kVecX : 0) | (can_vec<T>(A, ra) ? kVecA : 0);
     return dispatch_rank(ra, [&](auto rp) {
       constexpr int RP = decltype(rp)::value;
-      auto* kernel = shrink_kernel<T, RP>;
+      auto* kernel = KernelFor<T, RP>::get();
       TTK_LAUNCH(kernel, grid, kThreads, stream, static_cast<const T*>(x), static_cast<const T*>(A),
                  static_cast<const T*>(C), task_ids, num_tasks, static_cast<T*>(S), static_cast<T*>(U), partial,
                  p.k_per_split, vec, M, K, static_cast<int>(ra), static_cast<int>(rb), drop);

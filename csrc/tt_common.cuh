@@ -8,7 +8,7 @@
 //   kernels on the CPU in tests (-DTTK_HOST_EMULATION);
 // * DropoutArgs: the seed, threshold and scale of csrc/dropout_hash.cuh, passed by value to kernels;
 // * wmma: nvcuda::wmma (tensor cores), or its emulation in host_emulation.h; copy_16b: a 16-byte copy from global
-//   to shared memory;
+//   to shared memory, and its halves load_16b (global to registers) and store_16b (registers to shared memory);
 // * load_shared: 64- / 128-bit loads of fp32 from shared memory into registers;
 // * load_vec: one 16-byte global load (8 fp16 / bf16 or 4 fp32 elements) converted to float, and can_vec, the
 //   launcher's test that a row-major operand allows it (base address 16-byte aligned, row length a multiple
@@ -161,6 +161,31 @@ __device__ __forceinline__ void copy_16b(void* dst, const void* src) {
   if (reinterpret_cast<uintptr_t>(dst) % 16 != 0) emu::misaligned = true;
 #else
   *reinterpret_cast<uint4*>(dst) = __ldg(reinterpret_cast<const uint4*>(src));
+#endif
+}
+
+// 16 bytes from global memory (16-byte aligned) into registers, through the read-only data cache, and 16 bytes from
+// registers to shared memory (16-byte aligned): copy_16b in two halves, so that a kernel can issue its loads early
+// (a register-staged prefetch) and store them later.
+__device__ __forceinline__ uint4 load_16b(const void* src) {
+#if defined(TTK_HOST_EMULATION) && !defined(__CUDACC__)
+  uint4 v;
+  emu::load_16_bytes(&v, src);
+  return v;
+#else
+  return __ldg(reinterpret_cast<const uint4*>(src));
+#endif
+}
+
+__device__ __forceinline__ void store_16b(void* dst, uint4 v) {
+#if defined(TTK_HOST_EMULATION) && !defined(__CUDACC__)
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0) {
+    emu::misaligned = true;
+    return;
+  }
+  std::memcpy(dst, &v, 16);
+#else
+  *reinterpret_cast<uint4*>(dst) = v;
 #endif
 }
 

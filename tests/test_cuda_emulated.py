@@ -78,6 +78,29 @@ def test_shrink_split_k_and_vector_loads(lib, shape, kind, p, aligned, dtype):
     check("U", U, U64, Ut, dtype)
 
 
+# (M, d_in, ra): one K split (enough row blocks on NUM_SMS = 3, or K one or two chunks), rows of x and A that allow
+# 16-byte loads, row blocks cut by M, every rank bucket
+SHRINK_ONE_SPLIT = [(900, 72, 8), (131, 64, 64), (70, 40, 128), (800, 24, 24)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHRINK_ONE_SPLIT)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_shrink_vector_and_scalar_staging_agree(lib, shape, p, dtype):
+    """The one-split path against float64, then the same inputs at addresses that refuse 16-byte loads (x and A
+    staged element by element): the same tiles in the same order, so the same bits."""
+    m, d_in, ra = shape
+    assert lib.ttk_shrink_splits(m, d_in, ra, NUM_SMS) == 1
+    x, A = rnd(m, d_in, dtype=dtype), rnd(d_in, ra, dtype=dtype, scale=d_in**-0.5)
+    C = rnd(ra, 5, dtype=dtype, scale=ra**-0.5)
+    s, emu = seed(), Emulated(lib)
+    (S, U), (S64, U64), (St, Ut) = both(emu, "shrink", x, A, C, None, p, s)
+    check("S", S, S64, St, dtype)
+    check("U", U, U64, Ut, dtype)
+    S2, U2 = emu.shrink(offset_copy(x), offset_copy(A), C, None, p, s)
+    assert torch.equal(S2, S) and torch.equal(U2, U)
+
+
 # (M, d_in, d_out, ra, rb): rows that allow 16-byte updates of out (d_out, d_in multiples of 8), ranks over more than
 # one 32-rank chunk and not multiples of 16, tiles cut by M and N
 ACCUMULATE_ROWS = [(37, 24, 136, 40, 40), (5, 64, 16, 3, 3), (70, 128, 264, 16, 16), (33, 8, 8, 100, 77)]

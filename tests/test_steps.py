@@ -42,6 +42,13 @@ SHAPES = {
     "cuda": [(0, 13, 11, 3, 3), (1, 13, 11, 1, 1), (7, 29, 31, 5, 3), (37, 67, 131, 16, 19), (97, 131, 67, 33, 64),
              (61, 257, 263, 128, 100), (1031, 509, 521, 8, 8)],
 }  # fmt: skip
+# shrink's extra shapes (M, d_in, ra, rb) on the CUDA runners, for the tensor-core tiles (fp16 / bf16) and the FMA tiles
+# (fp32): one token, primes, d_in a multiple of 8 but not of 16 (16-byte loads of x, a half-empty 16-column step) or
+# odd, ranks 1, 3, 16, 17, 64 and 128 (rows of A that allow 16-byte loads and rows that do not), several row blocks,
+# split-K at decode and with a short last K range.
+SHRINK_EXTRA = [(1, 40, 17, 3), (131, 72, 64, 17), (29, 136, 128, 64), (17, 61, 3, 1), (5, 16, 16, 16),
+                (257, 24, 1, 5), (1, 1000, 17, 3), (7, 264, 64, 128)]  # fmt: skip
+SHRINK_SHAPES = {"triton": [], "cuda-emulated": SHRINK_EXTRA, "cuda": SHRINK_EXTRA}
 # grad_a's extra shape: many token ranges (several row splits)
 GRAD_A_EXTRA = {"triton": (97, 21, 5, 4, 4), "cuda-emulated": (1100, 20, 5, 4, 4), "cuda": (4099, 64, 64, 16, 16)}
 DTYPES = {"triton": TRITON_DTYPES, "cuda-emulated": ALL_DTYPES, "cuda": ALL_DTYPES}
@@ -149,6 +156,18 @@ def test_shrink_and_mid(runner, shape, kind, p, dtype, request, monkeypatch):
     check("U", U, U64, Ut, dtype)
     U2, U64b, Utb = run.both("mid", S, C, ids)
     check("mid", U2, U64b, Utb, dtype)
+
+
+@cases("shape,kind,p,dtype", lambda r: [SHRINK_SHAPES[r], KINDS, [0.0, 0.3], DTYPES[r]])
+def test_shrink_tiles(runner, shape, kind, p, dtype, request, monkeypatch):
+    run = Run(runner, request, monkeypatch)
+    m, d_in, ra, rb = shape
+    rb = ra if kind == "none" else rb
+    x, A = run.rnd(m, d_in, dtype=dtype), run.rnd(d_in, ra, dtype=dtype, scale=d_in**-0.5)
+    C, ids = run.middle(kind, ra, rb, 3, dtype, m)
+    (S, U), (S64, U64), (St, Ut) = run.both("shrink", x, A, C, ids, p, run.seed(4321))
+    check("S", S, S64, St, dtype)
+    check("U", U, U64, Ut, dtype)
 
 
 @cases("shape,bias,dtype,plan", lambda r: [SHAPES[r], [True, False], DTYPES[r], PLANS[r]])

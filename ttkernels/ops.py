@@ -32,9 +32,11 @@ step       reference           Triton: triton_kernels/file:function       CUDA: 
 1 factors  ``factors``         factors.py:side_forward                    (none: torch or Triton)
            (one side:          (``_side_fwd_kernel``)                     tests: test_triton_factors.py,
            ``tt_factor_side``)                                            test_reference.py; bench: ``factors``
-2 shrink   ``shrink``          shrink.py:shrink (``_shrink_kernel``,      shrink.cu:shrink_kernel,
-                               ``_shrink_partial_kernel``)                shrink_finish_kernel; finalize.cu
-                                                                          tests: ``test_shrink_and_mid``
+2 shrink   ``shrink``          shrink.py:shrink (``_shrink_kernel``,      shrink.cu:shrink_kernel (fp32),
+                               ``_shrink_partial_kernel``)                shrink_mma_kernel (fp16 / bf16),
+                                                                          shrink_finish_kernel (split-K); tests:
+                                                                          ``test_shrink_and_mid``,
+                                                                          ``test_shrink_tiles``
 3 expand   ``expand``          gemm.py:gemm_lowrank                       accumulate.cu:accumulate_kernel,
                                (``_gemm_lowrank_kernel``, also grad_x)    accumulate_mma_kernel (also grad_x);
                                                                           bench: ``expand`` beside ``frozen``

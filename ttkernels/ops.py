@@ -66,7 +66,9 @@ runs on CUDA tensors (and on the CPU under ``TRITON_INTERPRET=1``, for tests) an
 device until GPU benchmark rows show another backend winning (README, "Choosing a backend").
 
 Saved for backward: ``x``, ``S`` (``M x r_a``), the token-independent factors, the frozen weight (a
-parameter) and the dropout seed — never a mask, never ``U``, never delta-W.
+parameter) and the dropout seed — never a mask, never ``U``, never delta-W. The seed is a one-element int64
+tensor on x's device that every backend reads there (the Triton and CUDA kernels load it on the device): no
+step reads it on the host.
 """
 
 from __future__ import annotations

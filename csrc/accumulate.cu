@@ -86,11 +86,12 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
 
+  const uint64_t seed = load_seed(drop);
 #pragma unroll
   for (int w = 0; w < kRowsPerThread; ++w) {
     const int64_t row = row0 + warp + kWarps * w;
     if (row >= M) continue;
-    const uint32_t h = drop.enabled ? dropout_row_hash(drop.seed, static_cast<uint32_t>(row)) : 0u;
+    const uint32_t h = drop.enabled ? dropout_row_hash(seed, static_cast<uint32_t>(row)) : 0u;
 #pragma unroll
     for (int q = 0; q < kColsPerThread; ++q) {
       const int64_t col = col0 + lane + 32 * q;
@@ -176,13 +177,14 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
 
   // out += drop'(scaling * tile), V consecutive columns per thread
+  const uint64_t seed = load_seed(drop);
   for (int e = tid; e < kAccRows * (kAccCols / V); e += kThreads) {
     const int i = e / (kAccCols / V);
     const int n = (e % (kAccCols / V)) * V;
     const int64_t row = row0 + i;
     const int64_t col = col0 + n;
     if (row >= M || col >= N) continue;
-    const uint32_t h = drop.enabled ? dropout_row_hash(drop.seed, static_cast<uint32_t>(row)) : 0u;
+    const uint32_t h = drop.enabled ? dropout_row_hash(seed, static_cast<uint32_t>(row)) : 0u;
     T* p = out + row * N + col;
     float add[V];
 #pragma unroll
@@ -231,11 +233,12 @@ struct AccumulateFor<float> {
 
 extern "C" cudaError_t ttk_accumulate_launch(ttk_dtype dtype, void* out, const void* U, const void* Bm, int64_t bsk,
                                              int64_t bsn, int64_t M, int64_t N, int64_t R, float scaling, int dropout,
-                                             uint64_t seed, uint32_t threshold, float scale, cudaStream_t stream) {
+                                             const int64_t* seed, uint32_t threshold, float scale,
+                                             cudaStream_t stream) {
   using namespace ttkernels;
   constexpr int64_t kMaxIndex = int64_t{1} << 32;
   if (M <= 0 || N <= 0 || R < 1 || R > INT_MAX) return cudaErrorInvalidValue;
-  if (dropout && (M > kMaxIndex || N > kMaxIndex)) return cudaErrorInvalidValue;
+  if (dropout && (M > kMaxIndex || N > kMaxIndex || seed == nullptr)) return cudaErrorInvalidValue;
   if (ceil_div(M, kAccRows) > INT_MAX || ceil_div(N, kAccCols) > kMaxGridY) return cudaErrorInvalidValue;
   const DropoutArgs drop = make_dropout(dropout, seed, threshold, scale);
   const dim3 grid(static_cast<unsigned>(ceil_div(M, kAccRows)), static_cast<unsigned>(ceil_div(N, kAccCols)));

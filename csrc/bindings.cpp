@@ -4,21 +4,27 @@
 // x (M, d_in), weight (d_out, d_in), A (d_in, ra), C (ra, rb) or (T, ra, rb), B (rb, d_out), S (M, ra),
 // U (M, rb); one storage dtype (float32, float16 or bfloat16) for all of them; ranks 1..128.
 //
-//   dropout(Tensor x, int seed, float p) -> Tensor                 drop(x), the hash of dropout_hash.cuh
-//   shrink(x, A, C?, task_ids?, float p, int seed) -> (S, U)       step 2; U is empty (0 elements) without C
+//   dropout(Tensor x, Tensor seed, float p) -> Tensor              drop(x), the hash of dropout_hash.cuh
+//   shrink(x, A, C?, task_ids?, float p, Tensor? seed) -> (S, U)   step 2; U is empty (0 elements) without C
 //   mid(S, C, task_ids?) -> U                                      U = S C, per row slice with task_ids
 //   expand(x, weight, bias?, U, B, float scaling) -> y             step 3: torch's addmm / mm (cuBLAS), then
 //                                                                   y += scaling * U B in place
 //   grad_dy(dy, U, B, float scaling) -> (dU, dB)                   step 4, one pass over dY
 //   grad_mid(S, dU, C, task_ids?) -> (dS, dC)                      step 5 (dC shaped like C)
-//   grad_x(dy, weight, dS, A, float p, int seed) -> dx             step 6: torch's mm, then dx += drop'(dS A^T)
-//   grad_a(x, dS, float p, int seed) -> dA                         step 7, a reduction over tokens
+//   grad_x(dy, weight, dS, A, float p, Tensor? seed) -> dx         step 6: torch's mm, then dx += drop'(dS A^T)
+//   grad_a(x, dS, float p, Tensor? seed) -> dA                     step 7, a reduction over tokens
 //   kron_apply(x, q, p) -> y                                       TT-matrix Kronecker-sum apply (ttm.cu), small
 //                                                                   bond ranks: y[b] = sum_r q[r] x[b] p[r]
 //   kron_grad_q(dy, x, p) -> dq (fp32)                             its gradients for q and for p, deterministic
 //   kron_grad_p(dy, x, q) -> dp (fp32)                             (fixed-order sums of per-split pieces)
 //   set_poison(bool on) -> bool                                    tests: fill new outputs with NaN before the
 //                                                                   kernels write them; returns the old value
+//
+// The dropout seed is a one-element int64 tensor on the data's GPU (required when p > 0, ignored otherwise): the
+// kernels read it on the device, never the host, so an op captured in a CUDA graph hashes the value the seed holds
+// at each replay. Its dtype, size and device are checked here; its value cannot be (that would be a host read),
+// and its 64 bits are hashed as uint64: a negative value gives the mask of value + 2^64 (ttkernels.tt_adapter
+// checks a caller's seed tensor with torch._assert_async; the Python layer checks an int seed on the host).
 //
 // The kron ops: x (M, NI, NJ) and dy (M, NA, NC) with any strides, q (R, NA, NI) and p (R, NJ, NC) contiguous, one
 // dtype; R <= 16 and NI, NA <= 64 (beyond: an error pointing to backend='triton' or 'torch').
@@ -117,9 +123,15 @@ void check_rows(const char* op, const char* name, const at::Tensor& t) {
             " must have at most 2^32 rows and 2^32 columns (hashed indices are uint32), got shape ", t.sizes());
 }
 
-void check_dropout_args(const char* op, double p, int64_t seed) {
+// p in [0, 1); the seed (when given, and it must be when p > 0): an int64 tensor of one element. Its device is
+// checked with the other tensors' devices (check_cuda), its value never (see the header).
+void check_dropout_args(const char* op, double p, const OptTensor& seed) {
   TTK_CHECK(p >= 0.0 && p < 1.0, "p must satisfy 0 <= p < 1, got p = ", p);
-  TTK_CHECK(seed >= 0, "seed must be >= 0 (an int64 in [0, 2^63)), got seed = ", seed);
+  TTK_CHECK(seed.has_value() || p == 0.0, "seed is required when p > 0 (a one-element int64 tensor), got None");
+  if (!seed.has_value()) return;
+  TORCH_CHECK_TYPE(seed->scalar_type() == c10::ScalarType::Long, "ttkernels_cuda::", op,
+                   ": seed must have dtype int64, got ", seed->scalar_type());
+  TTK_CHECK(seed->numel() == 1, "seed must have one element, got shape ", seed->sizes());
 }
 
 void check_scaling(const char* op, double scaling) {
@@ -190,13 +202,14 @@ const int64_t* ids_or_null(const OptTensor& t) {
 
 struct Dropout {
   int enabled;
-  uint64_t seed;
+  const int64_t* seed;  // device memory; null without dropout
   uint32_t threshold;
   float scale;
 };
 
-Dropout dropout_of(double p, int64_t seed) {
-  return Dropout{p > 0.0 ? 1 : 0, static_cast<uint64_t>(seed), dropout_threshold(p), dropout_scale(p)};
+Dropout dropout_of(double p, const OptTensor& seed) {
+  const bool on = p > 0.0;
+  return Dropout{on ? 1 : 0, on ? seed->const_data_ptr<int64_t>() : nullptr, dropout_threshold(p), dropout_scale(p)};
 }
 
 // The reductions' fp32 buffer summed into `out` (dtype of out) with `scale`.
@@ -260,7 +273,7 @@ at::Tensor kron_reduce(const char* op, const at::Tensor& dy, const at::Tensor& x
 }
 
 // ------------------------------------------------------------------------------------------------ ops
-at::Tensor dropout(const at::Tensor& x, int64_t seed, double p) {
+at::Tensor dropout(const at::Tensor& x, const at::Tensor& seed, double p) {
   const char* op = "dropout";
   check_dropout_args(op, p, seed);
   check_dim(op, "x", x, 2, "(rows, cols)");
@@ -268,6 +281,7 @@ at::Tensor dropout(const at::Tensor& x, int64_t seed, double p) {
   const ttk_dtype dtype = kernel_dtype(op, "x", x);
   check_rows(op, "x", x);
   check_cuda(op, "x", x, x.device());
+  check_cuda(op, "seed", seed, x.device());
 
   const c10::cuda::CUDAGuard device_guard(x.device());
   at::Tensor y = new_output(x.sizes(), x.options());
@@ -275,13 +289,13 @@ at::Tensor dropout(const at::Tensor& x, int64_t seed, double p) {
   const int64_t cols = x.size(1);
   if (rows == 0 || cols == 0) return y;
   check_launch(op, ttk_dropout_launch(dtype, x.const_data_ptr(), y.mutable_data_ptr(), rows, cols,
-                                      static_cast<uint64_t>(seed), dropout_threshold(p), dropout_scale(p),
+                                      seed.const_data_ptr<int64_t>(), dropout_threshold(p), dropout_scale(p),
                                       stream_of(x)));
   return y;
 }
 
 std::tuple<at::Tensor, at::Tensor> shrink(const at::Tensor& x, const at::Tensor& A, const OptTensor& C,
-                                          const OptTensor& task_ids, double p, int64_t seed) {
+                                          const OptTensor& task_ids, double p, const OptTensor& seed) {
   const char* op = "shrink";
   check_dropout_args(op, p, seed);
   check_dim(op, "x", x, 2, "(M, d_in)");
@@ -307,6 +321,7 @@ std::tuple<at::Tensor, at::Tensor> shrink(const at::Tensor& x, const at::Tensor&
   check_cuda(op, "A", A, x.device());
   if (C.has_value()) check_cuda(op, "C", *C, x.device());
   if (task_ids.has_value()) check_cuda(op, "task_ids", *task_ids, x.device());
+  if (seed.has_value()) check_cuda(op, "seed", *seed, x.device());
 
   const c10::cuda::CUDAGuard device_guard(x.device());
   at::Tensor S = new_output({M, ra}, x.options());
@@ -386,7 +401,7 @@ at::Tensor expand(const at::Tensor& x, const at::Tensor& weight, const OptTensor
   if (M == 0) return y;
   TTK_CHECK(y.is_contiguous(), "internal error: the base GEMM returned a non-contiguous output");
   check_launch(op, ttk_accumulate_launch(dtype, y.mutable_data_ptr(), U.const_data_ptr(), B.const_data_ptr(), d_out, 1,
-                                         M, d_out, rb, static_cast<float>(scaling), 0, 0, 0, 1.0f, stream_of(x)));
+                                         M, d_out, rb, static_cast<float>(scaling), 0, nullptr, 0, 1.0f, stream_of(x)));
   return y;
 }
 
@@ -463,12 +478,12 @@ std::tuple<at::Tensor, at::Tensor> grad_mid(const at::Tensor& S, const at::Tenso
   check_launch(op, ttk_rowmix_launch(dtype, dU.const_data_ptr(), C.const_data_ptr(), ids_or_null(task_ids), num_tasks,
                                      1, dS.mutable_data_ptr(), M, rb, ra, stream_of(S)));
   at::Tensor dC = new_output(C.sizes(), C.options());
-  token_reduce(op, S, dU, task_ids, num_tasks > 0 ? num_tasks : 1, Dropout{0, 0, 0, 1.0f}, dC);
+  token_reduce(op, S, dU, task_ids, num_tasks > 0 ? num_tasks : 1, Dropout{0, nullptr, 0, 1.0f}, dC);
   return {dS, dC};
 }
 
 at::Tensor grad_x(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& dS, const at::Tensor& A, double p,
-                  int64_t seed) {
+                  const OptTensor& seed) {
   const char* op = "grad_x";
   check_dropout_args(op, p, seed);
   check_dim(op, "dy", dy, 2, "(M, d_out)");
@@ -497,6 +512,7 @@ at::Tensor grad_x(const at::Tensor& dy, const at::Tensor& weight, const at::Tens
   check_cuda(op, "weight", weight, dy.device());
   check_cuda(op, "dS", dS, dy.device());
   check_cuda(op, "A", A, dy.device());
+  if (seed.has_value()) check_cuda(op, "seed", *seed, dy.device());
 
   const c10::cuda::CUDAGuard device_guard(dy.device());
   at::Tensor dx = at::mm(dy, weight);
@@ -509,7 +525,7 @@ at::Tensor grad_x(const at::Tensor& dy, const at::Tensor& weight, const at::Tens
   return dx;
 }
 
-at::Tensor grad_a(const at::Tensor& x, const at::Tensor& dS, double p, int64_t seed) {
+at::Tensor grad_a(const at::Tensor& x, const at::Tensor& dS, double p, const OptTensor& seed) {
   const char* op = "grad_a";
   check_dropout_args(op, p, seed);
   check_dim(op, "x", x, 2, "(M, d_in)");
@@ -525,6 +541,7 @@ at::Tensor grad_a(const at::Tensor& x, const at::Tensor& dS, double p, int64_t s
   check_rows(op, "x", x);
   check_cuda(op, "x", x, x.device());
   check_cuda(op, "dS", dS, x.device());
+  if (seed.has_value()) check_cuda(op, "seed", *seed, x.device());
 
   const c10::cuda::CUDAGuard device_guard(x.device());
   if (M == 0) return at::zeros({d_in, ra}, x.options());
@@ -614,14 +631,14 @@ bool set_poison(bool on) { return g_poison.exchange(on); }
 }  // namespace ttkernels
 
 TORCH_LIBRARY(ttkernels_cuda, m) {
-  m.def("dropout(Tensor x, int seed, float p) -> Tensor");
-  m.def("shrink(Tensor x, Tensor A, Tensor? C, Tensor? task_ids, float p, int seed) -> (Tensor, Tensor)");
+  m.def("dropout(Tensor x, Tensor seed, float p) -> Tensor");
+  m.def("shrink(Tensor x, Tensor A, Tensor? C, Tensor? task_ids, float p, Tensor? seed) -> (Tensor, Tensor)");
   m.def("mid(Tensor S, Tensor C, Tensor? task_ids) -> Tensor");
   m.def("expand(Tensor x, Tensor weight, Tensor? bias, Tensor U, Tensor B, float scaling) -> Tensor");
   m.def("grad_dy(Tensor dy, Tensor U, Tensor B, float scaling) -> (Tensor, Tensor)");
   m.def("grad_mid(Tensor S, Tensor dU, Tensor C, Tensor? task_ids) -> (Tensor, Tensor)");
-  m.def("grad_x(Tensor dy, Tensor weight, Tensor dS, Tensor A, float p, int seed) -> Tensor");
-  m.def("grad_a(Tensor x, Tensor dS, float p, int seed) -> Tensor");
+  m.def("grad_x(Tensor dy, Tensor weight, Tensor dS, Tensor A, float p, Tensor? seed) -> Tensor");
+  m.def("grad_a(Tensor x, Tensor dS, float p, Tensor? seed) -> Tensor");
   m.def("kron_apply(Tensor x, Tensor q, Tensor p) -> Tensor");
   m.def("kron_grad_q(Tensor dy, Tensor x, Tensor p) -> Tensor");
   m.def("kron_grad_p(Tensor dy, Tensor x, Tensor q) -> Tensor");

@@ -28,8 +28,9 @@ constexpr unsigned kMaxGridX = 0x7fffffffU;
 
 template <typename T>
 __global__ void __launch_bounds__(kThreadsPerBlock)
-    dropout_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t rows, int64_t cols, uint64_t seed,
-                   uint32_t threshold, float scale) {
+    dropout_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t rows, int64_t cols,
+                   const int64_t* __restrict__ seed_ptr, uint32_t threshold, float scale) {
+  const uint64_t seed = static_cast<uint64_t>(*seed_ptr);  // read on the device (bits as uint64)
   const int64_t row_stride = static_cast<int64_t>(gridDim.x) * blockDim.y;
   const int64_t col_stride = static_cast<int64_t>(gridDim.y) * blockDim.x;
   const int64_t col_start = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
@@ -46,7 +47,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
 }
 
 template <typename T>
-cudaError_t launch(const void* x, void* y, int64_t rows, int64_t cols, uint64_t seed, uint32_t threshold,
+cudaError_t launch(const void* x, void* y, int64_t rows, int64_t cols, const int64_t* seed, uint32_t threshold,
                    float scale, cudaStream_t stream) {
   int tx = 32;
   while (tx < kThreadsPerBlock && tx < cols) tx *= 2;
@@ -67,9 +68,9 @@ cudaError_t launch(const void* x, void* y, int64_t rows, int64_t cols, uint64_t 
 }  // namespace ttkernels
 
 extern "C" cudaError_t ttk_dropout_launch(ttk_dtype dtype, const void* x, void* y, int64_t rows, int64_t cols,
-                                          uint64_t seed, uint32_t threshold, float scale, cudaStream_t stream) {
+                                          const int64_t* seed, uint32_t threshold, float scale, cudaStream_t stream) {
   constexpr int64_t kMaxIndex = int64_t{1} << 32;
-  if (rows <= 0 || cols <= 0 || rows > kMaxIndex || cols > kMaxIndex) return cudaErrorInvalidValue;
+  if (rows <= 0 || cols <= 0 || rows > kMaxIndex || cols > kMaxIndex || seed == nullptr) return cudaErrorInvalidValue;
   switch (dtype) {
     case TTK_DTYPE_FLOAT32:
       return ttkernels::launch<float>(x, y, rows, cols, seed, threshold, scale, stream);

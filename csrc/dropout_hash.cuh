@@ -4,7 +4,8 @@
 // when u >= threshold(p). All arithmetic is on uint32 with wraparound:
 //
 //   mix32(h)            = h ^= h >> 16; h *= 0x7feb352d; h ^= h >> 15; h *= 0x846ca68b; h ^= h >> 16
-//   seed_lo, seed_hi    = low and high 32 bits of the seed (an int64 in [0, 2^63))
+//   seed_lo, seed_hi    = low and high 32 bits of the seed (an int64 in [0, 2^63); the kernels read it from
+//                         device memory and take its 64 bits as uint64, so a negative one hashes as value + 2^64)
 //   row_hash(seed, row) = mix32(seed_lo ^ mix32(uint32(row) ^ mix32(seed_hi)))
 //   u(seed, row, col)   = mix32(row_hash(seed, row) ^ uint32(col))
 //   threshold(p)        = floor(p * 2^32) as uint32, p in [0, 1), computed in double

@@ -138,8 +138,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   const bool live = rank0 < ra;  // a thread whose ranks are all padding skips the products
 
   if (drop.enabled) {
+    const uint64_t seed = load_seed(drop);
     for (int i = tid; i < kRows; i += kThreads) {
-      row_hash[i] = dropout_row_hash(drop.seed, static_cast<uint32_t>(row0 + i));
+      row_hash[i] = dropout_row_hash(seed, static_cast<uint32_t>(row0 + i));
     }
   }
 
@@ -294,8 +295,9 @@ __global__ void __launch_bounds__(kThreads, 3)
   const T zero = from_float<T>(0.0f);
 
   if (drop.enabled) {
+    const uint64_t seed = load_seed(drop);
     for (int i = tid; i < kRows; i += kThreads) {
-      row_hash[i] = dropout_row_hash(drop.seed, static_cast<uint32_t>(row0 + i));
+      row_hash[i] = dropout_row_hash(seed, static_cast<uint32_t>(row0 + i));
     }
   }
 
@@ -495,11 +497,12 @@ extern "C" int64_t ttk_shrink_splits(int64_t M, int64_t K, int64_t ra, int num_s
 extern "C" cudaError_t ttk_shrink_launch(ttk_dtype dtype, const void* x, const void* A, const void* C,
                                          const int64_t* task_ids, int64_t num_tasks, void* S, void* U, float* partial,
                                          int num_sms, int64_t M, int64_t K, int64_t ra, int64_t rb, int dropout,
-                                         uint64_t seed, uint32_t threshold, float scale, cudaStream_t stream) {
+                                         const int64_t* seed, uint32_t threshold, float scale, cudaStream_t stream) {
   using namespace ttkernels;
   constexpr int64_t kMaxIndex = int64_t{1} << 32;
   if (M <= 0 || K <= 0 || M > kMaxIndex || K > kMaxIndex) return cudaErrorInvalidValue;
   if (ra < 1 || ra > kMaxRank || rb < 1 || rb > kMaxRank) return cudaErrorInvalidValue;
+  if (dropout && seed == nullptr) return cudaErrorInvalidValue;
   if ((C == nullptr) != (U == nullptr) || (C == nullptr && task_ids != nullptr)) return cudaErrorInvalidValue;
   if (C == nullptr && ra != rb) return cudaErrorInvalidValue;
   if (ceil_div(M, rows_per_block(ra)) > INT_MAX) return cudaErrorInvalidValue;

@@ -57,6 +57,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int q = 0; q < kSums; ++q) acc[q] = 0.0f;
   int64_t cur = groups != nullptr ? -1 : 0;  // the group acc holds sums of
+  const uint64_t seed = load_seed(drop);
 
   auto flush = [&]() {
     if (cur >= 0 && cur < num_groups && i < I) {
@@ -80,7 +81,7 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();  // the previous rows are consumed
     if (tid < kRowStep) {
       const int64_t row = r0 + tid;
-      if (drop.enabled) hs[tid] = dropout_row_hash(drop.seed, static_cast<uint32_t>(row));
+      if (drop.enabled) hs[tid] = dropout_row_hash(seed, static_cast<uint32_t>(row));
       gs[tid] = (groups != nullptr && row < r_end) ? groups[row] : 0;
     }
     __syncthreads();
@@ -160,9 +161,10 @@ __global__ void __launch_bounds__(kThreads, 2)  // without the 2, ptxas spills <
 #pragma unroll
   for (int u = 0; u < kPerWarp; ++u) wmma::fill_fragment(acc[u], 0.0f);
 
+  const uint64_t seed = load_seed(drop);
   for (int64_t r0 = r_begin; r0 < r_end; r0 += kRowStep) {
     __syncthreads();  // the previous rows are consumed
-    if (drop.enabled && tid < kRowStep) hs[tid] = dropout_row_hash(drop.seed, static_cast<uint32_t>(r0 + tid));
+    if (drop.enabled && tid < kRowStep) hs[tid] = dropout_row_hash(seed, static_cast<uint32_t>(r0 + tid));
     __syncthreads();
     if (vec) {
       for (int e = tid; e < kRowStep * (kColsPerBlock / V); e += kThreads) {
@@ -304,11 +306,12 @@ extern "C" int64_t ttk_token_reduce_splits(int64_t M, int64_t I, int num_sms) {
 
 extern "C" cudaError_t ttk_token_reduce_launch(ttk_dtype dtype, const void* X, const void* Y, const int64_t* groups,
                                                int64_t num_groups, float* buf, int64_t splits, int deterministic,
-                                               int64_t M, int64_t I, int64_t R, int dropout, uint64_t seed,
+                                               int64_t M, int64_t I, int64_t R, int dropout, const int64_t* seed,
                                                uint32_t threshold, float scale, cudaStream_t stream) {
   using namespace ttkernels;
   constexpr int64_t kMaxIndex = int64_t{1} << 32;
   if (M <= 0 || I <= 0 || M > kMaxIndex || I > kMaxIndex || R < 1 || R > kMaxRank) return cudaErrorInvalidValue;
+  if (dropout && seed == nullptr) return cudaErrorInvalidValue;
   if (num_groups < 1 || splits < 1 || splits > 65535 || ceil_div(I, kColsPerBlock) > INT_MAX) {
     return cudaErrorInvalidValue;
   }

@@ -6,7 +6,8 @@
 //   runtime rank to one of them;
 // * TTK_LAUNCH / TTK_LAST_ERROR: a kernel launch and its status, which host_emulation.h replaces to run the
 //   kernels on the CPU in tests (-DTTK_HOST_EMULATION);
-// * DropoutArgs: the seed, threshold and scale of csrc/dropout_hash.cuh, passed by value to kernels;
+// * DropoutArgs: the seed (a pointer to one int64 in device memory), threshold and scale of csrc/dropout_hash.cuh,
+//   passed by value to kernels; load_seed reads the seed on the device;
 // * wmma: nvcuda::wmma (tensor cores), or its emulation in host_emulation.h; copy_16b: a 16-byte copy from global
 //   to shared memory, and its halves load_16b (global to registers) and store_16b (registers to shared memory);
 // * load_shared: 64- / 128-bit loads of fp32 from shared memory into registers;
@@ -63,14 +64,21 @@ template <typename T>
 __device__ __forceinline__ float round_trip(float v) { return to_float(from_float<T>(v)); }
 
 struct DropoutArgs {
-  uint64_t seed;
-  uint32_t threshold;  // floor(p * 2^32); 0 means no dropout
-  float scale;         // fp32(1 / (1 - p))
-  int enabled;         // p > 0
+  const int64_t* seed;  // one int64 in device memory, read by the kernels (null when not enabled)
+  uint32_t threshold;   // floor(p * 2^32); 0 means no dropout
+  float scale;          // fp32(1 / (1 - p))
+  int enabled;          // p > 0
 };
 
-inline DropoutArgs make_dropout(int enabled, uint64_t seed, uint32_t threshold, float scale) {
+inline DropoutArgs make_dropout(int enabled, const int64_t* seed, uint32_t threshold, float scale) {
   return DropoutArgs{seed, threshold, scale, enabled};
+}
+
+// The seed's 64 bits, read from device memory (0 when dropout is off: nothing is read). The host never reads the
+// seed, so a kernel captured in a CUDA graph hashes the value the seed has at each replay. The bits are taken as
+// uint64: a negative int64 gives the mask of value + 2^64 (the device cannot raise; the callers check the seed).
+__device__ __forceinline__ uint64_t load_seed(const DropoutArgs& drop) {
+  return drop.enabled ? static_cast<uint64_t>(*drop.seed) : 0u;
 }
 
 // The largest rank a kernel supports, and the padded ranks it is compiled for.

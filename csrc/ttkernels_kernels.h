@@ -24,17 +24,22 @@ typedef enum {
 
 // y[row, col] = keep(seed, row, col) ? x[row, col] * scale : 0, for a contiguous (rows, cols) x and y of the
 // same dtype (see dropout_hash.cuh for keep). threshold is floor(p * 2^32), scale is fp32(1 / (1 - p)).
+// `seed` points to one int64 in device memory, read by the kernel on the device (never by the host: a captured
+// CUDA graph hashes the value it holds at each replay); its 64 bits are hashed as uint64, so a negative value
+// gives the mask of value + 2^64 (the kernels cannot raise: callers check the range).
 // Requires 0 < rows <= 2^32 and 0 < cols <= 2^32 (every index fits in uint32; the binding returns early on
 // empty tensors); x and y must not overlap.
-// Returns cudaErrorInvalidValue for an unknown dtype or out-of-range sizes, otherwise the launch status.
-cudaError_t ttk_dropout_launch(ttk_dtype dtype, const void* x, void* y, int64_t rows, int64_t cols, uint64_t seed,
-                               uint32_t threshold, float scale, cudaStream_t stream);
+// Returns cudaErrorInvalidValue for an unknown dtype, out-of-range sizes or a null seed, otherwise the launch
+// status.
+cudaError_t ttk_dropout_launch(ttk_dtype dtype, const void* x, void* y, int64_t rows, int64_t cols,
+                               const int64_t* seed, uint32_t threshold, float scale, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------- adapter ops
 // The steps of docs/design.md section 2 (see each .cu file's header for shapes, numerics and launch shape). All
 // tensors are contiguous and of the one storage type `dtype`, except task_ids / groups (int64) and the fp32
 // reduction buffers. `dropout` != 0 turns the hash dropout on with (seed, threshold, scale) as in
-// ttk_dropout_launch. Sizes: M rows (tokens) >= 1 (the binding returns early for M = 0); ranks 1..128.
+// ttk_dropout_launch (the seed pointer must then be non-null; without dropout it is not read and may be null).
+// Sizes: M rows (tokens) >= 1 (the binding returns early for M = 0); ranks 1..128.
 // Each returns cudaErrorInvalidValue for arguments out of these ranges, otherwise the launch status.
 
 // Step 2 (shrink.cu): S = drop(x) A, and U = S C when C is given (shared, or per row by task_ids). When
@@ -43,7 +48,7 @@ cudaError_t ttk_dropout_launch(ttk_dtype dtype, const void* x, void* y, int64_t 
 int64_t ttk_shrink_splits(int64_t M, int64_t K, int64_t ra, int num_sms);
 cudaError_t ttk_shrink_launch(ttk_dtype dtype, const void* x, const void* A, const void* C, const int64_t* task_ids,
                               int64_t num_tasks, void* S, void* U, float* partial, int num_sms, int64_t M, int64_t K,
-                              int64_t ra, int64_t rb, int dropout, uint64_t seed, uint32_t threshold, float scale,
+                              int64_t ra, int64_t rb, int dropout, const int64_t* seed, uint32_t threshold, float scale,
                               cudaStream_t stream);
 
 // Step 4 (grad_dy.cu): dU = scaling * dY B^T and the fp32 pieces of U^T dY, on a grid of `slices` column slices
@@ -62,14 +67,14 @@ cudaError_t ttk_grad_dy_launch(ttk_dtype dtype, const void* dy, const void* U, c
 int64_t ttk_token_reduce_splits(int64_t M, int64_t I, int num_sms);
 cudaError_t ttk_token_reduce_launch(ttk_dtype dtype, const void* X, const void* Y, const int64_t* groups,
                                     int64_t num_groups, float* buf, int64_t splits, int deterministic, int64_t M,
-                                    int64_t I, int64_t R, int dropout, uint64_t seed, uint32_t threshold,
+                                    int64_t I, int64_t R, int dropout, const int64_t* seed, uint32_t threshold,
                                     float scale, cudaStream_t stream);
 
 // Steps 3 and 6, expand and grad_x (accumulate.cu): out += drop'(scaling * U Bm) in place, Bm (R, N) read with
 // strides (bsk, bsn).
 cudaError_t ttk_accumulate_launch(ttk_dtype dtype, void* out, const void* U, const void* Bm, int64_t bsk,
                                   int64_t bsn, int64_t M, int64_t N, int64_t R, float scaling, int dropout,
-                                  uint64_t seed, uint32_t threshold, float scale, cudaStream_t stream);
+                                  const int64_t* seed, uint32_t threshold, float scale, cudaStream_t stream);
 
 // Step mid's U = S C and step 5's (grad_mid) dS = dU C^T (rowmix.cu): out[row] = in[row] C(row) (or C(row)^T
 // when transposed).

@@ -10,6 +10,7 @@ import glob
 import hashlib
 import os
 import shutil
+import struct
 import subprocess
 
 import pytest
@@ -33,9 +34,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 NUM_SMS = 3  # a small "device": several row splits even for small M
 
-i64, u64, u32, f32, cint, vp = (
+i64, u32, f32, cint, vp = (
     ctypes.c_int64,
-    ctypes.c_uint64,
     ctypes.c_uint32,
     ctypes.c_float,
     ctypes.c_int,
@@ -43,16 +43,16 @@ i64, u64, u32, f32, cint, vp = (
 )
 SIGNATURES = {
     "ttk_shrink_splits": [i64, i64, i64, cint],
-    "ttk_shrink_launch": [cint, vp, vp, vp, vp, i64, vp, vp, vp, cint, i64, i64, i64, i64, cint, u64, u32, f32, vp],
+    "ttk_shrink_launch": [cint, vp, vp, vp, vp, i64, vp, vp, vp, cint, i64, i64, i64, i64, cint, vp, u32, f32, vp],
     "ttk_grad_dy_slices": [i64, i64, i64, cint],
     "ttk_grad_dy_splits": [i64, i64, i64, cint, cint],
     "ttk_grad_dy_launch": [cint, vp, vp, vp, vp, vp, vp, cint, cint, i64, i64, i64, f32, vp],
     "ttk_token_reduce_splits": [i64, i64, cint],
-    "ttk_token_reduce_launch": [cint, vp, vp, vp, i64, vp, i64, cint, i64, i64, i64, cint, u64, u32, f32, vp],
-    "ttk_accumulate_launch": [cint, vp, vp, vp, i64, i64, i64, i64, i64, f32, cint, u64, u32, f32, vp],
+    "ttk_token_reduce_launch": [cint, vp, vp, vp, i64, vp, i64, cint, i64, i64, i64, cint, vp, u32, f32, vp],
+    "ttk_accumulate_launch": [cint, vp, vp, vp, i64, i64, i64, i64, i64, f32, cint, vp, u32, f32, vp],
     "ttk_rowmix_launch": [cint, vp, vp, vp, i64, cint, vp, i64, i64, i64, vp],
     "ttk_finalize_launch": [cint, vp, i64, i64, f32, vp, vp],
-    "ttk_dropout_launch": [cint, vp, vp, i64, i64, u64, u32, f32, vp],
+    "ttk_dropout_launch": [cint, vp, vp, i64, i64, vp, u32, f32, vp],
     "ttk_kron_apply_launch": [cint, vp, i64, i64, i64, vp, vp, vp, i64, i64, i64, i64, i64, i64, vp],
     "ttk_kron_grad_q_splits": [i64, i64, cint],
     "ttk_kron_grad_q_launch": [cint, vp, i64, i64, i64, vp, i64, i64, i64, vp, vp, i64, *[i64] * 6, vp],
@@ -115,6 +115,19 @@ def ptr(t):
     return None if t is None else t.data_ptr()
 
 
+def fp32(v: float) -> float:
+    """v rounded to float32 (the binding's dropout_scale), without a tensor (no host read of one)."""
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
+def seed_tensor(seed):
+    """The seed as the binding takes it: a one-element int64 tensor (the kernels read its 64 bits as uint64)."""
+    if isinstance(seed, torch.Tensor):
+        assert seed.dtype == torch.int64 and seed.numel() == 1, (seed.dtype, seed.shape)
+        return seed
+    return torch.tensor(seed, dtype=torch.int64)
+
+
 def poisoned(*shape, dtype):
     return torch.full(shape, float("nan"), dtype=dtype)
 
@@ -129,7 +142,12 @@ class Emulated:
         assert err == 0, f"launcher returned cudaError {err}"
 
     def _drop(self, p, seed):
-        return (int(p > 0), seed, ref.dropout_threshold(p), float(torch.tensor(1.0 / (1.0 - p), dtype=torch.float32)))
+        """(dropout, seed pointer, threshold, scale) as the binding passes them: the seed as a one-element int64
+        tensor (an int is copied into one), which the kernels read; kept alive on ``self`` until the next call."""
+        if p == 0:
+            return 0, None, 0, 1.0
+        self._seed = seed_tensor(seed)
+        return 1, ptr(self._seed), ref.dropout_threshold(p), fp32(1.0 / (1.0 - p))
 
     def _finalize(self, buf, parts, out, scale):
         self._ok(self.lib.ttk_finalize_launch(CODE[out.dtype], ptr(buf), parts, out.numel(), scale, ptr(out), None))
@@ -171,7 +189,7 @@ class Emulated:
         y = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
         if x.shape[0]:
             self._ok(self.lib.ttk_accumulate_launch(CODE[x.dtype], ptr(y), ptr(U), ptr(B), B.shape[1], 1, x.shape[0],
-                                                    B.shape[1], B.shape[0], scaling, 0, 0, 0, 1.0, None))  # fmt: skip
+                                                    B.shape[1], B.shape[0], scaling, 0, None, 0, 1.0, None))  # fmt: skip
         return y
 
     def grad_dy(self, dy, U, B, scaling):
@@ -250,3 +268,49 @@ class Emulated:
 
     def kron_grad_p(self, dy, x, q):
         return self._kron_reduce(dy, x, q, False)
+
+
+class EmulatedBinding:
+    """``torch.ops.ttkernels_cuda``'s step ops (the binding's signatures: the seed a one-element int64 tensor, or
+    None without dropout) on the emulated kernels, for ``ttkernels._cuda_backend``'s Python layer on the CPU."""
+
+    def __init__(self, emu: Emulated):
+        self.emu = emu
+
+    def shrink(self, x, A, C, task_ids, p, seed):
+        assert (seed is None) == (p == 0), "the backend layer passes a seed exactly when there is dropout"
+        S, U = self.emu.shrink(x, A, C, task_ids, p, seed)
+        return S, (x.new_empty(0) if C is None else U)
+
+    def mid(self, S, C, task_ids):
+        return self.emu.mid(S, C, task_ids)
+
+    def expand(self, x, weight, bias, U, B, scaling):
+        return self.emu.expand(x, weight, bias, U, B, scaling)
+
+    def grad_dy(self, dy, U, B, scaling):
+        return self.emu.grad_dy(dy, U, B, scaling)
+
+    def grad_mid(self, S, dU, C, task_ids):
+        return self.emu.grad_mid(S, dU, C, task_ids)
+
+    def grad_x(self, dy, weight, dS, A, p, seed):
+        assert (seed is None) == (p == 0)
+        return self.emu.grad_x(dy, weight, dS, A, p, seed)
+
+    def grad_a(self, x, dS, p, seed):
+        assert (seed is None) == (p == 0)
+        return self.emu.grad_a(x, dS, p, seed)
+
+
+def use_emulated_cuda_backend(monkeypatch, lib, deterministic=False):
+    """``backend="cuda"`` on CPU tensors through the whole registry (``ttkernels.ops``, ``ttkernels._cuda_backend``)
+    with the emulated kernels in place of the extension's ops."""
+    from ttkernels import _cuda_backend as cb
+    from ttkernels import ops
+
+    binding = EmulatedBinding(Emulated(lib, deterministic))
+    monkeypatch.setattr(cb, "_cuda_ops", lambda: binding)
+    backend = ops.Backend.from_module("cuda", cb)
+    monkeypatch.setattr(ops, "_cuda_backend", lambda device: backend)
+    return backend

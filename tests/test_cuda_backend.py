@@ -47,15 +47,15 @@ def ext():
 
 # ---------------------------------------------------------------------------------------- registration
 SCHEMAS = {
-    "shrink": "ttkernels_cuda::shrink(Tensor x, Tensor A, Tensor? C, Tensor? task_ids, float p, int seed) "
+    "shrink": "ttkernels_cuda::shrink(Tensor x, Tensor A, Tensor? C, Tensor? task_ids, float p, Tensor? seed) "
     "-> (Tensor, Tensor)",
     "mid": "ttkernels_cuda::mid(Tensor S, Tensor C, Tensor? task_ids) -> Tensor",
     "expand": "ttkernels_cuda::expand(Tensor x, Tensor weight, Tensor? bias, Tensor U, Tensor B, float scaling) "
     "-> Tensor",
     "grad_dy": "ttkernels_cuda::grad_dy(Tensor dy, Tensor U, Tensor B, float scaling) -> (Tensor, Tensor)",
     "grad_mid": "ttkernels_cuda::grad_mid(Tensor S, Tensor dU, Tensor C, Tensor? task_ids) -> (Tensor, Tensor)",
-    "grad_x": "ttkernels_cuda::grad_x(Tensor dy, Tensor weight, Tensor dS, Tensor A, float p, int seed) -> Tensor",
-    "grad_a": "ttkernels_cuda::grad_a(Tensor x, Tensor dS, float p, int seed) -> Tensor",
+    "grad_x": "ttkernels_cuda::grad_x(Tensor dy, Tensor weight, Tensor dS, Tensor A, float p, Tensor? seed) -> Tensor",
+    "grad_a": "ttkernels_cuda::grad_a(Tensor x, Tensor dS, float p, Tensor? seed) -> Tensor",
     "kron_apply": "ttkernels_cuda::kron_apply(Tensor x, Tensor q, Tensor p) -> Tensor",
     "kron_grad_q": "ttkernels_cuda::kron_grad_q(Tensor dy, Tensor x, Tensor p) -> Tensor",
     "kron_grad_p": "ttkernels_cuda::kron_grad_p(Tensor dy, Tensor x, Tensor q) -> Tensor",
@@ -90,14 +90,15 @@ def _valid(device="cpu"):
         return torch.randn(*shape, device=device)
 
     ids = torch.tensor([0, 1, 1, 0, 1], device=device)
+    seed = torch.tensor(3, device=device)  # the dropout seed: a one-element int64 tensor on the data's device
     return {
-        "shrink": [r(M, D_IN), r(D_IN, RA), r(T, RA, RB), ids, 0.1, 3],
+        "shrink": [r(M, D_IN), r(D_IN, RA), r(T, RA, RB), ids, 0.1, seed],
         "mid": [r(M, RA), r(RA, RB), None],
         "expand": [r(M, D_IN), r(D_OUT, D_IN), r(D_OUT), r(M, RB), r(RB, D_OUT), 0.5],
         "grad_dy": [r(M, D_OUT), r(M, RB), r(RB, D_OUT), 0.5],
         "grad_mid": [r(M, RA), r(M, RB), r(T, RA, RB), ids],
-        "grad_x": [r(M, D_OUT), r(D_OUT, D_IN), r(M, RA), r(D_IN, RA), 0.1, 3],
-        "grad_a": [r(M, D_IN), r(M, RA), 0.1, 3],
+        "grad_x": [r(M, D_OUT), r(D_OUT, D_IN), r(M, RA), r(D_IN, RA), 0.1, seed],
+        "grad_a": [r(M, D_IN), r(M, RA), 0.1, seed],
         "kron_apply": [r(M, KNI, KNJ), r(KR, KNA, KNI), r(KR, KNJ, KNC)],
         "kron_grad_q": [r(M, KNA, KNC), r(M, KNI, KNJ), r(KR, KNJ, KNC)],
         "kron_grad_p": [r(M, KNA, KNC), r(M, KNI, KNJ), r(KR, KNA, KNI)],
@@ -128,7 +129,9 @@ BAD = [
     ("shrink", 3, lambda: torch.zeros(M + 1, dtype=torch.int64), RuntimeError, r"task_ids must have shape \(5,\)"),
     ("shrink", 4, lambda: 1.0, RuntimeError, r"shrink: p must satisfy 0 <= p < 1, got p = 1"),
     ("shrink", 4, lambda: float("nan"), RuntimeError, r"shrink: p must satisfy 0 <= p < 1"),
-    ("shrink", 5, lambda: -1, RuntimeError, r"shrink: seed must be >= 0"),
+    ("shrink", 5, lambda: None, RuntimeError, r"shrink: seed is required when p > 0 \(a one-element int64 tensor\)"),
+    ("shrink", 5, lambda: torch.tensor(3, dtype=torch.int32), TypeError, r"shrink: seed must have dtype int64, got Int"),
+    ("shrink", 5, lambda: torch.tensor([3, 4]), RuntimeError, r"shrink: seed must have one element, got shape \[2\]"),
     ("mid", 0, lambda: torch.ones(M, RA, dtype=torch.int64), TypeError, r"mid: S must have dtype float32"),
     ("mid", 1, lambda: torch.randn(RA + 2, RB), RuntimeError, r"mid: C has shape \[5, 4\] but its dimension 0 must be 3"),
     ("mid", 1, lambda: torch.randn(RA, RB, dtype=torch.bfloat16), TypeError, r"mid: C has dtype BFloat16 but S"),
@@ -153,10 +156,13 @@ BAD = [
     ("grad_x", 2, lambda: torch.randn(M, RA + 1), RuntimeError, r"grad_x: dS has shape \[5, 4\] but its dimension 1"),
     ("grad_x", 3, lambda: torch.randn(D_IN - 1, RA), RuntimeError, r"grad_x: A has shape \[6, 3\] but its dimension 0"),
     ("grad_x", 4, lambda: -0.5, RuntimeError, r"grad_x: p must satisfy 0 <= p < 1"),
+    ("grad_x", 5, lambda: torch.tensor(3.0), TypeError, r"grad_x: seed must have dtype int64, got Float"),
+    ("grad_x", 5, lambda: None, RuntimeError, r"grad_x: seed is required when p > 0"),
     ("grad_a", 0, lambda: torch.randn(M, D_IN).t().contiguous().t(), RuntimeError, r"grad_a: x must be contiguous"),
     ("grad_a", 1, lambda: torch.randn(M + 2, RA), RuntimeError, r"grad_a: dS has shape \[7, 3\] but its dimension 0"),
     ("grad_a", 1, lambda: torch.randn(M, 129), RuntimeError, r"grad_a: ra \(dS.shape\[1\]\) must be in \[1, 128\]"),
-    ("grad_a", 3, lambda: -3, RuntimeError, r"grad_a: seed must be >= 0"),
+    ("grad_a", 3, lambda: torch.zeros(1, 1, dtype=torch.int64)[:, :0], RuntimeError, r"grad_a: seed must have one element"),
+    ("grad_a", 3, lambda: None, RuntimeError, r"grad_a: seed is required when p > 0"),
     ("kron_apply", 0, lambda: torch.randn(M, KNI), RuntimeError, r"kron_apply: x must be 3-D \(M, NI, NJ\)"),
     ("kron_apply", 0, lambda: torch.randn(M, KNI, KNJ, dtype=torch.float64), TypeError,
      r"kron_apply: x must have dtype float32, float16 or bfloat16, got Double"),
@@ -258,6 +264,30 @@ def test_binding_refuses_mixed_devices(ext, op):
         getattr(ext, op)(*args)
 
 
+@needs_cuda
+@pytest.mark.parametrize("op,pos", [("shrink", 5), ("grad_x", 5), ("grad_a", 3)])
+def test_binding_refuses_a_seed_on_another_device(ext, op, pos):
+    args = _valid("cuda")[op]
+    args[pos] = args[pos].cpu()
+    with pytest.raises(RuntimeError, match=rf"{op}: seed must be a CUDA tensor, got device cpu"):
+        getattr(ext, op)(*args)
+
+
+def test_backend_layer_takes_int_and_tensor_seeds_and_checks_ints_on_the_host(ext):
+    """The step functions of the cuda backend pass the seed to the binding as a tensor on the data's device:
+    an int is range-checked on the host first, a tensor is used where it lies (device, dtype and size checked)."""
+    x, eye = torch.randn(3, 4), torch.eye(4)
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*63\), got -1"):
+        cb.shrink(x, eye, None, None, 0.4, -1)
+    with pytest.raises(TypeError, match=r"seed must be a one-element integer tensor"):
+        cb.grad_a(x, eye, 0.4, torch.tensor([1, 2]))
+    assert cb._seed(0.0, 5, x.device) is None  # no dropout: no seed reaches the binding
+    t = torch.tensor(2**63 - 1)
+    assert cb._seed(0.4, t, x.device) is t  # used where it lies, never read
+    assert torch.equal(cb._seed(0.4, 2**32 + 1, x.device), torch.tensor(2**32 + 1))
+    assert cb._seed(0.4, torch.tensor(7, dtype=torch.int32), x.device).dtype == torch.int64
+
+
 def test_fake_kernels_give_the_output_shapes(ext):
     v = {op: [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args] for op, args in _valid().items()}
     shapes = {
@@ -277,7 +307,7 @@ def test_fake_kernels_give_the_output_shapes(ext):
         out = list(out) if isinstance(out, (tuple, list)) else [out]
         assert [tuple(o.shape) for o in out] == want, op
         assert all(o.device.type == "meta" and o.dtype == torch.float32 for o in out), op
-    S, U = ext.shrink(v["shrink"][0], v["shrink"][1], None, None, 0.0, 0)
+    S, U = ext.shrink(v["shrink"][0], v["shrink"][1], None, None, 0.0, None)
     assert tuple(S.shape) == (M, RA) and U.numel() == 0
 
 

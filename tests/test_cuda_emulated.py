@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import helpers
-from cuda_emulation import CODE, DTYPES, NUM_SMS, Emulated, build_lib, poisoned, ptr
+from cuda_emulation import CODE, DTYPES, NUM_SMS, Emulated, build_lib, poisoned, ptr, use_emulated_cuda_backend
 from helpers import check_error_ratio as check
 from ttkernels import reference as ref
 from ttkernels import ttm
@@ -199,10 +199,40 @@ def test_dropout_masks_are_the_reference_hash_bit_for_bit(lib, dtype):
     assert torch.equal(emu.shrink(x, eye, None, None, p, s)[0], want)
     y = poisoned(37, 16, dtype=dtype)
     thr, scale = ref.dropout_threshold(p), float(torch.tensor(1 / (1 - p), dtype=torch.float32))
-    assert lib.ttk_dropout_launch(CODE[dtype], ptr(x), ptr(y), 37, 16, s, thr, scale, None) == 0
+    seed_t = torch.tensor(s)  # the launchers take the seed's address: the kernels read it
+    assert lib.ttk_dropout_launch(CODE[dtype], ptr(x), ptr(y), 37, 16, ptr(seed_t), thr, scale, None) == 0
     assert torch.equal(y, want)
     dx = emu.grad_x(torch.zeros(37, 3, dtype=dtype), torch.zeros(3, 16, dtype=dtype), x, eye, p, s)
     assert torch.equal(dx, want)
+
+
+EDGE_SEEDS = [0, 1, 2**32 - 1, 2**32, 2**32 + 1, 2**63 - 1, "random", "negative tensor"]
+
+
+@pytest.mark.parametrize("seed", EDGE_SEEDS)
+def test_every_dropout_kernel_reads_the_seed_it_is_given(lib, seed):
+    """Each kernel with dropout (the dropout op, shrink, accumulate's grad_x, token_reduce's grad_a) gets the seed as
+    the address of one int64 and reads it itself; its mask equals ``reference.dropout_keep`` bit for bit, for seeds
+    at the edges of both 32-bit words, and for a negative seed tensor (its bits hashed as uint64, as the reference
+    hashes a seed tensor)."""
+    if seed == "random":
+        seed = int(torch.randint(0, 2**63 - 1, ()).item())
+    elif seed == "negative tensor":
+        seed = torch.tensor(-(2**40) - 7)
+    m, n, p = 19, 37, 0.45
+    keep = ref.dropout_keep(seed, m, n, p)
+    x = torch.ones(m, n)
+    seed_t = seed if isinstance(seed, torch.Tensor) else torch.tensor(seed)
+    y = poisoned(m, n, dtype=torch.float32)
+    thr, scale = ref.dropout_threshold(p), float(torch.tensor(1 / (1 - p), dtype=torch.float32))
+    assert lib.ttk_dropout_launch(CODE[torch.float32], ptr(x), ptr(y), m, n, ptr(seed_t), thr, scale, None) == 0
+    assert torch.equal(y != 0, keep)
+    emu = Emulated(lib)
+    for given in (seed, seed_t):  # an int is copied into a tensor, as the backend layer does; a tensor is used
+        assert torch.equal(emu.shrink(x, torch.eye(n), None, None, p, given)[0] != 0, keep)
+        dx = emu.grad_x(torch.zeros(m, 2), torch.zeros(2, n), x, torch.eye(n), p, given)
+        assert torch.equal(dx != 0, keep)
+        assert torch.equal(emu.grad_a(x, torch.eye(m), p, given).t() != 0, keep)
 
 
 def test_deterministic_reductions_repeat_bit_for_bit(lib):
@@ -316,6 +346,11 @@ def test_kron_grads_split_and_repeat_bit_for_bit(lib):
         ("ttk_accumulate_launch", [0, None, None, None, 1, 1, 4, 0, 2, 1.0, 0, 0, 0, 1.0, None]),
         ("ttk_rowmix_launch", [0, None, None, None, 0, 0, None, 4, 0, 2, None]),
         ("ttk_finalize_launch", [0, None, 0, 4, 1.0, None, None]),
+        # dropout on without a seed to read
+        ("ttk_shrink_launch", [0, None, None, None, None, 0, None, None, None, 3, 4, 4, 2, 2, 1, None, 0, 1.0, None]),
+        ("ttk_token_reduce_launch", [0, None, None, None, 1, None, 1, 0, 4, 4, 2, 1, None, 0, 1.0, None]),
+        ("ttk_accumulate_launch", [0, None, None, None, 1, 1, 4, 4, 2, 1.0, 1, None, 0, 1.0, None]),
+        ("ttk_dropout_launch", [0, None, None, 4, 4, None, 0, 1.0, None]),
         ("ttk_kron_apply_launch", [0, None, 1, 1, 1, None, None, None, 0, 1, 1, 1, 1, 1, None]),
         ("ttk_kron_apply_launch", [0, None, 1, 1, 1, None, None, None, 4, 17, 1, 1, 1, 1, None]),
         ("ttk_kron_apply_launch", [0, None, 1, 1, 1, None, None, None, 4, 1, 65, 1, 1, 1, None]),
@@ -329,3 +364,27 @@ def test_kron_grads_split_and_repeat_bit_for_bit(lib):
 )  # fmt: skip
 def test_launchers_refuse_out_of_range_sizes(lib, name, args):
     assert getattr(lib, name)(*args) == 1  # cudaErrorInvalidValue, before touching any pointer
+
+
+# --------------------------------------------------------------- the whole registry on the emulated kernels
+@pytest.mark.parametrize("spec_name", sorted(helpers.FUSED_SPECS))
+@pytest.mark.parametrize("m", [1, 13])
+@pytest.mark.parametrize("seed", [None, 2**32 + 1, "tensor"])
+def test_tt_linear_with_dropout_through_the_registry(lib, spec_name, m, seed, monkeypatch):
+    """``tt_linear(backend="cuda")`` forward and backward with dropout, the seed drawn by the registry on the data's
+    device (None) or given as an int or a tensor, the kernels reading it there: against float64 with the same
+    seed (a drawn seed: the same generator state)."""
+    use_emulated_cuda_backend(monkeypatch, lib)
+    make, index = helpers.FUSED_SPECS[spec_name]
+    case = helpers.TTLinearCase(make(), index, m)
+    if seed == "tensor":
+        seed = torch.randint(0, 2**62, ())
+    kw = dict(scaling=0.5, dropout=0.3, seed=seed)
+    state = torch.get_rng_state()
+    got = case.run("cuda", torch.float32, "cpu", **kw)
+    torch.set_rng_state(state)
+    want64 = case.run("torch", torch.float64, "cpu", **kw)
+    torch.set_rng_state(state)
+    lowp = case.run("torch", torch.float32, "cpu", **kw)
+    for name, g, w, t in zip(case.names(), got, want64, lowp):
+        check(name, g, w, t, torch.float32)

@@ -81,9 +81,13 @@ def _expected(x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
     return torch.where(keep, x.float() * scale, torch.zeros((), device=x.device)).to(x.dtype)
 
 
+EDGE_SEEDS = [0, 1, 2**32 - 1, 2**32, 2**32 + 1, 2**63 - 1]
+
+
 def _random_seeds() -> list[int]:
-    """0, a seed below 2^32 (seed_hi = 0), and one with high bits set; fresh every run."""
-    return [0, int(torch.randint(1, 2**32, ()).item()), int(torch.randint(2**32, 2**63 - 1, ()).item())]
+    """The edge seeds (each word at 0, 1 and its top), a seed below 2^32 (seed_hi = 0) and one with high bits set;
+    the last two fresh every run."""
+    return EDGE_SEEDS + [int(torch.randint(1, 2**32, ()).item()), int(torch.randint(2**32, 2**63 - 1, ()).item())]
 
 
 def test_torch_hash_matches_python_ints():
@@ -175,7 +179,7 @@ def test_extension_file_exists_and_loads(ext_path):
 def test_dropout_op_is_registered(ext_path):
     assert hasattr(torch.ops.ttkernels_cuda, "dropout")
     schema = str(torch.ops.ttkernels_cuda.dropout.default._schema)
-    assert schema == "ttkernels_cuda::dropout(Tensor x, int seed, float p) -> Tensor"
+    assert schema == "ttkernels_cuda::dropout(Tensor x, Tensor seed, float p) -> Tensor"
 
 
 # ---------------------------------------------------------------------------------- argument checks
@@ -195,11 +199,15 @@ DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
         (lambda d: torch.randn(4, 6, device=d), 1, 1.0, RuntimeError, "p must satisfy 0 <= p < 1"),
         (lambda d: torch.randn(4, 6, device=d), 1, -0.1, RuntimeError, "p must satisfy 0 <= p < 1"),
         (lambda d: torch.randn(4, 6, device=d), 1, float("nan"), RuntimeError, "p must satisfy 0 <= p < 1"),
-        (lambda d: torch.randn(4, 6, device=d), -1, 0.1, RuntimeError, "seed must be >= 0"),
+        (lambda d: torch.randn(4, 6, device=d), torch.tensor(1, dtype=torch.int32), 0.1, TypeError,
+         "seed must have dtype int64, got Int"),
+        (lambda d: torch.randn(4, 6, device=d), torch.tensor([1, 2]), 0.1, RuntimeError,
+         r"seed must have one element, got shape \[2\]"),
     ],
-)
+)  # fmt: skip
 def test_binding_rejects_bad_arguments(ext_path, device, make_x, seed, p, exc, message):
     x = make_x(device)
+    seed = seed.to(device) if isinstance(seed, torch.Tensor) else torch.tensor(seed, device=device)
     with pytest.raises(exc, match=message):
         torch.ops.ttkernels_cuda.dropout(x, seed, p)
     if device == "cuda":
@@ -244,6 +252,30 @@ def test_dropout_is_deterministic_and_seed_dependent(ext_path):
     assert not torch.equal(a != 0, _ext.cuda_dropout(x, seed + 1, 0.5) != 0)
     assert not torch.equal(a != 0, _ext.cuda_dropout(x, seed + 2**32, 0.5) != 0)  # seed_hi matters
     assert abs((a != 0).float().mean().item() - 0.5) < 0.02
+
+
+@needs_cuda
+def test_dropout_reads_the_seed_tensor_on_the_device(ext_path):
+    """The kernel reads the seed where it lies: a CUDA graph captured once replays with the seed's current value
+    (the host never reads it); a negative seed's bits are hashed as uint64, as the reference's tensor path does."""
+    from ttkernels import reference
+
+    x = torch.randn(64, 300, device="cuda")
+    x = torch.where(x == 0, torch.ones((), device="cuda"), x)
+    seed = torch.tensor(5, device="cuda")
+    torch.ops.ttkernels_cuda.dropout(x, seed, 0.5)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = torch.ops.ttkernels_cuda.dropout(x, seed, 0.5)
+    for value in EDGE_SEEDS:
+        seed.fill_(value)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, _expected(x, value, 0.5)), value
+    seed.fill_(-3)
+    graph.replay()
+    assert torch.equal(y != 0, reference.dropout_keep(torch.tensor(-3, device="cuda"), 64, 300, 0.5, device="cuda"))
 
 
 @needs_cuda

@@ -226,6 +226,61 @@ def test_no_host_read_in_forward_and_backward(case, host_reads):
     assert host_reads.seen == [], f"host reads in {case}: {host_reads.seen}"
 
 
+def _kernel_cases(backend, device):
+    """Forward and backward with dropout on a kernel backend: the seed drawn on the data's device or given as a
+    tensor, loaded there by the kernels."""
+    x, ids = torch.randn(3, 8, device=device), torch.tensor([2, 0, 1], device=device)
+    spec = metatt_spec(8, 8, layers=2, matrices=2, r=3, tasks=3)
+    cores = nn.ParameterList([nn.Parameter(c.float().to(device)) for c in random_cores(spec)])
+    base = nn.Linear(8, 8, device=device)
+    task_layer = tk.TTLinear.from_cores(
+        base, cores, spec, index={"layer": 1, "matrix": 0}, dropout=0.2, backend=backend
+    )
+    W, b = torch.randn(8, 8, device=device), torch.randn(8, device=device)
+    A, B = torch.randn(8, 3, device=device, requires_grad=True), torch.randn(3, 8, device=device, requires_grad=True)
+    C = torch.randn(3, 3, 3, device=device, requires_grad=True)
+    seed = torch.tensor(7, device=device)
+    kw = dict(dropout=0.3, backend=backend, device=device)
+    return {
+        "TTLinear dropout": lambda: tk.TTLinear(8, 8, ranks=3, **kw).train()(x),
+        "TTLinear 2+2 dropout": lambda: tk.TTLinear(8, 8, ranks=3, in_modes=2, out_modes=2, **kw).train()(x),
+        "TTLinear tasks + dropout": lambda: task_layer.train()(x, task_ids=ids),
+        "tt_adapter seed tensor": lambda: tk.tt_adapter(
+            x, W, b, A, C, B, task_ids=ids, dropout=0.25, seed=seed, backend=backend
+        ),
+    }
+
+
+@pytest.fixture(params=["triton", "cuda-emulated", pytest.param("cuda", marks=needs_gpu)])
+def kernel_backend(request, monkeypatch, tmp_path_factory):
+    """(backend name, device): the Triton kernels (in the interpreter without a GPU), the CUDA kernels' source in the
+    host emulation (registry, backend layer and launchers on the CPU; without a GPU) or on a GPU."""
+    if request.param == "triton":
+        pytest.importorskip("ttkernels._triton_kernels.backend")
+        return "triton", "cuda" if CUDA else "cpu"
+    if request.param == "cuda-emulated":
+        from cuda_emulation import build_lib, use_emulated_cuda_backend
+
+        use_emulated_cuda_backend(monkeypatch, build_lib(tmp_path_factory))
+        return "cuda", "cpu"
+    try:
+        tk.ops.resolve_backend("cuda", torch.device("cuda"))
+    except tk.BackendUnavailableError as err:
+        pytest.skip(str(err))
+    return "cuda", "cuda"
+
+
+@pytest.mark.parametrize("case", list(_kernel_cases("torch", "cpu")))
+def test_no_host_read_in_the_kernels_forward_and_backward(case, kernel_backend, host_reads):
+    backend, device = kernel_backend
+    run = _kernel_cases(backend, device)[case]
+    run().square().sum().backward()  # first call: imports, the extension or compiles out of the trap
+    with host_reads:
+        y = run()
+        y.square().sum().backward()
+    assert host_reads.seen == [], f"host reads in {case} on {backend}: {host_reads.seen}"
+
+
 def test_the_trap_catches_a_host_read(monkeypatch):
     seen: list[str] = []
     original = torch.Tensor.item
@@ -256,16 +311,26 @@ def test_a_seed_tensor_gives_the_mask_of_its_value(seed):
 
 
 # ------------------------------------------------------------------------------------------------- GPU
-def _gpu_task_layer(dropout):
+def _gpu_task_layer(dropout, backend="auto"):
     spec = metatt_spec(64, 48, layers=2, matrices=2, r=4, tasks=3)
     cores = nn.ParameterList([nn.Parameter(c.float().cuda()) for c in random_cores(spec)])
     base = nn.Linear(64, 48, device="cuda")
-    return tk.TTLinear.from_cores(base, cores, spec, index={"layer": 1, "matrix": 0}, dropout=dropout).train()
+    return tk.TTLinear.from_cores(
+        base, cores, spec, index={"layer": 1, "matrix": 0}, dropout=dropout, backend=backend
+    ).train()
 
 
 @needs_gpu
-def test_cuda_graph_capture_draws_fresh_masks_and_matches_eager():
-    layer = _gpu_task_layer(0.5)
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_cuda_graph_capture_draws_fresh_masks_and_matches_eager(backend):
+    """Every backend takes the seed as a tensor on the GPU, drawn there with a Philox draw that a replay redraws:
+    each replay has a fresh mask, the one eager draws from the same generator state (the Triton and CUDA kernels
+    load the seed on the device, so the graph does not freeze the mask drawn at capture)."""
+    try:
+        tk.ops.resolve_backend(backend, torch.device("cuda"))
+    except tk.BackendUnavailableError as err:
+        pytest.skip(str(err))
+    layer = _gpu_task_layer(0.5, backend)
     x = torch.randn(16, 64, device="cuda", requires_grad=True)
     ids = torch.randint(0, 3, (16,), device="cuda")
     grads = [p for p in layer.parameters() if p.requires_grad]

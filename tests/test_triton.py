@@ -60,6 +60,43 @@ def test_keep_mask_is_the_reference_hash_bit_for_bit(seed, p):
         assert torch.equal(mask, ref.dropout_keep(seed, rows, cols, p, row_offset=offset))
 
 
+# Seeds at the edges of both 32-bit words, a fresh one, and a negative seed tensor (its bits hashed as uint64, as
+# the reference hashes a seed tensor: the kernels cannot refuse it; tt_adapter does, with torch._assert_async).
+EDGE_SEEDS = [0, 1, 2**32 - 1, 2**32, 2**32 + 1, 2**63 - 1, "random", "negative tensor"]
+
+
+@pytest.mark.parametrize("seed", EDGE_SEEDS)
+def test_every_kernel_with_dropout_loads_the_seed_it_is_given(seed, monkeypatch):
+    """Every Triton kernel with dropout (shrink, its split-K partials, the GEMM of grad_x in both plans, grad_a,
+    the cublas plan's row kernels forward and backward) loads the seed tensor it is given and hashes it to
+    ``reference.dropout_keep``'s mask, bit for bit; an int seed gives the mask of its value."""
+    if seed == "random":
+        seed = int(torch.randint(0, 2**63 - 1, ()).item())
+    elif seed == "negative tensor":
+        seed = torch.tensor(-(2**33) - 5)
+    m, n, p = 5, 70, 0.45  # 70 columns at 5 tokens: shrink splits K in the interpreter's tiles
+    keep = ref.dropout_keep(seed, m, n, p).to(DEVICE)
+    seed_t = (seed if isinstance(seed, torch.Tensor) else torch.tensor(seed)).to(DEVICE)
+    x, eye = torch.ones(m, n, device=DEVICE), torch.eye(n, device=DEVICE)
+    zeros = torch.zeros(n, n, device=DEVICE)
+    from ttkernels._triton_kernels import shrink as shrink_mod
+
+    for split in (1, 2):
+        monkeypatch.setattr(shrink_mod, "split_k", lambda M, K, device, s=split: s)
+        for given in (seed, seed_t):
+            assert torch.equal(tb.shrink(x, eye, None, None, p, given)[0] != 0, keep), (split, given)
+    for plan in ("fused", "cublas"):
+        monkeypatch.setattr(tb, "BASE_GEMM", plan)
+        dx = tb.grad_x(torch.zeros(m, n, device=DEVICE), zeros, x, eye, p, seed_t)
+        assert torch.equal(dx != 0, keep), plan
+    assert torch.equal(tb.grad_a(x, torch.eye(m, device=DEVICE), p, seed_t).t() != 0, keep)
+    monkeypatch.setattr(tb, "BASE_GEMM", "cublas")
+    y, S = tb.forward(x, zeros, None, eye, None, eye, None, 1.0, p, seed_t)
+    assert torch.equal(S != 0, keep) and torch.equal(y != 0, keep)
+    dx = tb.backward(x, x, zeros, eye, None, eye, S, None, 1.0, p, seed_t, True)[0]
+    assert torch.equal(dx != 0, keep)
+
+
 @pytest.mark.parametrize("p", [0.1, 0.7])
 def test_keep_mask_keeps_one_minus_p(p):
     kept = _common.keep_mask_tensor(12345, 128, 160, p, device=DEVICE).float().mean().item()

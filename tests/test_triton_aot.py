@@ -93,16 +93,19 @@ launches = []
 with aot._recording(launches):
     for seed in (1, 2**32 + 1, 16, 2**31 - 1, 2**32 - 1, 2**63 - 1, 12345):
         rows.forward(x, W, None, A, None, B, None, 1.0, 0.1, seed)
+    for seed in (torch.tensor(1, device=meta), torch.empty(3, dtype=torch.int64, device=meta)[1:2]):
+        rows.forward(x, W, None, A, None, B, None, 1.0, 0.1, seed)
 keys = {aot.specialization(k, a, {**kw, **rows.ROWS_FWD.gpu_meta}, 90) for k, a, kw in launches}
-print(len(launches), len(keys), _common.dropout_args(0.1, 2**32 + 1)[0])
+print(len(launches), len(keys), _common.DROPOUT_ARGS == ["SEED", "threshold"])
 """
 
 
 @pytest.mark.skipif(not _binder_ready(), reason="this Triton has no JIT binder to ask")
 def test_dropout_seeds_never_make_a_new_variant():
-    # The JIT's own binder (compiled kernels: no interpreter): any seed, including one whose low word is 1 (which
-    # a specializing JIT turns into a constexpr), keys the same compiled kernel.
+    # The JIT's own binder (compiled kernels: no interpreter): any seed, an int (including one whose low word is 1,
+    # which a specializing JIT once turned into a constexpr) or a seed tensor at any address (one 8 bytes past a
+    # 16-byte boundary included), keys the same compiled kernel: the seed is a pointer the kernel loads.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", _SEEDS_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split() == ["7", "1", "1"], out.stdout
+    assert out.stdout.split() == ["9", "1", "True"], out.stdout

@@ -190,13 +190,32 @@ def test_cublas_is_the_default_plan():
 # ------------------------------------------------------------------------------ arguments and buckets
 @pytest.mark.parametrize("seed", [1, 2**32 + 1, 2**31, 2**32 - 1, 2**63 - 1, 16, 0])
 @pytest.mark.parametrize("p", [0.1, 0.999])
-def test_dropout_arguments_are_int32_and_the_mask_is_the_reference(seed, p):
-    # int32 values (never i64) and never specialized: one compiled variant for every seed
-    lo, hi, thr, _ = _common.dropout_args(p, seed)
-    for v in (lo, hi, thr):
-        assert -(2**31) <= v < 2**31
+def test_dropout_arguments_are_a_seed_tensor_and_an_int32_and_the_mask_is_the_reference(seed, p):
+    # the seed: one int64 on the data's device, which the kernels load (an int is copied there, a tensor used as it
+    # is); the threshold: an int32 (never i64); neither specialized: one compiled variant for every seed
+    like = torch.empty(3, device=DEVICE)
+    SEED, thr, _ = _common.dropout_args(p, seed, like)
+    assert SEED.dtype == torch.int64 and SEED.numel() == 1 and SEED.device == like.device
+    assert -(2**31) <= thr < 2**31
+    given = torch.tensor(seed, device=DEVICE)
+    assert _common.dropout_args(p, given, like)[0] is given
+    assert _common.dropout_args(0.0, given, like)[0] is like  # no dropout: nothing is read, nothing allocated
     mask = _common.keep_mask_tensor(seed, 5, 37, p, device=DEVICE).cpu()
     assert torch.equal(mask, ref.dropout_keep(seed, 5, 37, p))
+    assert torch.equal(_common.keep_mask_tensor(given, 5, 37, p, device=DEVICE).cpu(), mask)
+
+
+def test_dropout_arguments_refuse_bad_seeds():
+    like = torch.empty(3, device=DEVICE)
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*63\), got -1"):
+        _common.dropout_args(0.1, -1, like)
+    with pytest.raises(TypeError, match=r"seed must be a one-element integer tensor, got torch.float32"):
+        _common.dropout_args(0.1, torch.tensor(1.0, device=DEVICE), like)
+    with pytest.raises(TypeError, match=r"seed must be a one-element integer tensor, got torch.int64 \(2,\)"):
+        _common.dropout_args(0.1, torch.tensor([1, 2], device=DEVICE), like)
+    with pytest.raises(ValueError, match=r"seed is on meta but the data is on"):
+        _common.dropout_args(0.1, torch.tensor(1, device="meta"), like)
+    assert _common.dropout_args(0.1, torch.tensor(7, dtype=torch.int32, device=DEVICE), like)[0].dtype == torch.int64
 
 
 def test_every_kernel_with_dropout_arguments_never_specializes_them():
@@ -204,13 +223,17 @@ def test_every_kernel_with_dropout_arguments_never_specializes_them():
 
     from ttkernels._triton_kernels import gemm, grad_a, grad_dy, grad_mid, mid, shrink
 
+    seen = 0
     for mod in (gemm, grad_a, grad_dy, grad_mid, mid, shrink, rows, _common):
         src = inspect.getsource(mod)
         for block in src.split("@triton.jit")[1:]:
             head = block[: block.index(":\n")] if ":\n" in block else block
             signature = block.split("):", 1)[0]
-            if "_kernel(" in signature and "seed_lo" in signature:
+            if "_kernel(" in signature and "SEED" in signature:
                 assert head.startswith("(do_not_specialize=DROPOUT_ARGS)"), (mod.__name__, head[:80])
+                seen += 1
+    assert seen == 7  # shrink, shrink partial, gemm, grad_a, rows forward, rows backward, keep mask
+    assert _common.DROPOUT_ARGS == ["SEED", "threshold"]
 
 
 def test_autotune_keys_hold_every_flag():

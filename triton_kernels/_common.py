@@ -1,9 +1,11 @@
 """Pieces shared by every Triton kernel of ttkernels: the dropout hash, launch configuration, allocation.
 
 **Dropout hash.** :func:`mix32` and :func:`keep_mask` are the Triton form of
-``ttkernels.reference.dropout_keep``: ``u = mix32(mix32(seed_lo ^ mix32(row ^ seed_hi)) ^ col)`` on uint32,
-an element kept when ``u >= floor(p * 2^32)``. ``seed_hi`` arrives already mixed (``mix32(seed >> 32)``,
-computed on the host by :func:`dropout_args`). The tests compare the mask bit for bit with the reference.
+``ttkernels.reference.dropout_keep``: ``u = mix32(mix32(seed_lo ^ mix32(row ^ mix32(seed_hi))) ^ col)`` on
+uint32, an element kept when ``u >= floor(p * 2^32)``. The seed reaches a kernel as a pointer ``SEED`` to one
+int64 on the data's device (:func:`dropout_args`), loaded by the kernel (``tl.load(SEED)``) and split into its
+two words there: the host never reads it, so a captured CUDA graph hashes the seed's value at each replay. The
+tests compare the mask bit for bit with the reference.
 
 **Configurations.** Every kernel has one small configuration for the interpreter (``TRITON_INTERPRET=1``:
 the CPU checks of CI) and, on a GPU, a list that ``triton.autotune`` searches, keyed by the problem's shape
@@ -23,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ttkernels.checks import device_seed
+
 # Ranks above this are refused: the rank tiles live in registers.
 MAX_RANK = 128
 # The smallest tile side tl.dot accepts on a GPU.
@@ -41,15 +45,17 @@ def mix32(h):
 
 
 @triton.jit
-def keep_mask(rows, cols, seed_lo, seed_hi, threshold):
+def keep_mask(rows, cols, seed, threshold):
     """Keep-mask of the ``(rows, cols)`` tile: True where the element survives dropout.
 
-    ``seed_lo``, ``seed_hi`` and ``threshold`` are uint32 values passed as int32 (:func:`dropout_args`) and
-    never specialized (every kernel lists them in :data:`DROPOUT_ARGS`), so they are always i32 registers.
+    ``seed`` is the int64 the kernel loaded from ``SEED`` (its 64 bits taken as uint64: the low word, and the
+    high word mixed); ``threshold`` is a uint32 passed as int32 (:func:`dropout_args`). Neither ``SEED`` nor
+    ``threshold`` is ever specialized (every kernel lists them in :data:`DROPOUT_ARGS`).
     """
     r = rows.to(tl.uint32)
-    lo = seed_lo.to(tl.uint32, bitcast=True)
-    hi = seed_hi.to(tl.uint32, bitcast=True)
+    bits = seed.to(tl.uint64, bitcast=True)
+    lo = (bits & 0xFFFFFFFF).to(tl.uint32)
+    hi = mix32((bits >> 32).to(tl.uint32))
     row_hash = mix32(lo ^ mix32(r ^ hi))
     u = mix32(row_hash[:, None] ^ cols.to(tl.uint32)[None, :])
     return u >= threshold.to(tl.uint32, bitcast=True)
@@ -72,25 +78,16 @@ def gathered_matmul(v, ii, n, rows_base, stride_i, jj, stride_j, mask):
 
 
 # Dropout arguments of every kernel that takes them: never specialized. Triton would otherwise compile a variant
-# per seed that is 1 (a constexpr), divisible by 16, or not: up to four compiles as training draws seeds.
-DROPOUT_ARGS = ["seed_lo", "seed_hi", "threshold"]
+# per threshold that is 1 (a constexpr), divisible by 16, or not, and per alignment of the seed's address.
+DROPOUT_ARGS = ["SEED", "threshold"]
 
 
 @triton.jit(do_not_specialize=DROPOUT_ARGS)
-def _keep_mask_kernel(OUT, M, N, row_offset, seed_lo, seed_hi, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _keep_mask_kernel(OUT, M, N, row_offset, SEED, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = keep_mask(rm + row_offset, rn, seed_lo, seed_hi, threshold)
+    keep = keep_mask(rm + row_offset, rn, tl.load(SEED), threshold)
     tl.store(OUT + rm[:, None] * N + rn[None, :], keep.to(tl.int8), mask=(rm < M)[:, None] & (rn < N)[None, :])
-
-
-def _mix32_host(h: int) -> int:
-    h &= 0xFFFFFFFF
-    h ^= h >> 16
-    h = (h * 0x7FEB352D) & 0xFFFFFFFF
-    h ^= h >> 15
-    h = (h * 0x846CA68B) & 0xFFFFFFFF
-    return h ^ (h >> 16)
 
 
 def _as_i32(u: int) -> int:
@@ -98,26 +95,34 @@ def _as_i32(u: int) -> int:
     return u - (1 << 32) if u >= 1 << 31 else u
 
 
-def dropout_args(p: float, seed: int) -> tuple[int, int, int, float]:
-    """``(seed_lo, seed_hi, threshold, keep_scale)`` for the kernels; all zeros/one when ``p == 0``.
+def seed_tensor(seed: int | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The seed as the kernels take it: one int64 on ``device`` (``ttkernels.checks.device_seed``: a tensor is
+    used where it lies, never read on the host; its bits are hashed as uint64; an int is range-checked and
+    copied to ``device``)."""
+    return device_seed(seed, device)
 
-    The three integers are uint32 values carried in int32 (bit-cast back in :func:`keep_mask`).
+
+def dropout_args(p: float, seed: int | torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, int, float]:
+    """``(SEED, threshold, keep_scale)`` for the kernels on ``like``'s device.
+
+    ``SEED``: the seed as :func:`seed_tensor` gives it; without dropout (``p == 0``) nothing reads it and it is
+    ``like`` itself (no allocation). ``threshold`` is ``floor(p * 2^32)``, a uint32 carried in int32 (bit-cast
+    back in :func:`keep_mask`).
     """
     if p == 0.0:
-        return 0, 0, 0, 1.0
-    if not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
-    lo, hi, thr = seed & 0xFFFFFFFF, _mix32_host(seed >> 32), int(p * 4294967296.0)
-    return _as_i32(lo), _as_i32(hi), _as_i32(thr), 1.0 / (1.0 - p)
+        return like, 0, 1.0
+    return seed_tensor(seed, like.device), _as_i32(int(p * 4294967296.0)), 1.0 / (1.0 - p)
 
 
-def keep_mask_tensor(seed: int, rows: int, cols: int, p: float, *, row_offset: int = 0, device="cpu") -> torch.Tensor:
+def keep_mask_tensor(
+    seed: int | torch.Tensor, rows: int, cols: int, p: float, *, row_offset: int = 0, device="cpu"
+) -> torch.Tensor:
     """The kernels' keep-mask as a bool tensor (for tests: it must equal ``reference.dropout_keep``)."""
-    lo, hi, thr, _ = dropout_args(p, seed)
     out = torch.empty((rows, cols), dtype=torch.int8, device=device)
+    SEED, thr = seed_tensor(seed, out.device), dropout_args(p, seed, out)[1]
     if rows and cols:
         grid = (triton.cdiv(rows, 16), triton.cdiv(cols, 16))
-        run(_keep_mask_kernel, grid, out, rows, cols, row_offset, lo, hi, thr, BLOCK_M=16, BLOCK_N=16)
+        run(_keep_mask_kernel, grid, out, rows, cols, row_offset, SEED, thr, BLOCK_M=16, BLOCK_N=16)
     return out.bool()
 
 

@@ -16,7 +16,9 @@ layer adds what only the Triton kernels need: float32, bfloat16 or float16 tenso
   GEMM is Triton's, and backward runs grad_dy, grad_mid and grad_a as separate kernels.
 
 The step functions (``shrink``, ``expand``, ...) serve the step ops and the ``fused`` plan; :func:`forward` and
-:func:`backward` are what the fused ops call.
+:func:`backward` are what the fused ops call. The dropout ``seed`` is a one-element int64 tensor on the data's
+device, which the kernels load themselves (the registry passes the one it drew there: no host read, and a
+captured CUDA graph hashes the seed's value at each replay), or an int, copied to the device first.
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ def _check(dtype: torch.dtype, **ranks: int) -> None:
     check_kernel_limits("triton", dtype, MAX_RANK, **ranks)
 
 
-def shrink(x, A, C, task_ids, p: float, seed: int):
+def shrink(x, A, C, task_ids, p: float, seed: int | torch.Tensor):
     _check(x.dtype, r_a=A.shape[1], r_b=A.shape[1] if C is None else C.shape[-1])
     return _shrink(x, A, C, task_ids, p, seed)
 
@@ -121,7 +123,7 @@ def grad_mid(S, dU, C, task_ids):
     return _grad_mid(S, dU, C, task_ids)
 
 
-def grad_x(dy, weight, dS, A, p: float, seed: int):
+def grad_x(dy, weight, dS, A, p: float, seed: int | torch.Tensor):
     _check(dy.dtype, r_a=A.shape[1])
     out = empty((dy.shape[0], weight.shape[1]), dy.dtype, dy.device)
     if _plan() == "fused":
@@ -129,12 +131,12 @@ def grad_x(dy, weight, dS, A, p: float, seed: int):
     return gemm_lowrank(out, None, None, dS, A.t(), None, 1.0, p, seed).addmm_(dy, weight)
 
 
-def grad_a(x, dS, p: float, seed: int):
+def grad_a(x, dS, p: float, seed: int | torch.Tensor):
     _check(x.dtype, r_a=dS.shape[1])
     return _grad_a(x, dS, p, seed)
 
 
-def forward(x, weight, bias, A, C, B, task_ids, scaling: float, p: float, seed: int):
+def forward(x, weight, bias, A, C, B, task_ids, scaling: float, p: float, seed: int | torch.Tensor):
     """Steps 2-3 as the plan runs them: ``(y, S)``."""
     rb = A.shape[1] if C is None else C.shape[-1]
     _check(x.dtype, r_a=A.shape[1], r_b=rb)
@@ -144,7 +146,7 @@ def forward(x, weight, bias, A, C, B, task_ids, scaling: float, p: float, seed: 
     return gemm_lowrank(empty((x.shape[0], weight.shape[0]), x.dtype, x.device), x, weight.t(), U, B, bias, scaling), S
 
 
-def backward(dy, x, weight, A, C, B, S, task_ids, scaling: float, p: float, seed: int, need_dx: bool):
+def backward(dy, x, weight, A, C, B, S, task_ids, scaling: float, p: float, seed: int | torch.Tensor, need_dx: bool):
     """Steps 4-7 as the plan runs them: ``(dx, dA, dC, dB)`` (dx empty unless ``need_dx``; dC None without C)."""
     rb = A.shape[1] if C is None else C.shape[-1]
     _check(x.dtype, r_a=A.shape[1], r_b=rb)

@@ -33,7 +33,7 @@ def _gemm_lowrank_kernel(
     M, N, K, RK, M_BUCKET,
     stride_xm, stride_xk, stride_wk, stride_wn,
     stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on,
-    scaling, seed_lo, seed_hi, threshold, keep_scale,
+    scaling, SEED, threshold, keep_scale,
     BASE: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -67,7 +67,7 @@ def _gemm_lowrank_kernel(
         )
         acc = tl.dot(lt, rt, acc, input_precision=PRECISION)
     if DROPOUT:
-        acc = tl.where(keep_mask(rm, rn, seed_lo, seed_hi, threshold), acc * (keep_scale * scaling), 0.0)
+        acc = tl.where(keep_mask(rm, rn, tl.load(SEED), threshold), acc * (keep_scale * scaling), 0.0)
     else:
         acc = acc * scaling
     if HAS_BIAS:
@@ -132,7 +132,7 @@ def gemm_lowrank(
     bias: Optional[torch.Tensor],
     scaling: float,
     p: float = 0.0,
-    seed: int = 0,
+    seed: int | torch.Tensor = 0,
 ) -> torch.Tensor:
     """Writes ``X @ W + bias + scaling * drop(L @ R)`` into ``out`` (``X``/``W`` None: no base product)."""
     M, N = out.shape
@@ -141,14 +141,14 @@ def gemm_lowrank(
         return out
     base = X is not None
     K = X.shape[1] if base else 0
-    lo, hi, thr, keep_scale = dropout_args(p, seed)
+    SEED, thr, keep_scale = dropout_args(p, seed, L)
     xs = (X.stride(0), X.stride(1)) if base else (0, 0)
     ws = (W.stride(0), W.stride(1)) if base else (0, 0)
     args = (
         X if base else L, W if base else R, L, R, bias if bias is not None else out, out,
         M, N, K, RK, m_bucket(M),
         *xs, *ws, L.stride(0), L.stride(1), R.stride(0), R.stride(1), out.stride(0), out.stride(1),
-        float(scaling), lo, hi, thr, keep_scale,
+        float(scaling), SEED, thr, keep_scale,
     )  # fmt: skip
     tuned_for(args).launch(
         out.device,

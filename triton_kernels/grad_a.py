@@ -35,7 +35,7 @@ def _grad_a_kernel(
     X, DS, DA,
     M, K, RA, M_BUCKET,
     stride_xm, stride_xk, stride_sm, stride_sr,
-    seed_lo, seed_hi, threshold, keep_scale,
+    SEED, threshold, keep_scale,
     DETERMINISTIC: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, RA_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -50,6 +50,8 @@ def _grad_a_kernel(
     m_lo = pid_s * per_split
     m_hi = tl.minimum(m_lo + per_split, M)
     acc = tl.zeros((BLOCK_K, RA_P), tl.float32)
+    if DROPOUT:
+        seed = tl.load(SEED)
     for m0 in range(m_lo, m_hi, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
         m_ok = rm < m_hi
@@ -59,7 +61,7 @@ def _grad_a_kernel(
             other=0.0,
         )
         if DROPOUT:
-            keep = keep_mask(rm, rk, seed_lo, seed_hi, threshold)
+            keep = keep_mask(rm, rk, seed, threshold)
             x = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0).to(X.dtype.element_ty)
         ds = tl.load(
             DS + rm.to(tl.int64)[:, None] * stride_sm + ra[None, :] * stride_sr,
@@ -100,17 +102,17 @@ def _split(M: int, K: int, block_m: int, block_k: int, device: torch.device) -> 
     return max(1, min(want, triton.cdiv(M, block_m), 64 if not INTERPRET else 3))
 
 
-def grad_a(x: torch.Tensor, dS: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+def grad_a(x: torch.Tensor, dS: torch.Tensor, p: float, seed: int | torch.Tensor) -> torch.Tensor:
     M, K = x.shape
     RA = dS.shape[1]
     if M == 0:
         return torch.zeros((K, RA), dtype=x.dtype, device=x.device)
-    lo, hi, thr, keep_scale = dropout_args(p, seed)
+    SEED, thr, keep_scale = dropout_args(p, seed, x)
     args = (
         x, dS, None,
         M, K, RA, m_bucket(M),
         x.stride(0), x.stride(1), dS.stride(0), dS.stride(1),
-        lo, hi, thr, keep_scale,
+        SEED, thr, keep_scale,
     )  # fmt: skip
     meta = {"DROPOUT": p > 0.0, "PRECISION": precision(x.dtype), "RA_P": rank_block(RA)}
     if deterministic():

@@ -58,7 +58,7 @@ def _rows_fwd_kernel(
     X, A, C, T, B, BIAS, S, Y0, P,
     M, K, N, RA, RB, SPLIT_K, M_BUCKET,
     stride_xm, stride_xk, stride_ak, stride_ar, stride_ct, stride_ca, stride_cb, stride_br, stride_bn,
-    scaling, seed_lo, seed_hi, threshold, keep_scale,
+    scaling, SEED, threshold, keep_scale,
     HAS_C: tl.constexpr, PER_SAMPLE: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
     FROM_PARTIALS: tl.constexpr, PRECISION: tl.constexpr, RA_P: tl.constexpr, RB_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -75,7 +75,7 @@ def _rows_fwd_kernel(
         acc = sum_partials(P, rm64, m_ok, ra, M, SPLIT_K, RA_P, BLOCK_M)
     else:
         acc = drop_x_a(X, A, rm, rm64, m_ok, ra, 0, K, stride_xm, stride_xk, stride_ak, stride_ar, RA,
-                       seed_lo, seed_hi, threshold, keep_scale, DROPOUT, PRECISION, RA_P, BLOCK_M, BLOCK_K)  # fmt: skip
+                       SEED, threshold, keep_scale, DROPOUT, PRECISION, RA_P, BLOCK_M, BLOCK_K)  # fmt: skip
     s = acc.to(S.dtype.element_ty)
     if pid_j == 0:
         tl.store(S + rm64[:, None] * RA + ra[None, :], s, mask=m_ok[:, None] & a_ok[None, :])
@@ -115,7 +115,7 @@ def _rows_bwd_kernel(
     M, K, N, RA, RB, NT, TOTAL, M_BUCKET,
     stride_ym, stride_yn, stride_xm, stride_xk, stride_ak, stride_ar,
     stride_ct, stride_ca, stride_cb, stride_br, stride_bn,
-    scaling, seed_lo, seed_hi, threshold, keep_scale,
+    scaling, SEED, threshold, keep_scale,
     HAS_C: tl.constexpr, PER_SAMPLE: tl.constexpr, DROPOUT: tl.constexpr, NEED_DX: tl.constexpr,
     DETERMINISTIC: tl.constexpr, PRECISION: tl.constexpr, RA_P: tl.constexpr, RB_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -209,6 +209,8 @@ def _rows_bwd_kernel(
     k_per = tl.cdiv(tl.cdiv(K, BLOCK_K), split) * BLOCK_K
     k_lo = pid_j * k_per
     k_hi = tl.minimum(k_lo + k_per, K)
+    if DROPOUT:
+        seed = tl.load(SEED)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_ok = rk < k_hi
@@ -216,7 +218,7 @@ def _rows_bwd_kernel(
             X + rm64[:, None] * stride_xm + rk[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0
         )
         if DROPOUT:
-            keep = keep_mask(rm, rk, seed_lo, seed_hi, threshold)
+            keep = keep_mask(rm, rk, seed, threshold)
             x = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0).to(X.dtype.element_ty)
         da = tl.dot(tl.trans(x), ds, input_precision=PRECISION)
         da_ptrs = ws + rk[:, None] * RA + ra[None, :]
@@ -327,7 +329,7 @@ def forward(
     task_ids: Optional[torch.Tensor],
     scaling: float,
     p: float,
-    seed: int,
+    seed: int | torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y, S)``: the row kernel writes ``S`` and ``y0 = b + scaling * drop(x) A C B``, then ``y0 += x W^T``."""
     M, K = x.shape
@@ -338,9 +340,9 @@ def forward(
     if M == 0:
         return y, S
     per_sample = C is not None and C.dim() == 3
-    lo, hi, thr, keep_scale = dropout_args(p, seed)
+    SEED, thr, keep_scale = dropout_args(p, seed, x)
     sk = split_k(M, K, x.device)
-    P = partials(x, A, p, seed, sk) if sk > 1 else S
+    P = partials(x, A, p, SEED, sk) if sk > 1 else S
 
     def grid(meta: dict) -> tuple[int, int]:
         return triton.cdiv(M, meta["BLOCK_M"]), split_for(M, meta["BLOCK_M"], N, meta["BLOCK_N"], x.device)
@@ -350,7 +352,7 @@ def forward(
         x, A, C if C is not None else A, task_ids if per_sample else S, B, bias if bias is not None else B, S, y, P,
         M, K, N, RA, RB, sk, m_bucket(M),
         x.stride(0), x.stride(1), A.stride(0), A.stride(1), *_c_strides(C), B.stride(0), B.stride(1),
-        float(scaling), lo, hi, thr, keep_scale,
+        float(scaling), SEED, thr, keep_scale,
         HAS_C=C is not None, PER_SAMPLE=per_sample, HAS_BIAS=bias is not None, DROPOUT=p > 0.0,
         FROM_PARTIALS=sk > 1, PRECISION=precision(x.dtype), RA_P=rank_block(RA), RB_P=rank_block(RB),
     )  # fmt: skip
@@ -370,7 +372,7 @@ def backward(
     task_ids: Optional[torch.Tensor],
     scaling: float,
     p: float,
-    seed: int,
+    seed: int | torch.Tensor,
     need_dx: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
     """``(dx, dA, dC, dB)``; dx is empty when not needed, dC None when C is None."""
@@ -390,14 +392,14 @@ def backward(
     NT = C.shape[0] if per_sample else 1
     n_c = C.numel() if C is not None else 0
     total = K * RA + RB * N + n_c
-    lo, hi, thr, keep_scale = dropout_args(p, seed)
+    SEED, thr, keep_scale = dropout_args(p, seed, x)
     S = S.contiguous()
     args = [
         dy, x, A, C if C is not None else A, task_ids if per_sample else S, B, S, dx if need_dx else S, None,
         M, K, N, RA, RB, NT, total, m_bucket(M),
         dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), A.stride(0), A.stride(1),
         *_c_strides(C), B.stride(0), B.stride(1),
-        float(scaling), lo, hi, thr, keep_scale,
+        float(scaling), SEED, thr, keep_scale,
     ]  # fmt: skip
     flags = dict(
         HAS_C=C is not None, PER_SAMPLE=per_sample, DROPOUT=p > 0.0, NEED_DX=need_dx,

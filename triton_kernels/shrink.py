@@ -36,11 +36,13 @@ from ._common import (
 
 @triton.jit
 def drop_x_a(X, A, rm, rm64, row_ok, ra, k_lo, k_hi, stride_xm, stride_xk, stride_ak, stride_ar, RA,
-             seed_lo, seed_hi, threshold, keep_scale,
+             SEED, threshold, keep_scale,
              DROPOUT: tl.constexpr, PRECISION: tl.constexpr, RA_P: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_K: tl.constexpr):  # fmt: skip
     """``drop(x[rm, k_lo:k_hi]) A[k_lo:k_hi]`` in float32: ``(BLOCK_M, RA_P)``."""
     rk = tl.arange(0, BLOCK_K)
+    if DROPOUT:
+        seed = tl.load(SEED)
     acc = tl.zeros((BLOCK_M, RA_P), tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + rk
@@ -49,7 +51,7 @@ def drop_x_a(X, A, rm, rm64, row_ok, ra, k_lo, k_hi, stride_xm, stride_xk, strid
             X + rm64[:, None] * stride_xm + kk[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0
         )
         if DROPOUT:
-            keep = keep_mask(rm, kk, seed_lo, seed_hi, threshold)
+            keep = keep_mask(rm, kk, seed, threshold)
             x = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0).to(X.dtype.element_ty)
         a = tl.load(
             A + kk[:, None] * stride_ak + ra[None, :] * stride_ar, mask=k_ok[:, None] & (ra < RA)[None, :], other=0.0
@@ -74,7 +76,7 @@ def _shrink_partial_kernel(
     X, A, P,
     M, K, RA, M_BUCKET,
     stride_xm, stride_xk, stride_ak, stride_ar,
-    seed_lo, seed_hi, threshold, keep_scale,
+    SEED, threshold, keep_scale,
     DROPOUT: tl.constexpr, PRECISION: tl.constexpr, RA_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -88,7 +90,7 @@ def _shrink_partial_kernel(
     k_lo = pid_s * k_per
     k_hi = tl.minimum(k_lo + k_per, K)
     acc = drop_x_a(X, A, rm, rm64, row_ok, ra, k_lo, k_hi, stride_xm, stride_xk, stride_ak, stride_ar, RA,
-                   seed_lo, seed_hi, threshold, keep_scale, DROPOUT, PRECISION, RA_P, BLOCK_M, BLOCK_K)  # fmt: skip
+                   SEED, threshold, keep_scale, DROPOUT, PRECISION, RA_P, BLOCK_M, BLOCK_K)  # fmt: skip
     out = P + pid_s.to(tl.int64) * M * RA_P + rm64[:, None] * RA_P + ra[None, :]
     tl.store(out, acc, mask=row_ok[:, None])
 
@@ -99,7 +101,7 @@ def _shrink_kernel(
     M, K, RA, RB, SPLIT_K, M_BUCKET,
     stride_xm, stride_xk, stride_ak, stride_ar,
     stride_ct, stride_ca, stride_cb,
-    seed_lo, seed_hi, threshold, keep_scale,
+    SEED, threshold, keep_scale,
     HAS_C: tl.constexpr, PER_SAMPLE: tl.constexpr, DROPOUT: tl.constexpr, FROM_PARTIALS: tl.constexpr,
     PRECISION: tl.constexpr, RA_P: tl.constexpr, RB_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -112,7 +114,7 @@ def _shrink_kernel(
         acc = sum_partials(P, rm64, row_ok, ra, M, SPLIT_K, RA_P, BLOCK_M)
     else:
         acc = drop_x_a(X, A, rm, rm64, row_ok, ra, 0, K, stride_xm, stride_xk, stride_ak, stride_ar, RA,
-                       seed_lo, seed_hi, threshold, keep_scale, DROPOUT, PRECISION, RA_P, BLOCK_M, BLOCK_K)  # fmt: skip
+                       SEED, threshold, keep_scale, DROPOUT, PRECISION, RA_P, BLOCK_M, BLOCK_K)  # fmt: skip
     s = acc.to(S.dtype.element_ty)
     tl.store(S + rm64[:, None] * RA + ra[None, :], s, mask=row_ok[:, None] & (ra < RA)[None, :])
     if HAS_C:
@@ -168,25 +170,30 @@ def split_k(M: int, K: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(2 * num_sms(device), blocks), triton.cdiv(K, 4 * block_k)))
 
 
-def partials(x: torch.Tensor, A: torch.Tensor, p: float, seed: int, split: int) -> torch.Tensor:
+def partials(x: torch.Tensor, A: torch.Tensor, p: float, seed: int | torch.Tensor, split: int) -> torch.Tensor:
     """Split-K partial sums of ``drop(x) A``: ``(split, M, rank_block(RA))`` float32, summed in order by the caller."""
     M, K = x.shape
     RA = A.shape[1]
     P = torch.empty((split, M, rank_block(RA)), dtype=torch.float32, device=x.device)
-    lo, hi, thr, keep_scale = dropout_args(p, seed)
+    SEED, thr, keep_scale = dropout_args(p, seed, x)
     SHRINK_PARTIAL.launch(
         x.device,
         lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), split),
         x, A, P, M, K, RA, m_bucket(M),
         x.stride(0), x.stride(1), A.stride(0), A.stride(1),
-        lo, hi, thr, keep_scale,
+        SEED, thr, keep_scale,
         DROPOUT=p > 0.0, PRECISION=precision(x.dtype), RA_P=rank_block(RA),
     )  # fmt: skip
     return P
 
 
 def shrink(
-    x: torch.Tensor, A: torch.Tensor, C: Optional[torch.Tensor], task_ids: Optional[torch.Tensor], p: float, seed: int
+    x: torch.Tensor,
+    A: torch.Tensor,
+    C: Optional[torch.Tensor],
+    task_ids: Optional[torch.Tensor],
+    p: float,
+    seed: int | torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     M, K = x.shape
     RA = A.shape[1]
@@ -196,10 +203,10 @@ def shrink(
     if M == 0:
         return S, U
     per_sample = C is not None and C.dim() == 3
-    lo, hi, thr, keep_scale = dropout_args(p, seed)
+    SEED, thr, keep_scale = dropout_args(p, seed, x)
     c_strides = (0, 0, 0) if C is None else ((C.stride(0),) if per_sample else (0,)) + tuple(C.stride()[-2:])
     split = split_k(M, K, x.device)
-    P = partials(x, A, p, seed, split) if split > 1 else S
+    P = partials(x, A, p, SEED, split) if split > 1 else S
     SHRINK.launch(
         x.device,
         lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),),
@@ -207,7 +214,7 @@ def shrink(
         M, K, RA, RB, split, m_bucket(M),
         x.stride(0), x.stride(1), A.stride(0), A.stride(1),
         *c_strides,
-        lo, hi, thr, keep_scale,
+        SEED, thr, keep_scale,
         HAS_C=C is not None, PER_SAMPLE=per_sample, DROPOUT=p > 0.0, FROM_PARTIALS=split > 1,
         PRECISION=precision(x.dtype), RA_P=rank_block(RA), RB_P=rank_block(RB),
     )  # fmt: skip

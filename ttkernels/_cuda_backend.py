@@ -9,7 +9,9 @@ The base GEMMs of steps 3 and 6 are torch's (cuBLAS): ``addmm`` / ``mm``, then a
 term in place (beta = 1), one rounding. The reductions (dB, dC, dA) use fp32 atomics, or, under
 ``torch.use_deterministic_algorithms(True)``, fixed-split fp32 buffers (bounded whatever the token count) summed
 in a fixed order. No op synchronizes with the host: a task id out of range gives NaN rows (see the README), it is
-never copied to the host to be checked.
+never copied to the host to be checked. The dropout seed reaches the kernels as a one-element int64 tensor on the
+data's GPU (:func:`_seed`), which they read on the device: a CUDA graph captured with dropout hashes the seed's
+value at each replay (the registry draws a fresh one there each time).
 
 The TT-matrix Kronecker-sum ops (:func:`kron_apply`, :func:`kron_grad_q`, :func:`kron_grad_p`; csrc/ttm.cu) are the
 small-bond-rank path of ``ttkernels.ttm``'s contract (``kron_apply_ref`` and its gradients): rank up to
@@ -28,7 +30,7 @@ import torch
 from torch import Tensor
 
 from . import _ext
-from .checks import KERNEL_DTYPES, check_kernel_limits
+from .checks import KERNEL_DTYPES, check_kernel_limits, device_seed
 
 __all__ = [
     "MAX_RANK",
@@ -133,9 +135,16 @@ def _cuda_ops():
     return _ops
 
 
-def shrink(x, A, C, task_ids, p: float, seed: int):
+def _seed(p: float, seed: int | Tensor, device: torch.device) -> Optional[Tensor]:
+    """The seed as the binding takes it: None without dropout, else a one-element int64 tensor on ``device``
+    (``checks.device_seed``: a tensor is used where it lies, never read on the host; an int is range-checked
+    here and copied to the device)."""
+    return device_seed(seed, device) if p > 0.0 else None
+
+
+def shrink(x, A, C, task_ids, p: float, seed: int | Tensor):
     _check(x.dtype, r_a=A.shape[1], r_b=A.shape[1] if C is None else C.shape[-1])
-    S, U = _cuda_ops().shrink(x.contiguous(), A.contiguous(), _c(C), _c(task_ids), float(p), int(seed))
+    S, U = _cuda_ops().shrink(x.contiguous(), A.contiguous(), _c(C), _c(task_ids), float(p), _seed(p, seed, x.device))
     return S, (S if C is None else U)
 
 
@@ -163,14 +172,14 @@ def grad_mid(S, dU, C, task_ids):
     return _cuda_ops().grad_mid(S.contiguous(), dU.contiguous(), C.contiguous(), _c(task_ids))
 
 
-def grad_x(dy, weight, dS, A, p: float, seed: int):
+def grad_x(dy, weight, dS, A, p: float, seed: int | Tensor):
     _check(dy.dtype, r_a=A.shape[1])
-    return _cuda_ops().grad_x(dy, weight, dS.contiguous(), A.contiguous(), float(p), int(seed))
+    return _cuda_ops().grad_x(dy, weight, dS.contiguous(), A.contiguous(), float(p), _seed(p, seed, dy.device))
 
 
-def grad_a(x, dS, p: float, seed: int):
+def grad_a(x, dS, p: float, seed: int | Tensor):
     _check(x.dtype, r_a=dS.shape[1])
-    return _cuda_ops().grad_a(x.contiguous(), dS.contiguous(), float(p), int(seed))
+    return _cuda_ops().grad_a(x.contiguous(), dS.contiguous(), float(p), _seed(p, seed, x.device))
 
 
 def _check_kron(dtype: torch.dtype, rank: int, ni: int, na: int) -> None:

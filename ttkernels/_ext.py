@@ -99,8 +99,9 @@ def cuda_extension_available() -> bool:
     return True
 
 
-def cuda_dropout(x: Tensor, seed: int, p: float) -> Tensor:
-    """``drop(x)`` by the CUDA kernel: x (rows, cols) contiguous CUDA fp32/fp16/bf16, 0 <= p < 1, seed >= 0.
+def cuda_dropout(x: Tensor, seed: int | Tensor, p: float) -> Tensor:
+    """``drop(x)`` by the CUDA kernel: x (rows, cols) contiguous CUDA fp32/fp16/bf16, 0 <= p < 1; seed an int in
+    ``[0, 2**63)`` or a one-element integer tensor on x's GPU (read there by the kernel, never on the host).
 
     Same hash, mask and fp32 scale as the pure-torch reference (csrc/dropout_hash.cuh); a dropped element is
     +0. Returns a new tensor in x's dtype. No autograd (the caller's autograd.Function owns the backward).
@@ -108,4 +109,6 @@ def cuda_dropout(x: Tensor, seed: int, p: float) -> Tensor:
     load_cuda_extension()
     import torch
 
-    return torch.ops.ttkernels_cuda.dropout(x, int(seed), float(p))
+    from .checks import device_seed
+
+    return torch.ops.ttkernels_cuda.dropout(x, device_seed(seed, x.device), float(p))

@@ -56,6 +56,7 @@ __all__ = [
     "check_path",
     "check_seed",
     "check_task_ids_range",
+    "device_seed",
     "read_json",
     "read_safetensors_header",
 ]
@@ -296,6 +297,31 @@ def check_seed(seed: object, name: str = "seed") -> None:
         operator.index(seed)  # numpy integers too
     except TypeError:
         raise TypeError(f"{name} must be an int or None, got {type(seed).__name__} ({seed!r})"[:200]) from None
+
+
+def device_seed(seed: int | Tensor, device: torch.device | str, name: str = "seed") -> Tensor:
+    """The dropout seed as the Triton and CUDA kernels take it: a one-element int64 tensor on ``device``, which
+    the kernels read on the device (so the host never waits for it, and a captured CUDA graph hashes its value
+    at each replay).
+
+    A tensor is used where it lies: it must be a one-element integer tensor on ``device`` (another integer dtype
+    is cast on the device). Its 64 bits are hashed as uint64: a negative value gives the mask of
+    ``value + 2**64``, as ``reference.dropout_keep`` does for a seed tensor; the kernels cannot raise, and
+    ``ttkernels.tt_adapter`` checks a caller's seed tensor with ``torch._assert_async``. An int is checked on the
+    host (``[0, 2**63)``, ValueError) and copied to ``device``.
+    """
+    device = torch.device(device)
+    if isinstance(seed, Tensor):
+        if seed.numel() != 1 or seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool:
+            raise TypeError(f"{name} must be a one-element integer tensor, got {seed.dtype} {tuple(seed.shape)}")
+        if seed.device != device:
+            raise ValueError(f"{name} is on {seed.device} but the data is on {device}")
+        return seed if seed.dtype == torch.int64 else seed.to(torch.int64)
+    check_seed(seed, name)
+    value = operator.index(seed)
+    if not 0 <= value < 2**63:
+        raise ValueError(f"{name} must be in [0, 2**63), got {value}")
+    return torch.tensor(value, dtype=torch.int64, device=device)
 
 
 def check_float_dtype(dtype: object, name: str, *, allow_none: bool = True) -> Optional[torch.dtype]:

@@ -68,7 +68,9 @@ runs on CUDA tensors (and on the CPU under ``TRITON_INTERPRET=1``, for tests) an
 device until GPU benchmark rows show another backend winning (README, "Choosing a backend").
 
 Saved for backward: ``x``, ``S`` (``M x r_a``), the token-independent factors, the frozen weight (a
-parameter) and the dropout seed — never a mask, never ``U``, never delta-W.
+parameter) and the dropout seed — never a mask, never ``U``, never delta-W. The seed is a one-element int64
+tensor on x's device that every backend reads there (the Triton and CUDA kernels load it on the device): no
+step reads it on the host.
 """
 
 from __future__ import annotations
@@ -196,14 +198,10 @@ def resolve_backend(backend: str, device: torch.device) -> Backend:
 
 
 def _seed(seed: Optional[Tensor], be: Backend) -> int | Tensor:
-    """The dropout seed as ``be`` takes it. The torch backend hashes the seed tensor where it lives (no host
-    read; a captured CUDA graph draws the mask of the seed's value at each replay). The Triton and CUDA kernels
-    take an int today, read from the tensor here: a host synchronization that those backends still have."""
-    if seed is None:
-        return 0
-    if be.name == "torch":
-        return seed
-    return int(seed.item())
+    """The dropout seed as ``be`` takes it: the int64 tensor on the data's device, never read on the host. The
+    torch backend hashes it where it lives; the Triton and CUDA kernels load it on the device. So a captured CUDA
+    graph hashes the seed's value at each replay (0 when there is no dropout: no seed was drawn)."""
+    return 0 if seed is None else seed
 
 
 def _check_task_ids_range(task_ids: Optional[Tensor], C: Optional[Tensor], be: Backend) -> None:
@@ -572,8 +570,9 @@ def expand_task_ids(task_ids: object, lead: tuple[int, ...]) -> Tensor:
     return ids.to(torch.int64)
 
 
-# backend names whose steps take the dropout seed as a tensor on the data's device ("auto" is torch everywhere)
-_DEVICE_SEED_BACKENDS = ("auto", "torch")
+# backend names whose steps take the dropout seed as a tensor on the data's device ("auto" is torch everywhere):
+# every backend; the Triton and CUDA kernels load it on the device.
+_DEVICE_SEED_BACKENDS = ("auto", "torch", "triton", "cuda")
 
 
 def _check_seed_tensor(seed: Tensor) -> None:
@@ -676,11 +675,10 @@ def tt_adapter(
     A, B = A.to(dtype), B.to(dtype)
     C = C.to(dtype) if C is not None else None
 
-    # For the torch backend the seed lives on x's device: drawn there from the device's generator (on a GPU a
-    # Philox draw, which a captured CUDA graph redraws at every replay, advancing the generator's offset as
-    # eager calls do), or the caller's tensor moved there and range-checked there, never read on the host. The
-    # triton and cuda kernels take an int seed today: for them it stays on the CPU, as before, so that reading
-    # it does not wait for the GPU.
+    # The seed lives on x's device: drawn there from the device's generator (on a GPU a Philox draw, which a
+    # captured CUDA graph redraws at every replay, advancing the generator's offset as eager calls do), or the
+    # caller's tensor moved there and range-checked there, never read on the host. The torch backend hashes it
+    # there; the triton and cuda kernels load it on the device.
     seed_t: Optional[Tensor] = None
     if p > 0.0:
         where = x.device if backend in _DEVICE_SEED_BACKENDS else torch.device("cpu")

@@ -21,7 +21,7 @@ from torch import nn
 
 import ttkernels as tk
 from helpers import TOL, dense_ref, metatt_spec, random_cores
-from ttkernels import MetaTTConfig, get_metatt_model
+from ttkernels import MetaTTConfig, get_metatt_model, quantized
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 CUDA = torch.cuda.is_available()
@@ -210,6 +210,10 @@ def _cases():
         ),
         "tt_linear": lambda: tk.tt_linear(x, W, b, list(cores), spec, index={"layer": 0, "matrix": 1}, task_ids=ids),
         "MetaTTModel": lambda: _metatt(0.1).train()(x, task_ids=ids),
+        # the adapter term a quantized base (bitsandbytes, torchao) adds to the base's own forward
+        "quantized adapter term": lambda: quantized.adapter_term(
+            x, list(cores), spec, index={"layer": 1, "matrix": 1}, task_ids=ids, dropout=0.3
+        ),
     }
 
 

@@ -51,7 +51,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import ops, reference
+from . import checks, ops, reference
 from .spec import TTSpec
 
 __all__ = [
@@ -163,7 +163,7 @@ def adapter_term(
     task_ids: Optional[Tensor] = None,
     scaling: float = 1.0,
     dropout: float = 0.0,
-    seed: Optional[int] = None,
+    seed: int | Tensor | None = None,
     backend: str = "auto",
 ) -> Tensor:
     """``scaling * drop(x) A C B`` alone (no base), ``(..., out_features)`` in the compute dtype: x's, or
@@ -179,14 +179,18 @@ def adapter_term(
         if task_ids is None:
             raise ValueError(f"the adapter has a per-sample (task) mode of {C.shape[0]} tasks: pass task_ids")
         ids = ops.expand_task_ids(task_ids, lead)
-        if ids.numel() and not torch.compiler.is_compiling():
-            lo, hi = int(ids.min()), int(ids.max())
-            if lo < 0 or hi >= C.shape[0]:
-                raise IndexError(f"task_ids must lie in [0, {C.shape[0]}), got values from {lo} to {hi}")
+        if not torch.compiler.is_compiling():
+            checks.check_task_ids_range(ids, C.shape[0])  # no host read on a GPU (a device-side assert)
     elif task_ids is not None:
         raise ValueError("task_ids was given but the adapter has no per-sample (task) mode")
     if p > 0.0:
-        seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else seed
+        # drawn on x's device and hashed there, never read on the host: a captured CUDA graph draws a fresh mask
+        # at each replay, as the registry's ops do
+        if seed is None:
+            seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=x2.device)
+        else:
+            checks.check_seed(seed)
+            seed = reference.check_seed(seed.to(x2.device) if isinstance(seed, Tensor) else seed)
         x2 = reference.apply_dropout(x2, seed, p)
     U = reference.mid(x2 @ A, C, ids)
     return (scaling * (U @ B)).reshape(*lead, spec.out_features)

@@ -212,6 +212,18 @@ def test_chain_layer_with_frozen_cores_and_no_bias():
     assert y.grad_fn is None
 
 
+def test_chain_plan_built_under_inference_mode_serves_training():
+    layer = _chain_layer((3, 4), (2, 5))
+    x = torch.randn(3, 4, 12, dtype=torch.float64)
+    with torch.inference_mode():
+        first = layer(x)
+    y = layer(x)
+    torch.testing.assert_close(y, first)
+    y.square().sum().backward()
+    for g, e in zip([c.grad for c in layer.cores], _reference_grads(layer, x)):
+        torch.testing.assert_close(g, e)
+
+
 def _reference_grads(layer, x):
     cores64 = [c.detach().double().requires_grad_() for c in layer.cores]
     y = dense_ref(x, layer.weight, layer.bias, cores64, layer.spec, layer.scaling)

@@ -224,6 +224,19 @@ def test_chain_plan_built_under_inference_mode_serves_training():
         torch.testing.assert_close(g, e)
 
 
+def test_chain_with_a_non_contiguous_core_builds_its_factors_with_torch_ops():
+    layer = _chain_layer((3, 4), (2, 5))
+    shape = layer.cores[1].shape
+    layer.cores[1] = nn.Parameter(torch.randn(shape[2], shape[1], shape[0], dtype=torch.float64).permute(2, 1, 0))
+    assert not layer.cores[1].is_contiguous()
+    x = torch.randn(3, 12, dtype=torch.float64)
+    y = layer(x)
+    assert type(y.grad_fn).__name__ != "LeanAdapterBackward"
+    y.square().sum().backward()
+    for g, e in zip([c.grad for c in layer.cores], _reference_grads(layer, x)):
+        torch.testing.assert_close(g, e)
+
+
 def _reference_grads(layer, x):
     cores64 = [c.detach().double().requires_grad_() for c in layer.cores]
     y = dense_ref(x, layer.weight, layer.bias, cores64, layer.spec, layer.scaling)
@@ -275,6 +288,10 @@ def test_chain_backward_refuses_cores_or_weight_changed_in_place():
         layer.weight.add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation: the base weight"):
         y.sum().backward()
+    y = layer(x.detach())  # without dx the weight is not needed (as torch's linear)
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    y.sum().backward()
     y = layer(x)
     with torch.no_grad():
         x.mul_(2.0)

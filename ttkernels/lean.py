@@ -2,9 +2,10 @@
 
 For a spec of in modes then out modes (no index or per-sample mode between them), ``A`` is a product of the in
 cores and ``B`` of the out cores. Built with torch autograd ops, every call records those products (reshapes and
-matmuls, one graph node each, forward and backward). Here a :class:`Plan` holds, for one version of the cores,
-the factors and what their backward needs, computed once without a graph (the layer keeps it while the cores are
-unchanged and rebuilds it after an optimizer step, ``load_state_dict`` or ``.to()``), and :class:`LeanAdapter`, one
+matmuls, one graph node each, forward and backward). Here a :class:`Layout` holds the cores seen as matrices
+(detached views, kept while the cores' storages stay), a :class:`Plan` the factors of one version of the cores and
+what their backward needs, computed once without a graph (the layer keeps it while the cores are unchanged and
+rebuilds it after an optimizer step, ``load_state_dict`` or ``.to()``), and :class:`LeanAdapter`, one
 ``autograd.Function``, computes ``y = x W^T + b + scaling * x A B`` and, in backward, ``dx``, the weight and bias
 gradients when they are wanted, and each core's gradient straight from ``dA = x^T dS`` and ``dB = S^T dY``: two
 small matmuls per core and no graph of the factors.
@@ -12,9 +13,9 @@ small matmuls per core and no graph of the factors.
 ``scaling`` is folded into the kept factors: ``As = scaling * A`` (forward ``S = x As``, ``y += S B``) and
 ``Bs^T = scaling * B^T`` (backward ``dS = dY Bs^T``, ``dx = dY W + dS A^T``, ``dA = x^T dS``, ``dB = S^T dY``).
 
-Backward refuses, as torch's own nodes do, cores or a weight changed in place since the forward (``x`` and ``S``
-are saved tensors, checked by torch). Double backward (``create_graph=True``) recomputes the layer from the
-saved inputs with torch autograd ops and differentiates that, so higher derivatives are exact.
+Backward refuses, as torch's own nodes do, cores changed in place since the forward, and the weight when ``dx``
+needs it (``x`` and ``S`` are saved tensors, checked by torch). Double backward (``create_graph=True``) recomputes
+the layer from the saved inputs with torch autograd ops and differentiates that, so higher derivatives are exact.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ class Layout:
     out cores but the last, ``(r, s)`` for the last) and their transposes. They share the cores' storages and
     version counters, so an in-place update (an optimizer step) leaves them valid; a new storage (``.data =``,
     ``.to()``, ``load_state_dict`` into a new tensor) changes ``ptrs`` and the layer builds a new layout.
-    ``dtype`` is None when the cores' dtypes differ."""
+    ``dtype`` is None when the cores' dtypes differ or one is not contiguous (the layer then builds the factors
+    with torch ops, as for other chains)."""
 
     __slots__ = ("cores", "device", "dtype", "last_in", "mats", "mats_t", "ptrs", "shapes")
 
@@ -54,9 +56,11 @@ class Layout:
         self.last_in = last_in
         self.shapes = shapes
         dtype = cores[0].dtype
-        self.dtype = dtype if all(c.dtype == dtype for c in cores) else None
+        # a non-contiguous core has no matrix view of its storage (a copy would miss its in-place updates)
+        usable = all(c.dtype == dtype and c.is_contiguous() for c in cores)
+        self.dtype = dtype if usable else None
         self.device = cores[0].device
-        self.mats = [c.detach().view(shape) for c, shape in zip(cores, shapes)]
+        self.mats = [c.detach().view(shape) for c, shape in zip(cores, shapes)] if usable else []
         self.mats_t = [m.t() for m in self.mats]
 
 
@@ -118,7 +122,9 @@ class LeanAdapter(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         x, S = ctx.saved_tensors  # torch checks these for in-place changes
         plan, weight, bias, weight_version = ctx.state
-        if [c._version for c in plan.cores] != plan.versions or weight._version != weight_version:
+        if [c._version for c in plan.cores] != plan.versions or (
+            weight._version != weight_version and ctx.needs_input_grad[0]  # the weight serves dx alone
+        ):
             _refuse_changed(plan, weight, weight_version)
         if torch.is_grad_enabled():  # create_graph=True: differentiate a recomputation with torch autograd ops
             return _recomputed_grads(ctx, dy, x, weight, bias, plan)

@@ -343,7 +343,7 @@ class TTLinear(AdapterLayer):
 
     def _plan(self, cache: _LeanCache, cores: list[Tensor]) -> Optional[lean.Plan]:
         """The kept :class:`lean.Plan` of this version of the cores (an in-then-out chain), rebuilt when a core
-        or ``scaling`` changed; None when the cores' dtypes differ (the fused op casts them). The layout holds
+        or ``scaling`` changed; None when the cores' dtypes differ or one is not contiguous (see lean.Layout). The layout holds
         the cores, so a core replaced by a new Parameter (``_checked_cores`` drops the layout on a new id) cannot
         share an id with one it was built from; the key is the versions and storages."""
         versions = [c._version for c in cores]

@@ -3,6 +3,10 @@
 * The lean path (plain torch ops, cores checked once, factors kept per core version) against the float64
   reference, forward and backward, at awkward shapes (one token, primes, an empty batch, 3-D inputs), with index
   modes and per-sample tasks, and kept factors that follow every way cores change.
+* In-then-out chains with more than one core on a side (one autograd.Function, ttkernels.lean): gradcheck and
+  gradgradcheck in float64, every gradient (cores, x, weight, bias) against the float64 reference, plans kept
+  per core version and rebuilt after steps, in-place changes refused, double backward, activation
+  checkpointing, torch.func and forward AD, non-contiguous cores, and what still goes to the fused op.
 * No host read of a tensor (``item``, ``bool``, ``int``, ``float``, ``tolist``, ``cpu``, ``numpy``) runs inside
   forward and backward of the torch backend and the Python layers: the reads are trapped while they run.
 * A seed tensor gives the mask of its value, hashed where it lives.

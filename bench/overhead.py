@@ -3,7 +3,10 @@
 Times tiny problems (one token, d = 64, r = 4, one CPU thread by default), where the arithmetic is negligible and
 what is left is per-call overhead: the op layers alone, then forward (no grad) and forward + backward of
 nn.Linear, PEFT's LoRA layer and TTLinear (LoRA-shaped, and with 2 + 2 modes), with each path's ratio to PEFT's
-LoRA. Paths are timed interleaved (each round times every path, in a rotated order; medians over rounds), so a
+LoRA. Forward + backward is timed twice: as a loop of calls (gradients accumulate, the parameters do not change),
+and as a training step pays it ("step": before each call the gradients are set to None and the trainable
+parameters' in-place versions bumped, as zero_grad and an optimizer step leave them, so whatever a layer keeps
+per version of its parameters is rebuilt every call). Paths are timed interleaved (each round times every path, in a rotated order; medians over rounds), so a
 loaded machine slows them alike; on the CPU the clock is the thread's CPU time (time.thread_time), which leaves
 out time the scheduler gives to other processes. Prints a table and writes a JSON row to the results folder (bench/out/, git-ignored, unless --out) with the device and versions.
 
@@ -96,6 +99,22 @@ def main(argv: list[str] | None = None) -> int:
 
         return run
 
+    def step(module):
+        """forward + backward as a training step pays it: the gradients set to None and the trainable
+        parameters' in-place versions bumped before each call (what zero_grad and an optimizer step leave), so
+        nothing built from the parameters is reused across calls."""
+        params = [p for p in module.parameters() if p.requires_grad]
+        bump = torch.autograd.graph.increment_version
+
+        def run():
+            for p in params:
+                p.grad = None
+            xg.grad = None
+            bump(params)
+            module(xg).sum().backward()
+
+        return run
+
     ops_rows = {
         "reference functions, no dispatcher": direct,
         "torch.ops.ttkernels.tt_adapter_fwd": lambda: torch.ops.ttkernels.tt_adapter_fwd(
@@ -105,13 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     timed = {f"{k} forward": fwd(m) for k, m in mods.items()}
     timed.update({f"{k} forward+backward": fwd_bwd(m) for k, m in mods.items()})
+    timed.update({f"{k} step": step(m) for k, m in mods.items()})
     with torch.no_grad():
         rows = interleaved_us(ops_rows, args.reps, device, args.rounds)
     rows.update(interleaved_us(timed, args.reps, device, args.rounds))
     ratios = {}
     if "PEFT LoRA" in mods:
         for k in mods:
-            for what in ("forward", "forward+backward"):
+            for what in ("forward", "forward+backward", "step"):
                 ratios[f"{k} {what}"] = rows[f"{k} {what}"] / rows[f"PEFT LoRA {what}"]
 
     name = (

@@ -3,6 +3,10 @@
 * The lean path (plain torch ops, cores checked once, factors kept per core version) against the float64
   reference, forward and backward, at awkward shapes (one token, primes, an empty batch, 3-D inputs), with index
   modes and per-sample tasks, and kept factors that follow every way cores change.
+* In-then-out chains with more than one core on a side (one autograd.Function, ttkernels.lean): gradcheck and
+  gradgradcheck in float64, every gradient (cores, x, weight, bias) against the float64 reference, plans kept
+  per core version and rebuilt after steps, in-place changes refused, double backward, activation
+  checkpointing, torch.func and forward AD, non-contiguous cores, and what still goes to the fused op.
 * No host read of a tensor (``item``, ``bool``, ``int``, ``float``, ``tolist``, ``cpu``, ``numpy``) runs inside
   forward and backward of the torch backend and the Python layers: the reads are trapped while they run.
 * A seed tensor gives the mask of its value, hashed where it lives.
@@ -132,6 +136,243 @@ def test_lean_path_refuses_what_the_op_refuses():
         layer(torch.randn(2, 8, dtype=torch.float64))
     with pytest.raises(ValueError, match="x has last dimension 7"):
         layer(torch.randn(2, 7))
+
+
+# --------------------------------------------------------------------------- chains: one autograd node
+# In-then-out chains with more than one core on a side run as one autograd.Function (ttkernels.lean) in grad mode.
+CHAINS = [((3, 4), (2, 5)), ((2, 2, 3), (10,)), ((12,), (2, 5)), ((3, 2, 2), (5, 2))]
+
+
+def _chain_layer(in_modes, out_modes, *, alpha=None, bias=True, dtype=torch.float64):
+    layer = tk.TTLinear(12, 10, ranks=3, in_modes=in_modes, out_modes=out_modes, alpha=alpha, bias=bias, dtype=dtype)
+    with torch.no_grad():
+        for c in layer.cores:
+            c.normal_(0.0, 0.5)
+    return layer
+
+
+def _lean_apply(last_in, scaling):
+    """The Function on fresh cores: the layout and plan built from the values it is called with."""
+    from ttkernels import lean
+
+    def f(x, w, b, *cores):
+        layout = lean.Layout(cores, last_in, [c.data_ptr() for c in cores])
+        plan = lean.Plan(layout, scaling, [c._version for c in cores])
+        return lean.LeanAdapter.apply(x, w, b, plan, *cores)
+
+    return f
+
+
+@pytest.mark.parametrize("in_modes,out_modes", CHAINS)
+@pytest.mark.parametrize("lead", [(1,), (2, 3)])
+def test_lean_adapter_gradcheck_and_gradgradcheck(in_modes, out_modes, lead):
+    layer = _chain_layer(in_modes, out_modes, alpha=5.0)
+    assert layer.scaling != 1.0
+    cores = [c.detach().clone().requires_grad_() for c in layer.cores]
+    w = torch.randn(10, 12, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(10, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(*lead, 12, dtype=torch.float64, requires_grad=True)
+    f = _lean_apply(layer.spec.last_in, layer.scaling)
+    assert torch.autograd.gradcheck(f, (x, w, b, *cores))
+    assert torch.autograd.gradgradcheck(f, (x, w, b, *cores))
+
+
+@pytest.mark.parametrize("in_modes,out_modes", CHAINS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_chain_layer_gradients_of_everything_match_the_reference(in_modes, out_modes, dtype):
+    layer = _chain_layer(in_modes, out_modes, alpha=6.0, dtype=dtype)
+    layer.weight.requires_grad_(True)
+    layer.bias.requires_grad_(True)
+    for lead in [(1,), (5,), (0,), (2, 3)]:
+        layer.zero_grad()
+        x = torch.randn(*lead, 12, dtype=dtype, requires_grad=True)
+        y = layer(x)
+        assert type(y.grad_fn).__name__ == "LeanAdapterBackward"
+        y.backward(g := torch.randn_like(y))
+        cores64 = [c.detach().double().requires_grad_() for c in layer.cores]
+        x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, layer.weight, layer.bias))
+        y64 = dense_ref(x64, w64, b64, cores64, layer.spec, layer.scaling)
+        y64.backward(g.double())
+        atol, rtol = TOL[dtype]
+        torch.testing.assert_close(y.double(), y64, atol=atol, rtol=rtol)
+        for got, want, name in [(x, x64, "x"), (layer.weight, w64, "weight"), (layer.bias, b64, "bias")]:
+            torch.testing.assert_close(got.grad.double(), want.grad, atol=atol * 10, rtol=rtol * 10, msg=name)
+        for k, (c, c64) in enumerate(zip(layer.cores, cores64)):
+            torch.testing.assert_close(c.grad.double(), c64.grad, atol=atol * 10, rtol=rtol * 10, msg=f"cores[{k}]")
+
+
+def test_chain_layer_with_frozen_cores_and_no_bias():
+    layer = _chain_layer((3, 4), (2, 5), bias=False)
+    layer.cores[1].requires_grad_(False)
+    x = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+    layer(x).square().sum().backward()
+    assert layer.cores[1].grad is None and all(layer.cores[k].grad is not None for k in (0, 2, 3))
+    expected = _reference_grads(layer, x.detach())
+    for k in (0, 2, 3):
+        torch.testing.assert_close(layer.cores[k].grad, expected[k])
+    x.grad = None
+    with torch.no_grad():
+        y = layer(x)
+    assert y.grad_fn is None
+
+
+def test_chain_plan_built_under_inference_mode_serves_training():
+    layer = _chain_layer((3, 4), (2, 5))
+    x = torch.randn(3, 4, 12, dtype=torch.float64)
+    with torch.inference_mode():
+        first = layer(x)
+    y = layer(x)
+    torch.testing.assert_close(y, first)
+    y.square().sum().backward()
+    for g, e in zip([c.grad for c in layer.cores], _reference_grads(layer, x)):
+        torch.testing.assert_close(g, e)
+
+
+def test_chain_with_a_non_contiguous_core_builds_its_factors_with_torch_ops():
+    layer = _chain_layer((3, 4), (2, 5))
+    shape = layer.cores[1].shape
+    layer.cores[1] = nn.Parameter(torch.randn(shape[2], shape[1], shape[0], dtype=torch.float64).permute(2, 1, 0))
+    assert not layer.cores[1].is_contiguous()
+    x = torch.randn(3, 12, dtype=torch.float64)
+    y = layer(x)
+    assert type(y.grad_fn).__name__ != "LeanAdapterBackward"
+    y.square().sum().backward()
+    for g, e in zip([c.grad for c in layer.cores], _reference_grads(layer, x)):
+        torch.testing.assert_close(g, e)
+
+
+def _reference_grads(layer, x):
+    cores64 = [c.detach().double().requires_grad_() for c in layer.cores]
+    y = dense_ref(x, layer.weight, layer.bias, cores64, layer.spec, layer.scaling)
+    return torch.autograd.grad(y.square().sum(), cores64)
+
+
+def test_chain_plan_is_kept_per_version_and_rebuilt_after_a_step(monkeypatch):
+    from ttkernels import lean
+
+    plans, layouts = [], []
+    plan_init, layout_init = lean.Plan.__init__, lean.Layout.__init__
+    monkeypatch.setattr(lean.Plan, "__init__", lambda self, *a: plans.append(1) or plan_init(self, *a))
+    monkeypatch.setattr(lean.Layout, "__init__", lambda self, *a: layouts.append(1) or layout_init(self, *a))
+    layer = _chain_layer((3, 4), (2, 5))
+    opt = torch.optim.SGD(layer.parameters(), lr=1e-3)
+    x = torch.randn(3, 12, dtype=torch.float64)
+    for step in range(3):
+        opt.zero_grad()
+        for _ in range(2):  # two micro-batches on one version: one plan
+            layer(x).square().sum().backward()
+        assert len(plans) == step + 1 and len(layouts) == 1
+        grads = [c.grad.clone() for c in layer.cores]
+        expected = _reference_grads(layer, x)
+        for g, e in zip(grads, expected):
+            torch.testing.assert_close(g, 2 * e)
+        opt.step()
+    layer.cores[0].data = torch.randn_like(layer.cores[0])  # a new storage: a new layout
+    layer.zero_grad()
+    layer(x).square().sum().backward()
+    assert len(layouts) == 2
+    for g, e in zip([c.grad for c in layer.cores], _reference_grads(layer, x)):
+        torch.testing.assert_close(g, e)
+    layer.alpha, layer.scaling = 6.0, 2.0  # a new scaling: a new plan, same layout
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), dense_ref(x, layer.weight, layer.bias, list(layer.cores), layer.spec, 2.0))
+    assert len(layouts) == 2 and len(plans) == 5
+
+
+def test_chain_backward_refuses_cores_or_weight_changed_in_place():
+    layer = _chain_layer((3, 4), (2, 5))
+    x = torch.randn(2, 12, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    with torch.no_grad():
+        layer.cores[2].mul_(2.0)
+    with pytest.raises(RuntimeError, match=r"modified by an inplace operation: cores\[2\]"):
+        y.sum().backward()
+    y = layer(x)
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation: the base weight"):
+        y.sum().backward()
+    y = layer(x.detach())  # without dx the weight is not needed (as torch's linear)
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    y.sum().backward()
+    y = layer(x)
+    with torch.no_grad():
+        x.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("in_modes,out_modes", CHAINS[:2])
+def test_chain_double_backward_matches_the_reference(in_modes, out_modes):
+    layer = _chain_layer(in_modes, out_modes, alpha=4.0)
+    x = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    gx.square().sum().backward()
+    cores64 = [c.detach().clone().requires_grad_() for c in layer.cores]
+    x64 = x.detach().clone().requires_grad_()
+    y64 = dense_ref(x64, layer.weight, layer.bias, cores64, layer.spec, layer.scaling)
+    (gx64,) = torch.autograd.grad(y64.square().sum(), x64, create_graph=True)
+    gx64.square().sum().backward()
+    torch.testing.assert_close(gx.detach(), gx64.detach())
+    torch.testing.assert_close(x.grad, x64.grad)
+    for c, c64 in zip(layer.cores, cores64):
+        torch.testing.assert_close(c.grad, c64.grad)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_chain_under_activation_checkpointing(reentrant):
+    from torch.utils.checkpoint import checkpoint
+
+    layer = _chain_layer((3, 4), (2, 5))
+    x = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+    layer(torch.tanh(x)).square().sum().backward()
+    plain = [x.grad.clone()] + [c.grad.clone() for c in layer.cores]
+    x.grad = None
+    layer.zero_grad()
+    checkpoint(lambda t: layer(torch.tanh(t)), x, use_reentrant=reentrant).square().sum().backward()
+    for a, b in zip([x.grad] + [c.grad for c in layer.cores], plain):
+        torch.testing.assert_close(a, b)
+
+
+def test_chain_under_torch_func_and_forward_ad_uses_torch_autograd():
+    from torch.autograd import forward_ad
+    from torch.func import functional_call, grad
+
+    layer = _chain_layer((3, 4), (2, 5))
+    x = torch.randn(4, 12, dtype=torch.float64)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    keys = [k for k in params if k.startswith("cores")]
+    g = grad(lambda p: functional_call(layer, {**params, **p}, (x,)).square().sum())({k: params[k] for k in keys})
+    expected = _reference_grads(layer, x)
+    for k, e in zip(keys, expected):
+        torch.testing.assert_close(g[k], e)
+    t = torch.randn_like(x)
+    with forward_ad.dual_level():
+        y = layer(forward_ad.make_dual(x, t))
+        tangent = forward_ad.unpack_dual(y).tangent
+    torch.testing.assert_close(tangent, layer.scaling * t @ layer.delta_weight(scaled=False).t() + t @ layer.weight.t())
+
+
+def test_chain_routes_dropout_autocast_and_mixed_dtypes_to_the_fused_op(monkeypatch):
+    from ttkernels import ops
+
+    calls = []
+    original = ops.tt_adapter
+    monkeypatch.setattr(ops, "tt_adapter", lambda *a, **k: calls.append(k["dropout"]) or original(*a, **k))
+    layer = tk.TTLinear(12, 10, ranks=3, in_modes=2, out_modes=2, dropout=0.25).train()
+    x = torch.randn(3, 12, requires_grad=True)
+    y = layer(x)
+    assert calls == [0.25] and type(y.grad_fn).__name__ != "LeanAdapterBackward"
+    y.sum().backward()
+    layer.eval()
+    assert type(layer(x).grad_fn).__name__ == "LeanAdapterBackward" and calls == [0.25]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16
+    assert len(calls) == 2
+    with pytest.raises(TypeError, match=r"weight is torch\.float32 but the layer computes in torch\.float64"):
+        layer(x.double())  # mixed dtypes: the fused op's checks
+    assert len(calls) == 3
 
 
 # ------------------------------------------------------------------------------------------- no host reads
@@ -435,7 +676,7 @@ def test_overhead_bench_writes_peft_rows_and_ratios(tmp_path):
     row = json.loads((tmp_path / "overhead-cpu.jsonl").read_text().splitlines()[-1])
     ratios = row["ratio_to_peft_lora"]
     for spec in ("TTLinear 1+1 (LoRA-shaped)", "TTLinear 2+2"):
-        for what in ("forward", "forward+backward"):
+        for what in ("forward", "forward+backward", "step"):
             key = f"{spec} {what}"
             assert row["us_per_call"][key] > 0
             assert ratios[key] == pytest.approx(row["us_per_call"][key] / row["us_per_call"][f"PEFT LoRA {what}"])

@@ -20,8 +20,9 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 
-from . import checks, ops, quantized, reference
+from . import checks, lean, ops, quantized, reference
 from .init import init_cores_, scaling_gain
 from .layer import AdapterLayer, MergeGuard, add_delta_, base_compute_dtype, base_features, check_alpha, is_conv1d
 from .spec import TTSpec
@@ -267,15 +268,20 @@ class TTLinear(AdapterLayer):
 
     # -------------------------------------------------------------------------------- the lean path
     # The torch backend in eager mode. At one token a call costs Python, dispatcher and autograd-graph overhead
-    # (the arithmetic is noise), so this path checks the cores once per (spec, cores), keeps the factors while the
-    # cores are unchanged (keyed on each core's identity, in-place version and storage: an optimizer step or a
-    # .to() rebuilds them once; writes through core.data are not seen, as README says) in no-grad calls, and in
-    # grad mode too where they are views of the cores (a LoRA-shaped chain: a view's graph holds no saved
-    # tensor, so it serves any number of backward passes).
-    # Without dropout or task ids it computes with plain torch ops and torch autograd (as nn.Linear and PEFT's
-    # LoRA do: one Python autograd.Function backward costs more than the whole graph here). Dropout, task ids,
-    # autocast and mixed dtypes go through the fused op (ops.tt_adapter) with these factors. Under
-    # torch.compile, and for the other backends, forward goes through ops.tt_linear as before.
+    # (the arithmetic is noise), so this path checks the cores once per (spec, cores) and keeps what it builds from
+    # them while they are unchanged (keyed on each core's in-place version and storage: an optimizer step or a
+    # .to() rebuilds it once; writes through core.data are not seen, as README says).
+    # * A chain of in cores then out cores with more than one core on a side (no index modes): a lean.Plan holds
+    #   the factors built without a graph; no-grad calls compute with them, grad-mode calls are one
+    #   autograd.Function (lean.LeanAdapter) whose backward gives each core's gradient directly, so the factors'
+    #   products are not recorded per call.
+    # * The LoRA-shaped chain: its factors are views of the cores (a view's graph holds no saved tensor, so it
+    #   serves any number of backward passes), kept in grad mode too; plain torch ops under torch autograd (as
+    #   nn.Linear and PEFT's LoRA do: here that costs less than a Python autograd.Function).
+    # * Index modes (MetaTT views): the factors are built per call in grad mode (shared between the views of one
+    #   call, see shared_factors), kept in no-grad calls.
+    # Dropout, task ids, autocast and mixed dtypes go through the fused op (ops.tt_adapter) with these factors.
+    # Under torch.compile, and for the other backends, forward goes through ops.tt_linear as before.
     def _lean_state(self) -> _LeanCache:
         cache = self.__dict__.get("_lean")
         if cache is None:
@@ -298,7 +304,12 @@ class TTLinear(AdapterLayer):
             cache.sides = all(r == "in" for r in roles[: spec.last_in + 1]) and all(
                 r == "out" for r in roles[spec.first_out :]
             )
+            # no middle cores and more than one core on a side: the one-node path (lean.LeanAdapter); the
+            # LoRA-shaped chain's factors are views of its cores, cheaper under plain torch autograd
+            cache.chain = spec.first_out == spec.last_in + 1 and not cache.views
             cache.factors = None
+            cache.plan = None
+            cache.layout = None
             cache.checked = (self.spec, *map(id, cores))
         return cores
 
@@ -330,27 +341,67 @@ class TTLinear(AdapterLayer):
         cache.factors = (key, factors)  # one assignment: a reader sees an old or a new pair
         return factors
 
+    def _plan(self, cache: _LeanCache, cores: list[Tensor]) -> Optional[lean.Plan]:
+        """The kept :class:`lean.Plan` of this version of the cores (an in-then-out chain), rebuilt when a core
+        or ``scaling`` changed; None when the cores' dtypes differ or one is not contiguous (see lean.Layout). The layout holds
+        the cores, so a core replaced by a new Parameter (``_checked_cores`` drops the layout on a new id) cannot
+        share an id with one it was built from; the key is the versions and storages."""
+        versions = [c._version for c in cores]
+        ptrs = [c.data_ptr() for c in cores]
+        key = (self.scaling, *versions, *ptrs)
+        plan = cache.plan
+        if plan is not None and plan.key == key:
+            return plan
+        layout = cache.layout
+        if layout is None or layout.ptrs != ptrs:
+            layout = cache.layout = lean.Layout(cores, self.spec.last_in, ptrs)
+        plan = None if layout.dtype is None else lean.Plan(layout, self.scaling, versions, key)
+        cache.plan = plan  # one assignment: a reader sees an old or a new plan
+        return plan
+
     def _lean_forward(self, x: Tensor, task_ids: Optional[Tensor]) -> Tensor:
-        cache = self._lean_state()
+        cache = self.__dict__.get("_lean") or self._lean_state()
         cores = self._checked_cores(cache)
-        A, C, B = self._factors(cache, cores)
         p = self.dropout if self.training else 0.0
         params = self._parameters
         weight, bias = params["weight"], params.get("bias")
         if self.weight_transposed:
             weight = weight.t()
-        dev, dt = x.device, x.dtype
+        dt = x.dtype
+        if cache.chain and p == 0.0 and task_ids is None and not _functorch_or_forward_ad():
+            plan = self._plan(cache, cores)
+            layout = cache.layout
+            if (
+                plan is not None
+                and dt == layout.dtype == weight.dtype
+                and (bias is None or bias.dtype == dt)
+                and x.device == layout.device == weight.device
+                and not x.is_meta
+                and not torch.is_autocast_enabled(layout.device.type)
+            ):
+                if not torch.is_grad_enabled():
+                    x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+                    y = torch.nn.functional.linear(x, weight, bias)
+                    (y if y.dim() == 2 else y.view(-1, self.out_features)).addmm_(x2 @ plan.As, plan.B)
+                    return y
+                return lean.LeanAdapter.apply(x, weight, bias, plan, *cores)
+        dev = x.device
         plain = (
             p == 0.0
             and task_ids is None
-            and dt == weight.dtype == A.dtype == B.dtype
-            and dev == weight.device == A.device
+            and dev == weight.device
             and (bias is None or bias.dtype == dt)
-            and (C is None or C.dtype == dt)
             and not x.is_meta
             and not torch.is_autocast_enabled(dev.type)
         )
-        if not plain:  # the fused op, with its checks, casts and dropout
+        A, C, B = self._factors(cache, cores)
+        if (
+            not plain
+            or not dt == weight.dtype == A.dtype == B.dtype
+            or (C is not None and C.dtype != dt)
+            or A.device != dev
+        ):
+            # the fused op, with its checks, casts and dropout
             if dev.type == "meta":  # as tt_linear refuses it, before any other check
                 raise ValueError(
                     "x is on the meta device: the adapter needs real values (materialize the model and inputs)"
@@ -475,19 +526,28 @@ class _LeanCache:
     """What the lean path keeps between calls: the checked (spec, cores) and the factors of one core version.
     Not state: a copy or a pickle of the layer starts empty (the factors may carry autograd graph views)."""
 
-    __slots__ = ("checked", "factors", "sides", "views")
+    __slots__ = ("chain", "checked", "factors", "layout", "plan", "sides", "views")
 
     def __init__(self) -> None:
         self.checked: Optional[tuple] = None
         self.views = False
         self.sides = False
+        self.chain = False
         self.factors: Optional[tuple] = None
+        self.plan: Optional[lean.Plan] = None
+        self.layout: Optional[lean.Layout] = None
 
     def __deepcopy__(self, memo: dict) -> _LeanCache:
         return _LeanCache()
 
     def __reduce__(self) -> tuple:
         return (_LeanCache, ())
+
+
+def _functorch_or_forward_ad() -> bool:
+    """A torch.func transform or a forward-mode AD level is active: the lean path's autograd.Function defines
+    neither, so the layer computes with torch autograd ops there."""
+    return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
 
 
 def _check_adapter_args(alpha: object, dropout: object, backend: object) -> None:

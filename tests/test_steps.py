@@ -144,30 +144,28 @@ def _cuda(request):
     return cb
 
 
+def _check_shrink(run, m, d_in, ra, rb, kind, p, dtype, tasks, seed):
+    rb = ra if kind == "none" else rb
+    x, A = run.rnd(m, d_in, dtype=dtype), run.rnd(d_in, ra, dtype=dtype, scale=d_in**-0.5)
+    C, ids = run.middle(kind, ra, rb, tasks, dtype, m)
+    (S, U), (S64, U64), (St, Ut) = run.both("shrink", x, A, C, ids, p, run.seed(seed))
+    check("S", S, S64, St, dtype)
+    check("U", U, U64, Ut, dtype)
+    return S, C, ids
+
+
 @cases("shape,kind,p,dtype", lambda r: [SHAPES[r], KINDS, [0.0, 0.3], DTYPES[r]])
 def test_shrink_and_mid(runner, shape, kind, p, dtype, request, monkeypatch):
     run = Run(runner, request, monkeypatch)
     m, d_in, _, ra, rb = shape
-    rb = ra if kind == "none" else rb
-    x, A = run.rnd(m, d_in, dtype=dtype), run.rnd(d_in, ra, dtype=dtype, scale=d_in**-0.5)
-    C, ids = run.middle(kind, ra, rb, 4, dtype, m)
-    (S, U), (S64, U64), (St, Ut) = run.both("shrink", x, A, C, ids, p, run.seed(1234))
-    check("S", S, S64, St, dtype)
-    check("U", U, U64, Ut, dtype)
+    S, C, ids = _check_shrink(run, m, d_in, ra, rb, kind, p, dtype, 4, 1234)
     U2, U64b, Utb = run.both("mid", S, C, ids)
     check("mid", U2, U64b, Utb, dtype)
 
 
 @cases("shape,kind,p,dtype", lambda r: [SHRINK_SHAPES[r], KINDS, [0.0, 0.3], DTYPES[r]])
 def test_shrink_tiles(runner, shape, kind, p, dtype, request, monkeypatch):
-    run = Run(runner, request, monkeypatch)
-    m, d_in, ra, rb = shape
-    rb = ra if kind == "none" else rb
-    x, A = run.rnd(m, d_in, dtype=dtype), run.rnd(d_in, ra, dtype=dtype, scale=d_in**-0.5)
-    C, ids = run.middle(kind, ra, rb, 3, dtype, m)
-    (S, U), (S64, U64), (St, Ut) = run.both("shrink", x, A, C, ids, p, run.seed(4321))
-    check("S", S, S64, St, dtype)
-    check("U", U, U64, Ut, dtype)
+    _check_shrink(Run(runner, request, monkeypatch), *shape, kind, p, dtype, 3, 4321)
 
 
 @cases("shape,bias,dtype,plan", lambda r: [SHAPES[r], [True, False], DTYPES[r], PLANS[r]])

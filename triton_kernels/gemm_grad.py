@@ -44,15 +44,16 @@ from ._common import (
 
 
 @triton.jit
-def _db_chunk(dy, ut, kk, k_ok, rb, rb_ok, ws_b, K, scaling, PRECISION: tl.constexpr, DETERMINISTIC: tl.constexpr):
-    # ws_b[:, kk] (+)= scaling * U_tile^T dY_tile
-    db = tl.dot(ut, dy, input_precision=PRECISION) * scaling
-    ptrs = ws_b + rb[:, None] * K + kk[None, :]
-    ok = rb_ok[:, None] & k_ok[None, :]
+def _db_chunk(dy, u, kk, k_ok, rb, rb_ok, ws_b, K, scaling, PRECISION: tl.constexpr, DETERMINISTIC: tl.constexpr):
+    # ws_b[:, kk] (+)= scaling * U_tile^T dY_tile, as dB^T = dY^T U: the chunk's width is the dot's M (a wgmma
+    # on sm_90; U^T dY, with the rank as M, is an mma.sync that serializes the main loop's wgmma)
+    dbt = tl.dot(tl.trans(dy), u, input_precision=PRECISION) * scaling
+    ptrs = ws_b + rb[None, :] * K + kk[:, None]
+    ok = rb_ok[None, :] & k_ok[:, None]
     if DETERMINISTIC:
-        tl.store(ptrs, db, mask=ok)
+        tl.store(ptrs, dbt, mask=ok)
     else:
-        tl.atomic_add(ptrs, db, mask=ok, sem="relaxed")
+        tl.atomic_add(ptrs, dbt, mask=ok, sem="relaxed")
 
 
 @triton.jit(do_not_specialize=DROPOUT_ARGS)
@@ -108,11 +109,10 @@ def _gemm_grad_kernel(
             )
             acc = tl.dot(ds, at, acc, input_precision=PRECISION)
 
-    # U[m-tile]^T, for this program's dB chunks
+    # U[m-tile], for this program's dB chunks
     rb = tl.arange(0, RB_P)
     rb_ok = rb < RB
     u = tl.load(U + rm64[:, None] * stride_um + rb[None, :] * stride_ur, mask=m_ok[:, None] & rb_ok[None, :], other=0.0)
-    ut = tl.trans(u)
     ws_b = ws + N * RA
     rk = tl.arange(0, BLOCK_K)
     if NEED_DX:
@@ -129,7 +129,7 @@ def _gemm_grad_kernel(
             )
             acc = tl.dot(dy, w, acc, input_precision=PRECISION)
             if (k0 // BLOCK_K) % num_n == pid_n:
-                _db_chunk(dy, ut, kk, k_ok, rb, rb_ok, ws_b, K, scaling, PRECISION, DETERMINISTIC)
+                _db_chunk(dy, u, kk, k_ok, rb, rb_ok, ws_b, K, scaling, PRECISION, DETERMINISTIC)
         out_ptrs = DX + rm64[:, None] * stride_om + rn[None, :] * stride_on
         tl.store(out_ptrs, acc.to(DX.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
     else:
@@ -139,7 +139,7 @@ def _gemm_grad_kernel(
             dy = tl.load(
                 DY + rm64[:, None] * stride_ym + kk[None, :] * stride_yk, mask=m_ok[:, None] & k_ok[None, :], other=0.0
             )
-            _db_chunk(dy, ut, kk, k_ok, rb, rb_ok, ws_b, K, scaling, PRECISION, DETERMINISTIC)
+            _db_chunk(dy, u, kk, k_ok, rb, rb_ok, ws_b, K, scaling, PRECISION, DETERMINISTIC)
 
 
 def _configs(hopper: bool) -> list[triton.Config]:

@@ -48,7 +48,6 @@ def _grad_dy_kernel(
         u = tl.load(
             U + rm64[:, None] * stride_um + rr[None, :] * stride_ur, mask=m_ok[:, None] & r_ok[None, :], other=0.0
         )
-        ut = tl.trans(u)
     du = tl.zeros((BLOCK_M, RB_P), tl.float32)
     db_base = DB + (pid.to(tl.int64) * RB * N if DETERMINISTIC else 0)
     for n0 in range(0, N, BLOCK_N):
@@ -62,9 +61,10 @@ def _grad_dy_kernel(
         )
         du = tl.dot(dy, tl.trans(b), du, input_precision=PRECISION)
         if HAS_DB:
-            db = tl.dot(ut, dy, input_precision=PRECISION)
-            db_ptrs = db_base + rr[:, None] * N + rn[None, :]
-            db_ok = r_ok[:, None] & n_ok[None, :]
+            # dB^T = dY^T U: the tile's long side (BLOCK_N) as the dot's M, so it is a wgmma on sm_90
+            db = tl.dot(tl.trans(dy), u, input_precision=PRECISION)
+            db_ptrs = db_base + rr[None, :] * N + rn[:, None]
+            db_ok = r_ok[None, :] & n_ok[:, None]
             if DETERMINISTIC:
                 tl.store(db_ptrs, db, mask=db_ok)
             else:

@@ -231,5 +231,5 @@ def gemm_grad(
             *args[:7], ws, *args[8:],
             DETERMINISTIC=False, **flags,
         )  # fmt: skip
-    rows._run_finalize(ws, dA, dB, dB, N * RA, RB * K, total, blocks)
+    rows.run_finalize(ws, dA, dB, dB, N * RA, RB * K, total, blocks)
     return dx, dA, dB

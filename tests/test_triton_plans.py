@@ -346,3 +346,46 @@ def test_shrink_split_over_k_against_float64(kind, p, dtype, monkeypatch):
     (S, U), (S64, U64), (St, Ut) = helpers.against_reference(tb, "shrink", x, A, C, ids, p, 2**32 + 1)
     check("S", S, S64, St, dtype)
     check("U", U, U64, Ut, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [1, 3, 6])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_gemm_split_over_k_at_decode_against_float64(M, p, bias, dtype, monkeypatch):
+    # decode: with many SMs the fused GEMM splits K over programs (float32 partials summed in order)
+    from ttkernels._triton_kernels import gemm
+
+    monkeypatch.setattr(gemm, "num_sms", lambda device: 64)
+    monkeypatch.setattr(tb, "BASE_GEMM", "fused")
+    d_in, d_out, r = 523, 45, 5
+    meta = gemm.GEMM_UNALIGNED.fixed_meta(DEVICE)
+    assert gemm.split_k(M, d_out, d_in, dtype.itemsize, meta, DEVICE) > 1
+    x, W = rnd(M, d_in, dtype=dtype), rnd(d_out, d_in, dtype=dtype, scale=d_in**-0.5)
+    b = rnd(d_out, dtype=dtype) if bias else None
+    U, B = rnd(M, r, dtype=dtype), rnd(r, d_out, dtype=dtype, scale=r**-0.5)
+    y, y64, yt = helpers.against_reference(tb, "expand", x, W, b, U, B, 0.75)
+    check("y", y, y64, yt, dtype)
+    # grad_x with K = d_out = 523: dx = dY W + drop'(dS A^T)
+    dy, dS, A = rnd(M, d_in, dtype=dtype), rnd(M, r, dtype=dtype), rnd(d_out, r, dtype=dtype, scale=d_out**-0.5)
+    W2 = rnd(d_in, d_out, dtype=dtype, scale=d_in**-0.5)
+    dx, dx64, dxt = helpers.against_reference(tb, "grad_x", dy, W2, dS, A, p, 2**32 + 1)
+    check("dx", dx, dx64, dxt, dtype)
+    # the whole plan at decode, with the split forward GEMM
+    A1, B1 = rnd(d_in, r, dtype=dtype, scale=d_in**-0.5), rnd(r, d_out, dtype=dtype, scale=r**-0.5)
+    y2, S = tb.forward(x, W, b, A1, None, B1, None, 0.75, p, 7)
+    want = _reference(*[helpers.d64(a) if isinstance(a, torch.Tensor) else a for a in (x, W, b, A1, None, B1, None,
+                        rnd(M, d_out, dtype=dtype), S, 0.75, p, 7, False)])  # fmt: skip
+    lowp = _reference(x, W, b, A1, None, B1, None, rnd(M, d_out, dtype=dtype), S, 0.75, p, 7, False)
+    check("y", y2, want[0], lowp[0], dtype)
+
+
+def test_fused_gemm_split_can_be_turned_off(monkeypatch):
+    from ttkernels._triton_kernels import gemm
+
+    monkeypatch.setattr(gemm, "num_sms", lambda device: 64)
+    meta = gemm.GEMM.fixed_meta(DEVICE)
+    assert gemm.split_k(1, 64, 4096, 2, meta, DEVICE) > 1
+    assert gemm.split_k(65, 64, 4096, 2, meta, DEVICE) == 1  # above decode
+    monkeypatch.setattr(gemm, "SPLIT_K", False)
+    assert gemm.split_k(1, 64, 4096, 2, meta, DEVICE) == 1

@@ -45,7 +45,7 @@ import torch
 from ttkernels.ops import side_plans
 from ttkernels.spec import TTSpec
 
-from . import _common, backend, rows
+from . import _common, backend, gemm, rows
 from .factors import side_backward, side_forward
 from .gemm import GEMM
 from .gemm import tuned_for as gemm_tuned_for
@@ -75,12 +75,13 @@ SEED_LOW_WORD_1 = 2**32 + 1  # the seed that once made ``keep_mask`` fail to com
 
 @contextmanager
 def _recording(out: list) -> Iterator[None]:
-    saved = _common.run
+    saved = _common.run, gemm.num_sms
     _common.run = lambda kernel, grid, *args, **kwargs: out.append((kernel, args, kwargs))
+    gemm.num_sms = lambda device: 132  # an H100's SMs: the fused GEMM's decode split-K is recorded too
     try:
         yield
     finally:
-        _common.run = saved
+        _common.run, gemm.num_sms = saved
 
 
 @contextmanager

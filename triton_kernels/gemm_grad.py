@@ -143,6 +143,8 @@ def _gemm_grad_kernel(
 
 
 def _configs(hopper: bool) -> list[triton.Config]:
+    # The fused GEMM's list (gemm.py); each compiled without spills for every flag combination (make
+    # triton-gate). ptxas serializes the wgmma of the 128 x 128, 8-warp tile (C7515): kept for the autotuner.
     shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
         (16, 64, 64, 4, 4),
         (32, 64, 64, 4, 4),

@@ -90,14 +90,22 @@ def test_rows_plan_against_float64(M, d_in, d_out, ra, rb, kind, p, dtype, deter
 FUSED_CASES = CASES[:4] + [(1, 16, 16, 16, 16), (70, 48, 80, 16, 16)]  # last two: 16-divisible, several tiles
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kind", ["none", "shared", "task"])
-@pytest.mark.parametrize("M,d_in,d_out,ra,rb", FUSED_CASES)
-@pytest.mark.parametrize("p", [0.0, 0.3])
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_fused_plan_against_float64(M, d_in, d_out, ra, rb, kind, p, dtype, deterministic, monkeypatch):
+def _fused_fast(case, kind, p, dtype, deterministic):
+    # `make test`: one token and the several-tile shape, every format and dropout, fp32 or fp16 with
+    # deterministic mode on in one and off in the other; `make test-slow` the rest
+    return case[0] in (1, 70) and (dtype == torch.float16) != deterministic
+
+
+@helpers.matrix(
+    "case,kind,p,dtype,deterministic",
+    FUSED_CASES, ["none", "shared", "task"], [0.0, 0.3], DTYPES, [False, True],
+    fast=_fused_fast,
+)  # fmt: skip
+def test_fused_plan_against_float64(case, kind, p, dtype, deterministic, monkeypatch):
     # the fused plan: shrink, the forward GEMM; grad_dy (dU only), grad_mid, one GEMM for dx, dA and dB
     from ttkernels._triton_kernels import gemm_grad, grad_mid
+
+    M, d_in, d_out, ra, rb = case
 
     for mod in (_common, gemm_grad, grad_mid):
         monkeypatch.setattr(mod, "deterministic", lambda: deterministic)
@@ -348,10 +356,7 @@ def test_shrink_split_over_k_against_float64(kind, p, dtype, monkeypatch):
     check("U", U, U64, Ut, dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M", [1, 3, 6])
-@pytest.mark.parametrize("p", [0.0, 0.3])
-@pytest.mark.parametrize("bias", [False, True])
+@helpers.matrix("M,p,bias,dtype", [1, 3, 6], [0.0, 0.3], [False, True], DTYPES, fast=lambda M, p, b, d: M == 3)
 def test_fused_gemm_split_over_k_at_decode_against_float64(M, p, bias, dtype, monkeypatch):
     # decode: with many SMs the fused GEMM splits K over programs (float32 partials summed in order)
     from ttkernels._triton_kernels import gemm

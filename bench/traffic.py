@@ -106,7 +106,24 @@ def _triton_cost(name: str, a: dict[str, Any]) -> Launch:
         read = M * RK * es + RK * N * es + (N * es if a["HAS_BIAS"] else 0)
         if a["BASE"]:
             read += M * K * es + K * N * es
-        return Launch(name, read, M * N * es, 2 * M * N * (K + RK))
+        written = a["_split"] * M * N * 4 if a["SPLIT_K"] else M * N * es  # decode: float32 partials per K range
+        return Launch(name, read, written, 2 * M * N * (K + RK))
+    if name == "_split_sum_kernel":
+        M, N = a["M"], a["N"]
+        return Launch(name, a["SPLIT"] * M * N * 4, M * N * a["OUT"].element_size(), a["SPLIT"] * M * N, small=True)
+    if name == "_gemm_grad_kernel":  # the fused plan's backward GEMM: dx, and dA, dB from the tiles it loads
+        M, N, K, RA, RB, need_dx = a["M"], a["N"], a["K"], a["RA"], a["RB"], a["NEED_DX"]
+        read = (M * K + M * N + M * RA + M * RB) * es  # dY, x, dS, U
+        read += (K * N + N * RA) * es if need_dx else 0  # W, A
+        written = M * N * es if need_dx else 0
+        flops = 2 * M * N * RA + 2 * M * K * RB + (2 * M * N * (K + RA) if need_dx else 0)
+        partials = _cdiv(M, a["BLOCK_M"]) * a["TOTAL"]  # one per element of dA and dB per m-tile
+        if a["DETERMINISTIC"]:
+            return Launch(name, read, written + 4 * partials, flops)
+        return Launch(name, read, written, flops, atomics=partials)
+    if name == "_grad_dy_kernel" and not a["HAS_DB"]:  # dU only
+        M, N, RB = a["M"], a["N"], a["RB"]
+        return Launch(name, M * N * es + _nbytes(a["B"]), M * RB * es, 2 * M * N * RB)
     if name == "_grad_dy_kernel":
         M, N, RB = a["M"], a["N"], a["RB"]
         read = (M * N + M * RB) * es + _nbytes(a["B"])
@@ -162,23 +179,25 @@ class _Recorder(TorchDispatchMode):
         a = dict(bound.arguments)
         if fn.__name__ == "_grad_a_kernel":
             a["_split"] = grid[1] if isinstance(grid, tuple) else grid(kwargs)[1]
+        if fn.__name__ == "_gemm_lowrank_kernel" and a["SPLIT_K"]:
+            a["_split"] = grid[1]
         self.launches.append(_triton_cost(fn.__name__, a))
 
 
 @contextmanager
 def _recording(gpu: GPU) -> Iterator[_Recorder]:
-    from ttkernels._triton_kernels import _common, grad_a, rows
+    from ttkernels._triton_kernels import _common, gemm, grad_a, rows
 
     rec = _Recorder()
-    saved = (_common.run, _common.Tuned.meta_for, rows.num_sms, grad_a.num_sms)
+    saved = (_common.run, _common.Tuned.meta_for, rows.num_sms, grad_a.num_sms, gemm.num_sms)
     _common.run = rec.run
     _common.Tuned.meta_for = lambda self, device: dict(self.gpu_meta)  # the tiling used without autotuning
-    rows.num_sms = grad_a.num_sms = lambda device: gpu.sms
+    rows.num_sms = grad_a.num_sms = gemm.num_sms = lambda device: gpu.sms
     try:
         with rec:
             yield rec
     finally:
-        _common.run, _common.Tuned.meta_for, rows.num_sms, grad_a.num_sms = saved
+        _common.run, _common.Tuned.meta_for, rows.num_sms, grad_a.num_sms, gemm.num_sms = saved
 
 
 def _operands(M: int, d_in: int, d_out: int, r: int, dtype: torch.dtype, fmt: str, tasks: int = 3) -> dict:
@@ -209,12 +228,13 @@ def record(
     saved, saved_det = backend.BASE_GEMM, _common.deterministic
     backend.BASE_GEMM = plan
     _common.deterministic = lambda: deterministic
+    import ttkernels._triton_kernels.gemm_grad as gemm_grad
     import ttkernels._triton_kernels.grad_a as grad_a
     import ttkernels._triton_kernels.grad_dy as grad_dy
     import ttkernels._triton_kernels.grad_mid as grad_mid
     import ttkernels._triton_kernels.rows as rows
 
-    steps = (grad_a, grad_dy, grad_mid, rows)
+    steps = (gemm_grad, grad_a, grad_dy, grad_mid, rows)
     saved_steps = [m.deterministic for m in steps]
     for m in steps:
         m.deterministic = lambda: deterministic

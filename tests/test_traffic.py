@@ -55,3 +55,38 @@ def test_report_says_predicted():
     text = traffic.report(64, 256, 128, 8, torch.bfloat16, "metatt", 0.1)
     assert "PREDICTED" in text and "not measured" in text
     assert "cublas: 4 large + 2 small launches" in text
+
+
+def test_fused_plan_bytes_by_hand():
+    launches = traffic.record("fused", M, D, D, R, torch.bfloat16)
+    names = [launch.name for launch in launches]
+    assert names == [
+        "_shrink_kernel", "_gemm_lowrank_kernel", "_grad_dy_kernel", "zeros", "_gemm_grad_kernel", "_finalize_kernel"
+    ]  # fmt: skip
+    assert sum(not launch.small for launch in launches) == 4 and sum(launch.small for launch in launches) == 2
+    dy, grad = launches[2], launches[4]
+    assert (dy.read, dy.written, dy.atomics) == (M * D * E + R * D * E, M * R * E, 0)  # dU only: no dB atomics
+    assert grad.read == 2 * M * D * E + 2 * M * R * E + D * D * E + D * R * E  # dY, x, dS, U, W, A
+    assert grad.written == M * D * E  # dx
+    assert grad.atomics == (M // 64) * 2 * D * R  # one per element of dA and dB per 64-row tile
+    assert grad.flops == 2 * M * D * (D + R) + 2 * (2 * M * D * R)  # dx, then dA and dB
+    det = traffic.record("fused", M, D, D, R, torch.bfloat16, deterministic=True)
+    grad_det = next(launch for launch in det if launch.name == "_gemm_grad_kernel")
+    assert grad_det.atomics == 0 and grad_det.written == M * D * E + (M // 64) * 2 * D * R * 4
+
+
+@pytest.mark.parametrize("gpu", [H100, H200], ids=["H100", "H200"])
+def test_fused_plan_predicted_ratio(gpu):
+    # Two memory-bound passes (shrink over x, grad_dy over dY), the two GEMMs at the tensor-core peak with their
+    # low-rank FLOPs (the forward's U B; the backward's dS A^T, dA and dB), a zero fill and the finalize.
+    bw, peak = gpu.bandwidth, 989e12
+    passes = (M * D * E + D * R * E + M * R * E) + (M * D * E + R * D * E + M * R * E)
+    fwd = 2 * M * D * (D + R) / peak
+    bwd = (2 * M * D * (D + R) + 4 * M * D * R) / peak
+    small = (2 * D * R * 4 + 2 * D * R * 4 + 2 * D * R * E) / bw
+    want = (passes / bw + fwd + bwd + small) / (2 * GEMM_S)
+    got = traffic.predicted_ratio("fused", gpu)
+    assert got == pytest.approx(want, rel=1e-9)
+    # the numbers README quotes (predicted, not measured)
+    assert round(got, 3) == {"H100 SXM": 1.081, "H200": 1.059}[gpu.name]
+    assert got < traffic.predicted_ratio("cublas", gpu)

@@ -87,6 +87,78 @@ def test_rows_plan_against_float64(M, d_in, d_out, ra, rb, kind, p, dtype, deter
             assert dx.numel() == 0
 
 
+FUSED_CASES = CASES[:4] + [(1, 16, 16, 16, 16), (70, 48, 80, 16, 16)]  # last two: 16-divisible, several tiles
+
+
+def _fused_fast(case, kind, p, dtype, deterministic):
+    # `make test`: one token and the several-tile shape, every format and dropout, fp32 or fp16 with
+    # deterministic mode on in one and off in the other; `make test-slow` the rest
+    return case[0] in (1, 70) and (dtype == torch.float16) != deterministic
+
+
+@helpers.matrix(
+    "case,kind,p,dtype,deterministic",
+    FUSED_CASES, ["none", "shared", "task"], [0.0, 0.3], DTYPES, [False, True],
+    fast=_fused_fast,
+)  # fmt: skip
+def test_fused_plan_against_float64(case, kind, p, dtype, deterministic, monkeypatch):
+    # the fused plan: shrink, the forward GEMM; grad_dy (dU only), grad_mid, one GEMM for dx, dA and dB
+    from ttkernels._triton_kernels import gemm_grad, grad_mid
+
+    M, d_in, d_out, ra, rb = case
+
+    for mod in (_common, gemm_grad, grad_mid):
+        monkeypatch.setattr(mod, "deterministic", lambda: deterministic)
+    monkeypatch.setattr(tb, "BASE_GEMM", "fused")
+    rb = ra if kind == "none" else rb
+    x, W, b = rnd(M, d_in, dtype=dtype), rnd(d_out, d_in, dtype=dtype, scale=d_in**-0.5), rnd(d_out, dtype=dtype)
+    A, B = rnd(d_in, ra, dtype=dtype, scale=d_in**-0.5), rnd(rb, d_out, dtype=dtype, scale=rb**-0.5)
+    C, ids = helpers.random_middle(kind, ra, rb, 4, dtype, M, device=DEVICE, run=3)
+    dy = rnd(M, d_out, dtype=dtype)
+    scaling, seed = 0.75, 2**32 + 1
+    y, S = tb.forward(x, W, b, A, C, B, ids, scaling, p, seed)
+    for need_dx in (True, False):
+        dx, dA, dC, dB = tb.backward(dy, x, W, A, C, B, S, ids, scaling, p, seed, need_dx)
+        got = [y, S, dx if need_dx else None, dA, dC, dB]
+        args = (x, W, b, A, C, B, ids, dy, S, scaling, p, seed, need_dx)
+        want = _reference(
+            *[helpers.d64(a) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+        )
+        lowp = _reference(*args)
+        for name, g, w, t in zip(["y", "S", "dx", "dA", "dC", "dB"], got, want, lowp):
+            check(name, g, w, t, dtype, relative_slack=name in ("dA", "dB", "dC"))
+        assert (dA.dtype, dB.dtype) == (A.dtype, B.dtype)
+        if not need_dx:
+            assert dx.numel() == 0
+
+
+def test_fused_plan_with_no_tokens(monkeypatch):
+    monkeypatch.setattr(tb, "BASE_GEMM", "fused")
+    x, W, A, B = rnd(0, 8), rnd(6, 8), rnd(8, 3), rnd(3, 6)
+    y, S = tb.forward(x, W, None, A, None, B, None, 1.0, 0.0, 0)
+    assert y.shape == (0, 6) and S.shape == (0, 3)
+    for need_dx in (True, False):
+        dx, dA, dC, dB = tb.backward(rnd(0, 6), x, W, A, None, B, S, None, 1.0, 0.0, 0, need_dx)
+        assert dx.shape == ((0, 8) if need_dx else (0,)) and dC is None
+        assert torch.equal(dA, torch.zeros_like(A)) and torch.equal(dB, torch.zeros_like(B))
+
+
+def test_fused_plan_deterministic_repeats_bit_for_bit(monkeypatch):
+    from ttkernels._triton_kernels import gemm_grad, grad_mid
+
+    for mod in (_common, gemm_grad, grad_mid):
+        monkeypatch.setattr(mod, "deterministic", lambda: True)
+    monkeypatch.setattr(tb, "BASE_GEMM", "fused")
+    M, d_in, d_out, r = 97, 40, 33, 4
+    x, W, A, B, dy = rnd(M, d_in), rnd(d_out, d_in), rnd(d_in, r), rnd(r, d_out), rnd(M, d_out)
+    C, ids = helpers.random_middle("task", r, r, 3, torch.float32, M, device=DEVICE)
+    S = tb.forward(x, W, None, A, C, B, ids, 0.5, 0.2, 5)[1]
+    first = tb.backward(dy, x, W, A, C, B, S, ids, 0.5, 0.2, 5, True)
+    again = tb.backward(dy, x, W, A, C, B, S, ids, 0.5, 0.2, 5, True)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+
+
 def test_rows_plan_with_no_tokens():
     x, W, A, B = rnd(0, 8), rnd(6, 8), rnd(8, 3), rnd(3, 6)
     y, S = rows.forward(x, W, None, A, None, B, None, 1.0, 0.0, 0)
@@ -161,6 +233,30 @@ def test_cublas_plan_launches_four_large_and_at_most_three_small_kernels(kind, p
     small = [n for n in backward if n not in LARGE]
     assert large == ["_rows_bwd_kernel", "addmm_"], backward
     assert len(small) <= 3 and small == ["zeros" if "zeros" in small else "zero_", "_finalize_kernel"], backward
+
+
+@pytest.mark.parametrize("kind", ["none", "shared", "task"])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_fused_plan_backward_is_grad_dy_and_one_gemm(kind, p, monkeypatch):
+    monkeypatch.setattr(_common, "POISON", False)
+    monkeypatch.setattr(tb, "BASE_GEMM", "fused")
+    M, d_in, d_out, r = 37, 40, 33, 4
+    x, W, b, A, B, dy = rnd(M, d_in), rnd(d_out, d_in), rnd(d_out), rnd(d_in, r), rnd(r, d_out), rnd(M, d_out)
+    C, ids = helpers.random_middle(kind, r, r, 3, torch.float32, M, device=DEVICE)
+    mode = _Launches()
+    monkeypatch.setattr(_common, "run", mode.run)
+    with mode:
+        y, S = tb.forward(x, W, b, A, C, B, ids, 0.5, p, 11)
+        forward = list(mode.names)
+        tb.backward(dy, x, W, A, C, B, S, ids, 0.5, p, 11, True)
+    backward = mode.names[len(forward) :]
+    assert [n for n in forward if n.endswith("_kernel") and "task" not in n] == [
+        "_shrink_kernel",
+        "_gemm_lowrank_kernel",
+    ]
+    large = [n for n in backward if n in ("_grad_dy_kernel", "_gemm_grad_kernel", "_grad_a_kernel", "addmm_")]
+    assert large == ["_grad_dy_kernel", "_gemm_grad_kernel"], backward
+    assert backward[-1] == "_finalize_kernel", backward
 
 
 def test_the_fused_ops_run_the_plan_passes(monkeypatch):
@@ -281,3 +377,43 @@ def test_shrink_split_over_k_against_float64(kind, p, dtype, monkeypatch):
     (S, U), (S64, U64), (St, Ut) = helpers.against_reference(tb, "shrink", x, A, C, ids, p, 2**32 + 1)
     check("S", S, S64, St, dtype)
     check("U", U, U64, Ut, dtype)
+
+
+@helpers.matrix("M,p,bias,dtype", [1, 3, 6], [0.0, 0.3], [False, True], DTYPES, fast=lambda M, p, b, d: M == 3)
+def test_fused_gemm_split_over_k_at_decode_against_float64(M, p, bias, dtype, monkeypatch):
+    # decode: with many SMs the fused GEMM splits K over programs (float32 partials summed in order)
+    from ttkernels._triton_kernels import gemm
+
+    monkeypatch.setattr(gemm, "num_sms", lambda device: 64)
+    monkeypatch.setattr(tb, "BASE_GEMM", "fused")
+    d_in, d_out, r = 523, 45, 5
+    meta = gemm.GEMM_UNALIGNED.fixed_meta(DEVICE)
+    assert gemm.split_k(M, d_out, d_in, dtype.itemsize, meta, DEVICE) > 1
+    x, W = rnd(M, d_in, dtype=dtype), rnd(d_out, d_in, dtype=dtype, scale=d_in**-0.5)
+    b = rnd(d_out, dtype=dtype) if bias else None
+    U, B = rnd(M, r, dtype=dtype), rnd(r, d_out, dtype=dtype, scale=r**-0.5)
+    y, y64, yt = helpers.against_reference(tb, "expand", x, W, b, U, B, 0.75)
+    check("y", y, y64, yt, dtype)
+    # grad_x with K = d_out = 523: dx = dY W + drop'(dS A^T)
+    dy, dS, A = rnd(M, d_in, dtype=dtype), rnd(M, r, dtype=dtype), rnd(d_out, r, dtype=dtype, scale=d_out**-0.5)
+    W2 = rnd(d_in, d_out, dtype=dtype, scale=d_in**-0.5)
+    dx, dx64, dxt = helpers.against_reference(tb, "grad_x", dy, W2, dS, A, p, 2**32 + 1)
+    check("dx", dx, dx64, dxt, dtype)
+    # the whole plan at decode, with the split forward GEMM
+    A1, B1 = rnd(d_in, r, dtype=dtype, scale=d_in**-0.5), rnd(r, d_out, dtype=dtype, scale=r**-0.5)
+    y2, S = tb.forward(x, W, b, A1, None, B1, None, 0.75, p, 7)
+    want = _reference(*[helpers.d64(a) if isinstance(a, torch.Tensor) else a for a in (x, W, b, A1, None, B1, None,
+                        rnd(M, d_out, dtype=dtype), S, 0.75, p, 7, False)])  # fmt: skip
+    lowp = _reference(x, W, b, A1, None, B1, None, rnd(M, d_out, dtype=dtype), S, 0.75, p, 7, False)
+    check("y", y2, want[0], lowp[0], dtype)
+
+
+def test_fused_gemm_split_can_be_turned_off(monkeypatch):
+    from ttkernels._triton_kernels import gemm
+
+    monkeypatch.setattr(gemm, "num_sms", lambda device: 64)
+    meta = gemm.GEMM.fixed_meta(DEVICE)
+    assert gemm.split_k(1, 64, 4096, 2, meta, DEVICE) > 1
+    assert gemm.split_k(65, 64, 4096, 2, meta, DEVICE) == 1  # above decode
+    monkeypatch.setattr(gemm, "SPLIT_K", False)
+    assert gemm.split_k(1, 64, 4096, 2, meta, DEVICE) == 1

@@ -45,10 +45,12 @@ import torch
 from ttkernels.ops import side_plans
 from ttkernels.spec import TTSpec
 
-from . import _common, backend, rows
+from . import _common, backend, gemm, rows
 from .factors import side_backward, side_forward
 from .gemm import GEMM
 from .gemm import tuned_for as gemm_tuned_for
+from .gemm_grad import GEMM_GRAD
+from .gemm_grad import tuned_for as gemm_grad_tuned_for
 from .grad_a import GRAD_A
 from .grad_dy import GRAD_DY
 from .shrink import SHRINK, SHRINK_PARTIAL
@@ -62,6 +64,8 @@ _TUNED = {id(t.kernel): t for t in (SHRINK, SHRINK_PARTIAL, GEMM, GRAD_DY, GRAD_
 def _tuned_for(kernel: Any, args: tuple, kwargs: dict) -> Any:
     if kernel is GEMM.kernel:  # the launcher picks the configuration list by the launch's alignment
         return gemm_tuned_for(args)
+    if kernel is GEMM_GRAD.kernel:
+        return gemm_grad_tuned_for(args)
     return _TUNED.get(id(kernel)) or tuned_for_launch(kernel, kwargs)
 
 
@@ -71,12 +75,13 @@ SEED_LOW_WORD_1 = 2**32 + 1  # the seed that once made ``keep_mask`` fail to com
 
 @contextmanager
 def _recording(out: list) -> Iterator[None]:
-    saved = _common.run
+    saved = _common.run, gemm.num_sms
     _common.run = lambda kernel, grid, *args, **kwargs: out.append((kernel, args, kwargs))
+    gemm.num_sms = lambda device: 132  # an H100's SMs: the fused GEMM's decode split-K is recorded too
     try:
         yield
     finally:
-        _common.run = saved
+        _common.run, gemm.num_sms = saved
 
 
 @contextmanager
@@ -118,11 +123,17 @@ def _scenarios(dtype: torch.dtype) -> None:
                         y, S = backend.forward(x, W, bias, A, C, B, task_ids, 0.5, p, seed)
                         for need_dx in (True, False):
                             backend.backward(dy, x, W, A, C, B, S, task_ids, 0.5, p, seed, need_dx)
-        # the step functions alone (step ops, benchmarks): the cublas plan's low-rank-only GEMM
+        # the step functions alone (step ops, benchmarks): the cublas plan's low-rank-only GEMM, grad_dy with
+        # dB, grad_a (the fused plan folds both reductions into its backward GEMM)
         with _plan("cublas"):
             for p in (0.0, 0.1):
                 backend.expand(x, W, b, t(M, r), B, 0.5)
                 backend.grad_x(dy, W, t(M, r), A, p, SEED_LOW_WORD_1)
+            for det in (False, True):
+                with _deterministic(det):
+                    backend.grad_dy(dy, t(M, r), B, 0.5)
+                    for p in (0.0, 0.1):
+                        backend.grad_a(x, t(M, r), p, SEED_LOW_WORD_1)
     _common.keep_mask_tensor(SEED_LOW_WORD_1, 64, 64, 0.1, device=dev)
     # TT-matrix Kronecker sums: kept sides 16 (a 16^3 chain's cut), and 128 (the limit) in bf16; a transposed x
     kron_cases = [(16, 16, 256, 256, 8)] + ([(5, 128, 9, 7, 2)] if dtype == torch.bfloat16 else [])

@@ -13,7 +13,9 @@ layer adds what only the Triton kernels need: float32, bfloat16 or float16 tenso
   ``dx0 = drop'(dS A^T)``, then ``dx0.addmm_(dY, W)``, then one small kernel rounds the workspace.
 * ``fused``: steps 3 and 6 are one Triton GEMM each, the low-rank term seeding the base GEMM's accumulator
   (``y = x W^T + b + scaling * U B``, ``dx = dY W + drop'(dS A^T)``); y and dx are written once, but the
-  GEMM is Triton's, and backward runs grad_dy, grad_mid and grad_a as separate kernels.
+  GEMM is Triton's. Forward: shrink, then the GEMM. Backward: grad_dy (dU only), grad_mid, then one GEMM
+  launch (:mod:`.gemm_grad`) that also adds ``dA = drop(x)^T dS`` and ``dB = scaling U^T dY`` into a float32
+  workspace (the x tile and dY chunks it loads anyway), and the finalize kernel that rounds dA and dB.
 
 The step functions (``shrink``, ``expand``, ...) serve the step ops and the ``fused`` plan; :func:`forward` and
 :func:`backward` are what the fused ops call. The dropout ``seed`` is a one-element int64 tensor on the data's
@@ -35,6 +37,7 @@ from ttkernels.checks import check_kernel_limits
 from . import rows
 from ._common import INTERPRET, MAX_RANK, empty
 from .gemm import gemm_lowrank
+from .gemm_grad import gemm_grad
 from .grad_a import grad_a as _grad_a
 from .grad_dy import grad_dy as _grad_dy
 from .grad_mid import grad_mid as _grad_mid
@@ -153,7 +156,7 @@ def backward(dy, x, weight, A, C, B, S, task_ids, scaling: float, p: float, seed
     if _plan() == "cublas":
         return rows.backward(dy, x, weight, A, C, B, S, task_ids, scaling, p, seed, need_dx)
     U = _mid(S, C, task_ids)
-    dU, dB = _grad_dy(dy, U, B, scaling)
+    dU, _ = _grad_dy(dy, None, B, scaling)
     dS, dC = _grad_mid(S, dU, C, task_ids)
-    dx = grad_x(dy, weight, dS, A, p, seed) if need_dx else x.new_empty(0)
-    return dx, _grad_a(x, dS, p, seed), dC, dB
+    dx, dA, dB = gemm_grad(dy, weight, dS, A, x, U, B.dtype, scaling, p, seed, need_dx)
+    return dx, dA, dC, dB

@@ -423,11 +423,13 @@ def backward(
         ROWS_BWD.launch(x.device, grid, *args, DETERMINISTIC=False, **flags)
     if need_dx:
         dx.addmm_(dy, weight)
-    _run_finalize(ws, dA, dB, dC if dC is not None else dB, K * RA, RB * N, total, blocks)
+    run_finalize(ws, dA, dB, dC if dC is not None else dB, K * RA, RB * N, total, blocks)
     return dx, dA, dC, dB
 
 
-def _run_finalize(ws, dA, dB, dC, n_a: int, n_b: int, total: int, blocks: int) -> None:
+def run_finalize(ws, dA, dB, dC, n_a: int, n_b: int, total: int, blocks: int) -> None:
+    """Sums the ``blocks`` copies of the float32 workspace ``ws`` in order into dA (its first ``n_a`` elements),
+    dB (the next ``n_b``) and dC (the rest), each in its dtype (also the fused plan's dx GEMM's, gemm_grad.py)."""
     from . import _common
 
     grid = (triton.cdiv(total, FINALIZE_BLOCK),)

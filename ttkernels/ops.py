@@ -58,7 +58,9 @@ grads      ``factors``         (``_side_bwd_kernel``; op
 
 Whole passes: the fused ops ``tt_adapter_fwd`` / ``tt_adapter_bwd`` call the steps above, except Triton's default
 ``cublas`` plan, which runs steps 2-3 and 4-7 as rows.py:forward / backward (``_rows_fwd_kernel``,
-``_rows_bwd_kernel``, ``_finalize_kernel``; tests: tests/test_triton_plans.py); ``finalize.cu:finalize_kernel``
+``_rows_bwd_kernel``, ``_finalize_kernel``; tests: tests/test_triton_plans.py), and Triton's ``fused`` plan,
+whose backward runs grad_dy for dU only and then steps 6, 7 and dB in one launch, gemm_grad.py:gemm_grad
+(``_gemm_grad_kernel``, then ``_finalize_kernel``; tests: tests/test_triton_plans.py); ``finalize.cu:finalize_kernel``
 is the in-order fp32 sum every CUDA reduction ends with.
 
 ``backend`` is one of ``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"``. ``torch`` runs everywhere; ``triton``

@@ -102,6 +102,8 @@ class Problem:
 
 class Provider(nn.Module):
     name: str = ""
+    # how many times the dense formula's rounding error the check allows (check_provider)
+    check_factor: float = 4.0
 
     def active(self) -> contextlib.AbstractContextManager:
         """Held while this provider is checked and measured (forward and backward): settings it needs."""
@@ -218,6 +220,11 @@ class TTKernels(Provider):
 class _TTModule(Provider):
     """Shared by the two TT baselines: the cores as Parameters, the fixed index slices selected at call time."""
 
+    # the chain (einsum per core, or dW rebuilt by a chain of matmuls) rounds to the dtype once per core (six for
+    # a 3 + 3 chain) against the dense formula's once: its errors grow with the chain, as public implementations'
+    # do; a looser check, not a different formula
+    check_factor = 8.0
+
     def __init__(self, p: Problem) -> None:
         super().__init__()
         self.lin = _frozen_linear(p)
@@ -298,9 +305,10 @@ def providers_for(p: Problem, backends: list[str]) -> list[Provider]:
 def check_provider(provider: Provider, p: Problem, tokens: int = 5) -> None:
     """Raise :class:`ProviderCheckError` unless ``provider(x)`` equals ``x (W + dW)^T + b`` (its own dW).
 
-    The error against the float64 formula may be at most 4x the error of the same dense formula computed in
-    the problem's dtype (plus a float32-level floor), as flash-attention's tests compare: a provider may
-    round like the dtype does, not more.
+    The error against the float64 formula may be at most ``provider.check_factor`` (4) times the error of the
+    same dense formula computed in the problem's dtype (plus a float32-level floor), as flash-attention's tests
+    compare: a provider may round like the dtype does, not more (the einsum and rebuild chains, which round once per
+    core, get 8).
     """
     x = torch.randn(tokens, p.d_in, device=p.device, dtype=p.dtype)
     training = provider.training
@@ -317,7 +325,7 @@ def check_provider(provider: Provider, p: Problem, tokens: int = 5) -> None:
     err = (y - expected).abs().max().item() if y.numel() else 0.0
     base_err = (same_dtype - expected).abs().max().item() if y.numel() else 0.0
     floor = 1e-5 * max(1.0, expected.abs().max().item() if y.numel() else 1.0)
-    if not torch.isfinite(y).all() or err > 4 * base_err + floor:
+    if not torch.isfinite(y).all() or err > provider.check_factor * base_err + floor:
         raise ProviderCheckError(
             f"{provider.name}: output differs from the float64 formula by {err:.3g} (the dense formula in "
             f"{p.dtype} differs by {base_err:.3g}) at {p.fmt} {p.d_in}x{p.d_out} r={p.rank}"

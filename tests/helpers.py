@@ -117,6 +117,14 @@ def check_error_ratio(name, out, out_ref64, out_torch, dtype, *, relative_slack=
     assert err <= 4 * base + slack, f"{name}: error {err:.3g} vs torch's {base:.3g} in {dtype}"
 
 
+def check_case(case, got, want64, lowp, dtype):
+    """:func:`check_error_ratio` for every output of a :class:`TTLinearCase` run (y, dx, each core's gradient).
+    A core's gradient sums over tokens and over the other cores' products, rounded to the dtype on the way in an
+    order that differs from torch's: its slack is relative to its magnitude, as for the other reductions."""
+    for name, g, w, t in zip(case.names(), got, want64, lowp):
+        check_error_ratio(name, g, w.cpu(), t, dtype, relative_slack=name.startswith("dcore"))
+
+
 def rnd(*shape, dtype=torch.float32, scale=1.0, device="cpu"):
     """Fresh standard-normal values (times ``scale``) drawn in float64, then cast: never zeros."""
     return (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype=dtype, device=device)

@@ -23,7 +23,6 @@ import torch
 
 import helpers
 import ttkernels as tk
-from helpers import check_error_ratio as check
 from helpers import metatt_spec, random_cores
 from ttkernels import _cuda_backend as cb
 from ttkernels import _ext
@@ -461,8 +460,7 @@ def test_tt_linear_forward_backward(poison, spec_name, m, dropout, dtype):
     got = case.run("cuda", dtype, "cuda", **kw)
     want64 = case.run("torch", torch.float64, "cpu", **kw)
     torch_lowp = case.run("torch", dtype, "cuda", **kw)
-    for name, g, w, t in zip(case.names(), got, want64, torch_lowp):
-        check(name, g, w, t, dtype)
+    helpers.check_case(case, got, want64, torch_lowp, dtype)
 
 
 @needs_cuda
@@ -475,8 +473,7 @@ def test_real_shapes(m, dtype):
     got = case.run("cuda", dtype, "cuda", **kw)
     want64 = case.run("torch", torch.float64, "cuda", **kw)
     lowp = case.run("torch", dtype, "cuda", **kw)
-    for name, g, w, t in zip(case.names(), got, want64, lowp):
-        check(name, g, w.cpu(), t, dtype)
+    helpers.check_case(case, got, want64, lowp, dtype)
 
 
 @needs_cuda

@@ -386,5 +386,4 @@ def test_tt_linear_with_dropout_through_the_registry(lib, spec_name, m, seed, mo
     want64 = case.run("torch", torch.float64, "cpu", **kw)
     torch.set_rng_state(state)
     lowp = case.run("torch", torch.float32, "cpu", **kw)
-    for name, g, w, t in zip(case.names(), got, want64, lowp):
-        check(name, g, w, t, torch.float32)
+    helpers.check_case(case, got, want64, lowp, torch.float32)

@@ -126,8 +126,7 @@ def test_tt_linear_forward_backward(spec_name, M, dropout, dtype, plan):
     got = case.run("triton", dtype, DEVICE, **kw)
     want64 = case.run("torch", torch.float64, "cpu", **kw)
     torch_lowp = case.run("torch", dtype, DEVICE, **kw)
-    for name, g, w, t in zip(case.names(), got, want64, torch_lowp):
-        check(name, g, w, t, dtype)
+    helpers.check_case(case, got, want64, torch_lowp, dtype)
 
 
 def test_ttlinear_module_trains_with_triton():

@@ -609,6 +609,65 @@ def test_cuda_graph_capture_draws_fresh_masks_and_matches_eager(backend):
     assert not torch.equal(outs[0], outs[1]), "a replay reused the previous dropout mask"
 
 
+@pytest.mark.parametrize("modes", [None, 2])
+def test_a_captured_call_builds_its_factors_in_the_graph(modes, monkeypatch):
+    """While a CUDA graph is captured, TTLinear takes the fused op's path (factors built inside the graph), not
+    the lean path's kept factors, which a replay after an optimizer step would read stale."""
+    from ttkernels import modules
+
+    layer = tk.TTLinear(8, 6, ranks=3, in_modes=modes, out_modes=modes)
+    with torch.no_grad():
+        layer.cores[-1].normal_()
+    x = torch.randn(4, 8)
+    calls = []
+    original = tk.ops.tt_linear
+    monkeypatch.setattr(modules.ops, "tt_linear", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(modules, "_capturing", lambda x: False)
+    eager = layer(x)
+    assert calls == []  # the lean path
+    monkeypatch.setattr(modules, "_capturing", lambda x: True)
+    captured = layer(x)
+    assert calls == [1]
+    torch.testing.assert_close(captured, eager)
+
+
+@needs_gpu
+@pytest.mark.parametrize("modes", [None, 2])
+def test_cuda_graph_replay_follows_in_place_core_updates(modes):
+    """A graph captured around a TTLinear forward + backward replays the cores' current values: an in-place
+    update between replays (an optimizer step) changes the replayed output and gradients as it changes eager's."""
+    torch.manual_seed(0)
+    layer = tk.TTLinear(64, 48, ranks=4, in_modes=modes, out_modes=modes, device="cuda")
+    with torch.no_grad():
+        layer.cores[-1].normal_()
+    x = torch.randn(16, 64, device="cuda", requires_grad=True)
+    grads = [p for p in layer.parameters() if p.requires_grad]
+
+    def step():
+        y = layer(x)
+        return y, torch.autograd.grad(y.square().sum(), [x, *grads])
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_static, g_static = step()
+    for _ in range(2):
+        with torch.no_grad():
+            for c in layer.cores:
+                c.add_(0.1 * torch.randn_like(c))  # what an optimizer step does
+        graph.replay()
+        torch.cuda.synchronize()
+        y_eager, g_eager = step()
+        torch.testing.assert_close(y_static, y_eager)
+        for a, b in zip(g_static, g_eager):
+            torch.testing.assert_close(a, b)
+
+
 @needs_gpu
 def test_compile_reduce_overhead_ttlinear():
     torch._dynamo.reset()

@@ -32,6 +32,13 @@ __all__ = ["TTLinear", "init_cores_", "new_cores", "shared_factors"]
 _LEAN_BACKENDS = ("auto", "torch")
 
 
+def _capturing(x: Tensor) -> bool:
+    """True while a CUDA graph is being captured on x's device: the lean path's kept factors were computed
+    before the capture, so a replay after an optimizer step would read stale ones; such calls build the factors
+    inside the graph (the fused op's path), as torch.compile's do."""
+    return x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 class _Scope(threading.local):
     shared: Optional[dict] = None
 
@@ -253,7 +260,12 @@ class TTLinear(AdapterLayer):
         return super().forward(x, task_ids=task_ids)
 
     def adapter_forward(self, x: Tensor, task_ids: Optional[Tensor] = None) -> Tensor:
-        if not self.quantized_base and self.backend in _LEAN_BACKENDS and not torch.compiler.is_compiling():
+        if (
+            not self.quantized_base
+            and self.backend in _LEAN_BACKENDS
+            and not torch.compiler.is_compiling()
+            and not _capturing(x)
+        ):
             return self._lean_forward(x, task_ids)
         adapter = dict(
             index=self.index,
@@ -281,7 +293,8 @@ class TTLinear(AdapterLayer):
     # * Index modes (MetaTT views): the factors are built per call in grad mode (shared between the views of one
     #   call, see shared_factors), kept in no-grad calls.
     # Dropout, task ids, autocast and mixed dtypes go through the fused op (ops.tt_adapter) with these factors.
-    # Under torch.compile, and for the other backends, forward goes through ops.tt_linear as before.
+    # Under torch.compile, while a CUDA graph is captured, and for the other backends, forward goes through
+    # ops.tt_linear as before.
     def _lean_state(self) -> _LeanCache:
         cache = self.__dict__.get("_lean")
         if cache is None:

@@ -53,6 +53,7 @@ def test_every_launch_compiles_without_spills_within_shared_memory():
     last = re.fullmatch(r"compiled (\d+) launches: 0 failed, 0 spilling, 0 over shared memory", lines[-1])
     assert last, lines[-1]
     assert int(last.group(1)) >= 300, lines[-1]  # every kernel, flag combination and configuration reached
+    assert re.fullmatch(r"wgmma serialized \(ptxas C7515\) in \d+ launches(: .+)?", lines[-2]), lines[-2]
     for kernel in ("_rows_fwd_kernel", "_rows_bwd_kernel", "_finalize_kernel", "_gemm_lowrank_kernel"):
         assert any(f" {kernel} " in line for line in lines), kernel
     # one-token launches (M specialized to 1) and the default plan's tensor-core path were compiled
@@ -109,3 +110,23 @@ def test_dropout_seeds_never_make_a_new_variant():
     out = subprocess.run([sys.executable, "-c", _SEEDS_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["9", "1", "True"], out.stdout
+
+
+_PTXAS_LOG = """\
+ptxas info    : Compiling entry function 'k' for 'sm_90a'
+ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized due to non wgmma \
+instructions defining accumulator registers of a wgmma between start and end of the pipeline stage in the function 'k'
+ptxas info    : Used 84 registers, used 1 barriers
+"""
+
+
+def test_the_gate_reads_ptxas_wgmma_serialization_reason():
+    # No compile: the reason ptxas gives for C7515 is what the gate prints per launch; none when it gave none.
+    from ttkernels._triton_kernels import aot
+
+    assert aot._serialized_reasons(_PTXAS_LOG) == (
+        "non wgmma instructions defining accumulator registers of a wgmma between start and end of the pipeline stage"
+    )
+    assert aot._serialized_reasons(_PTXAS_LOG.replace("(C7515)", "(C0000)")) == ""
+    odd = "ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized"
+    assert aot._serialized_reasons(odd) == odd.strip()  # a message of another shape is kept whole

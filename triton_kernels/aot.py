@@ -16,12 +16,13 @@ flags on at each shape, the default configuration for the other flag combination
 
 Per compiled launch it prints the registers, spill bytes (stores + loads), shared memory (Triton's dynamic
 allocation), tensor-core instructions in the PTX (``wgmma.mma_async`` on sm_90, ``mma.sync``), and ptxas'
-wgmma-serialization warning (C7515) when given; it ends with one line
+wgmma-serialization warning (C7515) with its reason when given; it ends with the lines
 
+    wgmma serialized (ptxas C7515) in K launches[: kernel (launches), ...]
     compiled N launches: F failed, S spilling, X over shared memory
 
-and exits non-zero unless F, S and X are all 0. ``make triton-gate`` runs it for sm_90 and bf16. This says
-what the compiler makes of the kernels; it does not run them and says nothing of speed.
+and exits non-zero unless F, S and X are all 0 (K is for information; the last line is the one CI reads). ``make triton-gate`` runs it for sm_90
+and bf16. This says what the compiler makes of the kernels; it does not run them and says nothing of speed.
 
 Must run with ``TRITON_INTERPRET`` unset (the kernels must be compiled functions, not interpreted ones).
 """
@@ -192,6 +193,17 @@ _PTXAS = [
 ]
 
 
+_C7515 = re.compile(r"\(C7515\).*? serialized due to (.*?)(?: in the function '[^']*')?\.?$", re.M)
+
+
+def _serialized_reasons(log: str) -> str:
+    """ptxas' reasons for serializing wgmma (warning C7515), '; '-joined; empty when it did not."""
+    reasons = [m.group(1).strip().rstrip(".") for m in _C7515.finditer(log)]
+    if "C7515" in log and not reasons:
+        reasons = [line.strip() for line in log.splitlines() if "C7515" in line]
+    return "; ".join(dict.fromkeys(reasons))
+
+
 def compile_launch(kernel: Any, args: tuple, kwargs: dict, arch: int) -> dict:
     """Compiles one launch as the JIT would; returns registers, spills, shared memory, tensor-core counts."""
     import triton
@@ -218,7 +230,7 @@ def compile_launch(kernel: Any, args: tuple, kwargs: dict, arch: int) -> dict:
         "shared": int(compiled.metadata.shared),
         "wgmma": ptx.count("wgmma.mma_async."),
         "mma": ptx.count("mma.sync."),
-        "serialized": "C7515" in text,
+        "serialized": _serialized_reasons(text),
     }
 
 
@@ -287,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                 _JOBS.append((kernel, args, cfg, arch, label))
     start = time.perf_counter()
     failed = spilling = over = 0
+    serialized: dict[str, int] = {}
     with contextlib.ExitStack() as stack:
         if ns.jobs > 1:
             pool = stack.enter_context(multiprocessing.get_context("fork").Pool(ns.jobs))
@@ -299,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
                 failed += 1
                 print(f"FAIL {label}: {res}", flush=True)
                 continue
+            if res["serialized"]:
+                name = _JOBS[i][0].__name__
+                serialized[name] = serialized.get(name, 0) + 1
             limit = SMEM_LIMIT.get(arch, 101376)
             bad = []
             if res["spill"]:
@@ -308,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                 over += 1
                 bad.append(f"OVER {limit} B SHARED")
             if ns.report or bad:
-                warn = " C7515 (wgmma serialized)" if res["serialized"] else ""
+                warn = f" C7515 (wgmma serialized: {res['serialized']})" if res["serialized"] else ""
                 print(
                     f"{'BAD ' if bad else 'ok  '}{label}: regs={res['regs']} spill={res['spill']} B "
                     f"shared={res['shared']} B wgmma={res['wgmma']} mma={res['mma']}{warn} {' '.join(bad)}".rstrip(),
@@ -316,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
     seconds = time.perf_counter() - start
     print(f"({seconds:.0f} s with {ns.jobs} job(s))")
+    names = ", ".join(f"{name} ({n})" for name, n in sorted(serialized.items()))
+    print(f"wgmma serialized (ptxas C7515) in {sum(serialized.values())} launches" + (f": {names}" if names else ""))
     print(f"compiled {len(_JOBS)} launches: {failed} failed, {spilling} spilling, {over} over shared memory")
     return 1 if failed or spilling or over else 0
 

@@ -91,23 +91,26 @@ def _gemm_grad_kernel(
     xtt = tl.trans(xt)
     rr = tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for r0 in range(0, RA, BLOCK_R):
-        ri = r0 + rr
-        r_ok = ri < RA
-        ds = tl.load(
-            DS + rm64[:, None] * stride_sm + ri[None, :] * stride_sr, mask=m_ok[:, None] & r_ok[None, :], other=0.0
-        )
-        da = tl.dot(xtt, ds, input_precision=PRECISION)
-        da_ptrs = ws + rn[:, None] * RA + ri[None, :]
-        if DETERMINISTIC:
-            tl.store(da_ptrs, da, mask=n_ok[:, None] & r_ok[None, :])
-        else:
-            tl.atomic_add(da_ptrs, da, mask=n_ok[:, None] & r_ok[None, :], sem="relaxed")
-        if NEED_DX:
-            at = tl.load(
-                A + ri[:, None] * stride_ar + rn[None, :] * stride_an, mask=r_ok[:, None] & n_ok[None, :], other=0.0
+    # `if RA > 0` changes nothing the loop computes; without it LLVM zeroes the accumulator on the loop's
+    # zero-trip path, which ptxas takes for a write to a wgmma's accumulator in flight and serializes wgmma (C7515).
+    if RA > 0:
+        for r0 in range(0, RA, BLOCK_R):
+            ri = r0 + rr
+            r_ok = ri < RA
+            ds = tl.load(
+                DS + rm64[:, None] * stride_sm + ri[None, :] * stride_sr, mask=m_ok[:, None] & r_ok[None, :], other=0.0
             )
-            acc = tl.dot(ds, at, acc, input_precision=PRECISION)
+            da = tl.dot(xtt, ds, input_precision=PRECISION)
+            da_ptrs = ws + rn[:, None] * RA + ri[None, :]
+            if DETERMINISTIC:
+                tl.store(da_ptrs, da, mask=n_ok[:, None] & r_ok[None, :])
+            else:
+                tl.atomic_add(da_ptrs, da, mask=n_ok[:, None] & r_ok[None, :], sem="relaxed")
+            if NEED_DX:
+                at = tl.load(
+                    A + ri[:, None] * stride_ar + rn[None, :] * stride_an, mask=r_ok[:, None] & n_ok[None, :], other=0.0
+                )
+                acc = tl.dot(ds, at, acc, input_precision=PRECISION)
 
     # U[m-tile], for this program's dB chunks
     rb = tl.arange(0, RB_P)
@@ -144,7 +147,7 @@ def _gemm_grad_kernel(
 
 def _configs(hopper: bool) -> list[triton.Config]:
     # The fused GEMM's list (gemm.py); each compiled without spills for every flag combination (make
-    # triton-gate). ptxas serializes the wgmma of the 128 x 128, 8-warp tile (C7515): kept for the autotuner.
+    # triton-gate).
     shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
         (16, 64, 64, 4, 4),
         (32, 64, 64, 4, 4),

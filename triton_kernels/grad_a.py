@@ -52,23 +52,26 @@ def _grad_a_kernel(
     acc = tl.zeros((BLOCK_K, RA_P), tl.float32)
     if DROPOUT:
         seed = tl.load(SEED)
-    for m0 in range(m_lo, m_hi, BLOCK_M):
-        rm = m0 + tl.arange(0, BLOCK_M)
-        m_ok = rm < m_hi
-        x = tl.load(
-            X + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :] * stride_xk,
-            mask=m_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        )
-        if DROPOUT:
-            keep = keep_mask(rm, rk, seed, threshold)
-            x = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0).to(X.dtype.element_ty)
-        ds = tl.load(
-            DS + rm.to(tl.int64)[:, None] * stride_sm + ra[None, :] * stride_sr,
-            mask=m_ok[:, None] & a_ok[None, :],
-            other=0.0,
-        )
-        acc = tl.dot(tl.trans(x), ds, acc, input_precision=PRECISION)
+    # `if m_lo < m_hi` changes nothing the loop computes; without it LLVM zeroes the accumulator on the loop's
+    # zero-trip path, which ptxas takes for a write to a wgmma's accumulator in flight and serializes wgmma (C7515).
+    if m_lo < m_hi:
+        for m0 in range(m_lo, m_hi, BLOCK_M):
+            rm = m0 + tl.arange(0, BLOCK_M)
+            m_ok = rm < m_hi
+            x = tl.load(
+                X + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :] * stride_xk,
+                mask=m_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            )
+            if DROPOUT:
+                keep = keep_mask(rm, rk, seed, threshold)
+                x = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0).to(X.dtype.element_ty)
+            ds = tl.load(
+                DS + rm.to(tl.int64)[:, None] * stride_sm + ra[None, :] * stride_sr,
+                mask=m_ok[:, None] & a_ok[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(tl.trans(x), ds, acc, input_precision=PRECISION)
     da_ptrs = DA + (pid_s.to(tl.int64) * K * RA if DETERMINISTIC else 0) + rk[:, None] * RA + ra[None, :]
     da_ok = k_ok[:, None] & a_ok[None, :]
     if DETERMINISTIC:

@@ -157,23 +157,26 @@ def _rows_bwd_kernel(
     n_lo = pid_j * n_per
     n_hi = tl.minimum(n_lo + n_per, N)
     du = tl.zeros((BLOCK_M, RB_P), tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        rn = n0 + tl.arange(0, BLOCK_N)
-        n_ok = rn < N
-        dy = tl.load(
-            DY + rm64[:, None] * stride_ym + rn[None, :] * stride_yn, mask=m_ok[:, None] & n_ok[None, :], other=0.0
-        )
-        b = tl.load(
-            B + rb[:, None] * stride_br + rn[None, :] * stride_bn, mask=b_ok[:, None] & n_ok[None, :], other=0.0
-        )
-        du = tl.dot(dy, tl.trans(b), du, input_precision=PRECISION)
-        if (n0 >= n_lo) & (n0 < n_hi):
-            db = tl.dot(ut, dy, input_precision=PRECISION) * scaling
-            db_ptrs = ws_db + rb[:, None] * N + rn[None, :]
-            if DETERMINISTIC:
-                tl.store(db_ptrs, db, mask=b_ok[:, None] & n_ok[None, :])
-            else:
-                tl.atomic_add(db_ptrs, db, mask=b_ok[:, None] & n_ok[None, :], sem="relaxed")
+    # `if N > 0` changes nothing the loop computes; without it LLVM zeroes the accumulator on the loop's
+    # zero-trip path, which ptxas takes for a write to a wgmma's accumulator in flight and serializes wgmma (C7515).
+    if N > 0:
+        for n0 in range(0, N, BLOCK_N):
+            rn = n0 + tl.arange(0, BLOCK_N)
+            n_ok = rn < N
+            dy = tl.load(
+                DY + rm64[:, None] * stride_ym + rn[None, :] * stride_yn, mask=m_ok[:, None] & n_ok[None, :], other=0.0
+            )
+            b = tl.load(
+                B + rb[:, None] * stride_br + rn[None, :] * stride_bn, mask=b_ok[:, None] & n_ok[None, :], other=0.0
+            )
+            du = tl.dot(dy, tl.trans(b), du, input_precision=PRECISION)
+            if (n0 >= n_lo) & (n0 < n_hi):
+                db = tl.dot(ut, dy, input_precision=PRECISION) * scaling
+                db_ptrs = ws_db + rb[:, None] * N + rn[None, :]
+                if DETERMINISTIC:
+                    tl.store(db_ptrs, db, mask=b_ok[:, None] & n_ok[None, :])
+                else:
+                    tl.atomic_add(db_ptrs, db, mask=b_ok[:, None] & n_ok[None, :], sem="relaxed")
     du = (du * scaling).to(S.dtype.element_ty)
 
     if HAS_C:

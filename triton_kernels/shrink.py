@@ -44,19 +44,24 @@ def drop_x_a(X, A, rm, rm64, row_ok, ra, k_lo, k_hi, stride_xm, stride_xk, strid
     if DROPOUT:
         seed = tl.load(SEED)
     acc = tl.zeros((BLOCK_M, RA_P), tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        kk = k0 + rk
-        k_ok = kk < k_hi
-        x = tl.load(
-            X + rm64[:, None] * stride_xm + kk[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0
-        )
-        if DROPOUT:
-            keep = keep_mask(rm, kk, seed, threshold)
-            x = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0).to(X.dtype.element_ty)
-        a = tl.load(
-            A + kk[:, None] * stride_ak + ra[None, :] * stride_ar, mask=k_ok[:, None] & (ra < RA)[None, :], other=0.0
-        )
-        acc = tl.dot(x, a, acc, input_precision=PRECISION)
+    # `if k_lo < k_hi` changes nothing the loop computes; without it LLVM zeroes the accumulator on the loop's
+    # zero-trip path, which ptxas takes for a write to a wgmma's accumulator in flight and serializes wgmma (C7515).
+    if k_lo < k_hi:
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            kk = k0 + rk
+            k_ok = kk < k_hi
+            x = tl.load(
+                X + rm64[:, None] * stride_xm + kk[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0
+            )
+            if DROPOUT:
+                keep = keep_mask(rm, kk, seed, threshold)
+                x = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0).to(X.dtype.element_ty)
+            a = tl.load(
+                A + kk[:, None] * stride_ak + ra[None, :] * stride_ar,
+                mask=k_ok[:, None] & (ra < RA)[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(x, a, acc, input_precision=PRECISION)
     return acc
 
 

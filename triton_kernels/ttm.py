@@ -159,22 +159,25 @@ def _kron_grad_p_kernel(
     jj = j0 + tl.arange(0, BLOCK_J)
     cc = c0 + tl.arange(0, BLOCK_C)
     acc = tl.zeros((BLOCK_J, BLOCK_C), tl.float32)
-    for b0 in range(start, stop, BLOCK_M):
-        bu = b0 + ub
-        xt = tl.load(
-            X + bu.to(tl.int64)[None, :] * sxb + ii.to(tl.int64)[:, None] * sxi + uj.to(tl.int64)[None, :] * sxj,
-            mask=(ii < NI)[:, None] & ((bu < M) & (uj < NJ))[None, :],
-            other=0.0,
-        )
-        w = tl.dot(q, xt, input_precision=PRECISION)  # (NA_P, (b, j))
-        w2 = tl.reshape(w.to(X.dtype.element_ty), (NA_P * BLOCK_M, BLOCK_J))  # rows (a, b)
-        tb = b0 + tm
-        dy = tl.load(
-            DY + tb.to(tl.int64)[:, None] * sdb + ta.to(tl.int64)[:, None] * sda + cc.to(tl.int64)[None, :] * sdc,
-            mask=((ta < NA) & (tb < M))[:, None] & (cc < NC)[None, :],
-            other=0.0,
-        )
-        acc = tl.dot(tl.trans(w2), dy, acc, input_precision=PRECISION)
+    # `if start < stop` changes nothing the loop computes; without it LLVM zeroes the accumulator on the loop's
+    # zero-trip path, which ptxas takes for a write to a wgmma's accumulator in flight and serializes wgmma (C7515).
+    if start < stop:
+        for b0 in range(start, stop, BLOCK_M):
+            bu = b0 + ub
+            xt = tl.load(
+                X + bu.to(tl.int64)[None, :] * sxb + ii.to(tl.int64)[:, None] * sxi + uj.to(tl.int64)[None, :] * sxj,
+                mask=(ii < NI)[:, None] & ((bu < M) & (uj < NJ))[None, :],
+                other=0.0,
+            )
+            w = tl.dot(q, xt, input_precision=PRECISION)  # (NA_P, (b, j))
+            w2 = tl.reshape(w.to(X.dtype.element_ty), (NA_P * BLOCK_M, BLOCK_J))  # rows (a, b)
+            tb = b0 + tm
+            dy = tl.load(
+                DY + tb.to(tl.int64)[:, None] * sdb + ta.to(tl.int64)[:, None] * sda + cc.to(tl.int64)[None, :] * sdc,
+                mask=((ta < NA) & (tb < M))[:, None] & (cc < NC)[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(tl.trans(w2), dy, acc, input_precision=PRECISION)
     out = DP + (s * R + r).to(tl.int64) * NJ * NC + jj[:, None] * NC + cc[None, :]
     tl.store(out, acc, mask=(jj < NJ)[:, None] & (cc < NC)[None, :])
 

@@ -417,3 +417,13 @@ def test_fused_gemm_split_can_be_turned_off(monkeypatch):
     assert gemm.split_k(65, 64, 4096, 2, meta, DEVICE) == 1  # above decode
     monkeypatch.setattr(gemm, "SPLIT_K", False)
     assert gemm.split_k(1, 64, 4096, 2, meta, DEVICE) == 1
+
+
+def test_fused_backward_gemm_refuses_rank_zero():
+    # Its kernel assumes a rank of at least 1 (the rank loop then has no zero-trip path: no wgmma serialization).
+    from ttkernels._triton_kernels import gemm_grad
+
+    x, dy, W = torch.randn(5, 8), torch.randn(5, 6), torch.randn(6, 8)
+    dS, A, U = torch.randn(5, 0), torch.randn(8, 0), torch.randn(5, 3)
+    with pytest.raises(ValueError, match="dS"):
+        gemm_grad.gemm_grad(dy, W, dS, A, x, U, torch.float32, 1.0, 0.0, 0, True)

@@ -91,26 +91,26 @@ def _gemm_grad_kernel(
     xtt = tl.trans(xt)
     rr = tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    # `if RA > 0` changes nothing the loop computes; without it LLVM zeroes the accumulator on the loop's
-    # zero-trip path, which ptxas takes for a write to a wgmma's accumulator in flight and serializes wgmma (C7515).
-    if RA > 0:
-        for r0 in range(0, RA, BLOCK_R):
-            ri = r0 + rr
-            r_ok = ri < RA
-            ds = tl.load(
-                DS + rm64[:, None] * stride_sm + ri[None, :] * stride_sr, mask=m_ok[:, None] & r_ok[None, :], other=0.0
+    # The launcher refuses RA == 0. Saying so drops the loop's zero-trip path, where LLVM zeroed the accumulator
+    # after the loop's wgmma in the code, which ptxas took for a write to it in flight (C7515: wgmma serialized).
+    tl.assume(RA > 0)
+    for r0 in range(0, RA, BLOCK_R):
+        ri = r0 + rr
+        r_ok = ri < RA
+        ds = tl.load(
+            DS + rm64[:, None] * stride_sm + ri[None, :] * stride_sr, mask=m_ok[:, None] & r_ok[None, :], other=0.0
+        )
+        da = tl.dot(xtt, ds, input_precision=PRECISION)
+        da_ptrs = ws + rn[:, None] * RA + ri[None, :]
+        if DETERMINISTIC:
+            tl.store(da_ptrs, da, mask=n_ok[:, None] & r_ok[None, :])
+        else:
+            tl.atomic_add(da_ptrs, da, mask=n_ok[:, None] & r_ok[None, :], sem="relaxed")
+        if NEED_DX:
+            at = tl.load(
+                A + ri[:, None] * stride_ar + rn[None, :] * stride_an, mask=r_ok[:, None] & n_ok[None, :], other=0.0
             )
-            da = tl.dot(xtt, ds, input_precision=PRECISION)
-            da_ptrs = ws + rn[:, None] * RA + ri[None, :]
-            if DETERMINISTIC:
-                tl.store(da_ptrs, da, mask=n_ok[:, None] & r_ok[None, :])
-            else:
-                tl.atomic_add(da_ptrs, da, mask=n_ok[:, None] & r_ok[None, :], sem="relaxed")
-            if NEED_DX:
-                at = tl.load(
-                    A + ri[:, None] * stride_ar + rn[None, :] * stride_an, mask=r_ok[:, None] & n_ok[None, :], other=0.0
-                )
-                acc = tl.dot(ds, at, acc, input_precision=PRECISION)
+            acc = tl.dot(ds, at, acc, input_precision=PRECISION)
 
     # U[m-tile], for this program's dB chunks
     rb = tl.arange(0, RB_P)
@@ -199,6 +199,8 @@ def gemm_grad(
     M, K = dy.shape
     N = weight.shape[1]
     RA, RB = dS.shape[1], U.shape[1]
+    if RA == 0:  # the kernel assumes RA > 0
+        raise ValueError("gemm_grad: dS has no columns (rank 0); the rank must be at least 1")
     dx = empty((M, N), x.dtype, x.device) if need_dx else x.new_empty(0)
     dA = empty((N, RA), A.dtype, x.device)
     dB = empty((RB, K), dtype_b, x.device)

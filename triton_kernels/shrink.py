@@ -44,24 +44,35 @@ def drop_x_a(X, A, rm, rm64, row_ok, ra, k_lo, k_hi, stride_xm, stride_xk, strid
     if DROPOUT:
         seed = tl.load(SEED)
     acc = tl.zeros((BLOCK_M, RA_P), tl.float32)
-    # `if k_lo < k_hi` changes nothing the loop computes; without it LLVM zeroes the accumulator on the loop's
-    # zero-trip path, which ptxas takes for a write to a wgmma's accumulator in flight and serializes wgmma (C7515).
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kk = k0 + rk
+        k_ok = kk < k_hi
+        x = tl.load(
+            X + rm64[:, None] * stride_xm + kk[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0
+        )
+        if DROPOUT:
+            keep = keep_mask(rm, kk, seed, threshold)
+            x = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0).to(X.dtype.element_ty)
+        a = tl.load(
+            A + kk[:, None] * stride_ak + ra[None, :] * stride_ar, mask=k_ok[:, None] & (ra < RA)[None, :], other=0.0
+        )
+        acc = tl.dot(x, a, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def drop_x_a_nonempty(X, A, rm, rm64, row_ok, ra, k_lo, k_hi, stride_xm, stride_xk, stride_ak, stride_ar, RA,
+                      SEED, threshold, keep_scale,
+                      DROPOUT: tl.constexpr, PRECISION: tl.constexpr, RA_P: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_K: tl.constexpr):  # fmt: skip
+    """``drop_x_a`` called only for a non-empty K range (zeros otherwise): the same sums. Without the test, LLVM
+    zeroes the accumulator on the loop's zero-trip path, after the loop's wgmma in the code, which ptxas takes for a
+    write to an accumulator in flight and serializes wgmma (C7515); ``_rows_fwd_kernel`` keeps ``drop_x_a`` (with the
+    test, one of its tiles spills)."""
+    acc = tl.zeros((BLOCK_M, RA_P), tl.float32)
     if k_lo < k_hi:
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            kk = k0 + rk
-            k_ok = kk < k_hi
-            x = tl.load(
-                X + rm64[:, None] * stride_xm + kk[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0
-            )
-            if DROPOUT:
-                keep = keep_mask(rm, kk, seed, threshold)
-                x = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0).to(X.dtype.element_ty)
-            a = tl.load(
-                A + kk[:, None] * stride_ak + ra[None, :] * stride_ar,
-                mask=k_ok[:, None] & (ra < RA)[None, :],
-                other=0.0,
-            )
-            acc = tl.dot(x, a, acc, input_precision=PRECISION)
+        acc = drop_x_a(X, A, rm, rm64, row_ok, ra, k_lo, k_hi, stride_xm, stride_xk, stride_ak, stride_ar, RA,
+                       SEED, threshold, keep_scale, DROPOUT, PRECISION, RA_P, BLOCK_M, BLOCK_K)  # fmt: skip
     return acc
 
 
@@ -94,8 +105,8 @@ def _shrink_partial_kernel(
     k_per = tl.cdiv(tl.cdiv(K, BLOCK_K), tl.num_programs(1)) * BLOCK_K
     k_lo = pid_s * k_per
     k_hi = tl.minimum(k_lo + k_per, K)
-    acc = drop_x_a(X, A, rm, rm64, row_ok, ra, k_lo, k_hi, stride_xm, stride_xk, stride_ak, stride_ar, RA,
-                   SEED, threshold, keep_scale, DROPOUT, PRECISION, RA_P, BLOCK_M, BLOCK_K)  # fmt: skip
+    acc = drop_x_a_nonempty(X, A, rm, rm64, row_ok, ra, k_lo, k_hi, stride_xm, stride_xk, stride_ak, stride_ar, RA,
+                            SEED, threshold, keep_scale, DROPOUT, PRECISION, RA_P, BLOCK_M, BLOCK_K)  # fmt: skip
     out = P + pid_s.to(tl.int64) * M * RA_P + rm64[:, None] * RA_P + ra[None, :]
     tl.store(out, acc, mask=row_ok[:, None])
 
@@ -118,8 +129,8 @@ def _shrink_kernel(
     if FROM_PARTIALS:
         acc = sum_partials(P, rm64, row_ok, ra, M, SPLIT_K, RA_P, BLOCK_M)
     else:
-        acc = drop_x_a(X, A, rm, rm64, row_ok, ra, 0, K, stride_xm, stride_xk, stride_ak, stride_ar, RA,
-                       SEED, threshold, keep_scale, DROPOUT, PRECISION, RA_P, BLOCK_M, BLOCK_K)  # fmt: skip
+        acc = drop_x_a_nonempty(X, A, rm, rm64, row_ok, ra, 0, K, stride_xm, stride_xk, stride_ak, stride_ar, RA,
+                                SEED, threshold, keep_scale, DROPOUT, PRECISION, RA_P, BLOCK_M, BLOCK_K)  # fmt: skip
     s = acc.to(S.dtype.element_ty)
     tl.store(S + rm64[:, None] * RA + ra[None, :], s, mask=row_ok[:, None] & (ra < RA)[None, :])
     if HAS_C:

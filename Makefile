@@ -110,7 +110,7 @@ triton36: $(STAMP)
 
 # The compile gate: every recorded Triton launch compiled for sm_90 (bf16) with the JIT's own specialization and
 # every autotuning configuration; fails on a compile error, a register spill or shared memory over the limit.
-# No GPU needed: 430 launches in about 6 minutes with 2 jobs on a shared 2-core machine (15 when others compile too).
+# No GPU needed: 452 launches in 2 to 6 minutes with 2 jobs on a shared 2-core machine (15 when others compile too).
 triton-gate: $(STAMP)
 	env -u TRITON_INTERPRET $(PY) -m ttkernels._triton_kernels.aot --arch 90 --dtypes bf16 --report --jobs 2
 

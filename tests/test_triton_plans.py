@@ -213,21 +213,26 @@ class _Launches(TorchDispatchMode):
 LARGE = {"_rows_fwd_kernel", "_rows_bwd_kernel", "addmm_"}
 
 
-@pytest.mark.parametrize("kind", ["none", "shared", "task"])
-@pytest.mark.parametrize("p", [0.0, 0.1])
-def test_cublas_plan_launches_four_large_and_at_most_three_small_kernels(kind, p, monkeypatch):
+def _plan_launches(plan, kind, p, monkeypatch):
+    """The names of the launches of one forward and one backward under ``plan`` (odd sizes, rank 4)."""
     monkeypatch.setattr(_common, "POISON", False)
-    monkeypatch.setattr(tb, "BASE_GEMM", "cublas")
+    monkeypatch.setattr(tb, "BASE_GEMM", plan)
     M, d_in, d_out, r = 37, 40, 33, 4
     x, W, b, A, B, dy = rnd(M, d_in), rnd(d_out, d_in), rnd(d_out), rnd(d_in, r), rnd(r, d_out), rnd(M, d_out)
     C, ids = helpers.random_middle(kind, r, r, 3, torch.float32, M, device=DEVICE)
     mode = _Launches()
     monkeypatch.setattr(_common, "run", mode.run)
     with mode:
-        y, S = tb.forward(x, W, b, A, C, B, ids, 0.5, p, 11)
+        _, S = tb.forward(x, W, b, A, C, B, ids, 0.5, p, 11)
         forward = list(mode.names)
         tb.backward(dy, x, W, A, C, B, S, ids, 0.5, p, 11, True)
-    backward = mode.names[len(forward) :]
+    return forward, mode.names[len(forward) :]
+
+
+@pytest.mark.parametrize("kind", ["none", "shared", "task"])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_cublas_plan_launches_four_large_and_at_most_three_small_kernels(kind, p, monkeypatch):
+    forward, backward = _plan_launches("cublas", kind, p, monkeypatch)
     assert forward == ["_rows_fwd_kernel", "addmm_"], forward
     large = [n for n in backward if n in LARGE]
     small = [n for n in backward if n not in LARGE]
@@ -238,18 +243,7 @@ def test_cublas_plan_launches_four_large_and_at_most_three_small_kernels(kind, p
 @pytest.mark.parametrize("kind", ["none", "shared", "task"])
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_fused_plan_backward_is_grad_dy_and_one_gemm(kind, p, monkeypatch):
-    monkeypatch.setattr(_common, "POISON", False)
-    monkeypatch.setattr(tb, "BASE_GEMM", "fused")
-    M, d_in, d_out, r = 37, 40, 33, 4
-    x, W, b, A, B, dy = rnd(M, d_in), rnd(d_out, d_in), rnd(d_out), rnd(d_in, r), rnd(r, d_out), rnd(M, d_out)
-    C, ids = helpers.random_middle(kind, r, r, 3, torch.float32, M, device=DEVICE)
-    mode = _Launches()
-    monkeypatch.setattr(_common, "run", mode.run)
-    with mode:
-        y, S = tb.forward(x, W, b, A, C, B, ids, 0.5, p, 11)
-        forward = list(mode.names)
-        tb.backward(dy, x, W, A, C, B, S, ids, 0.5, p, 11, True)
-    backward = mode.names[len(forward) :]
+    forward, backward = _plan_launches("fused", kind, p, monkeypatch)
     assert [n for n in forward if n.endswith("_kernel") and "task" not in n] == [
         "_shrink_kernel",
         "_gemm_lowrank_kernel",

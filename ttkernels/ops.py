@@ -572,9 +572,22 @@ def expand_task_ids(task_ids: object, lead: tuple[int, ...]) -> Tensor:
     return ids.to(torch.int64)
 
 
-# backend names whose steps take the dropout seed as a tensor on the data's device ("auto" is torch everywhere):
-# every backend; the Triton and CUDA kernels load it on the device.
-_DEVICE_SEED_BACKENDS = ("auto", "torch", "triton", "cuda")
+def dropout_seed(seed: int | Tensor | None, device: torch.device) -> Tensor:
+    """The dropout seed every backend takes: one int64 on the data's ``device``, never read on the host.
+
+    None: drawn there from the device's generator (on a GPU a Philox draw, which a captured CUDA graph redraws
+    at every replay, advancing the generator's offset as eager calls do). A tensor: moved there and
+    range-checked there (``torch._assert_async``). An int: checked on the host and copied there. The torch
+    backend hashes it where it lies; the Triton and CUDA kernels load it on the device.
+    """
+    if seed is None:
+        return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
+    if isinstance(seed, Tensor):
+        seed_t = seed.reshape(()).to(device=device, dtype=torch.int64)
+        if not torch.compiler.is_compiling():
+            _check_seed_tensor(seed_t)
+        return seed_t
+    return torch.tensor(reference.check_seed(seed), dtype=torch.int64, device=device)
 
 
 def _check_seed_tensor(seed: Tensor) -> None:
@@ -677,21 +690,7 @@ def tt_adapter(
     A, B = A.to(dtype), B.to(dtype)
     C = C.to(dtype) if C is not None else None
 
-    # The seed lives on x's device: drawn there from the device's generator (on a GPU a Philox draw, which a
-    # captured CUDA graph redraws at every replay, advancing the generator's offset as eager calls do), or the
-    # caller's tensor moved there and range-checked there, never read on the host. The torch backend hashes it
-    # there; the triton and cuda kernels load it on the device.
-    seed_t: Optional[Tensor] = None
-    if p > 0.0:
-        where = x.device if backend in _DEVICE_SEED_BACKENDS else torch.device("cpu")
-        if seed is None:
-            seed_t = torch.randint(0, 2**62, (), dtype=torch.int64, device=where)
-        elif isinstance(seed, Tensor):
-            seed_t = seed.reshape(()).to(device=where, dtype=torch.int64)
-            if not torch.compiler.is_compiling():
-                _check_seed_tensor(seed_t)
-        else:
-            seed_t = torch.tensor(reference.check_seed(seed), dtype=torch.int64, device=where)
+    seed_t = dropout_seed(seed, x.device) if p > 0.0 else None
     x2 = x.reshape(-1, d_in)
     y, _ = torch.ops.ttkernels.tt_adapter_fwd(x2, weight, bias, A, C, B, task_ids, float(scaling), p, seed_t, backend)
     return y.reshape(*lead, d_out)

@@ -184,14 +184,8 @@ def adapter_term(
     elif task_ids is not None:
         raise ValueError("task_ids was given but the adapter has no per-sample (task) mode")
     if p > 0.0:
-        # drawn on x's device and hashed there, never read on the host: a captured CUDA graph draws a fresh mask
-        # at each replay, as the registry's ops do
-        if seed is None:
-            seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=x2.device)
-        else:
-            checks.check_seed(seed)
-            seed = reference.check_seed(seed.to(x2.device) if isinstance(seed, Tensor) else seed)
-        x2 = reference.apply_dropout(x2, seed, p)
+        checks.check_seed(seed)
+        x2 = reference.apply_dropout(x2, ops.dropout_seed(seed, x2.device), p)  # as the registry's ops draw it
     U = reference.mid(x2 @ A, C, ids)
     return (scaling * (U @ B)).reshape(*lead, spec.out_features)
 

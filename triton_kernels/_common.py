@@ -62,6 +62,18 @@ def keep_mask(rows, cols, seed, threshold):
 
 
 @triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """``(pid_m, pid_n)`` of program ``pid`` over an ``(M, N)`` output in ``BLOCK_M x BLOCK_N`` tiles, program ids
+    grouped ``GROUP_M`` row tiles at a time so that neighbouring programs share the other operand's tiles in L2."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % group_m, (pid % per_group) // group_m
+
+
+@triton.jit
 def gathered_matmul(v, ii, n, rows_base, stride_i, jj, stride_j, mask):
     """``out[m, j] = sum_{i < n} v[m, i] * M_m[i, j]`` where row m's matrix starts at ``rows_base[m]``.
 

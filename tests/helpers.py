@@ -338,6 +338,56 @@ def assert_two_core_tt_equals_lora(lora_model, lora, tt, x):
     torch.testing.assert_close(tt.delta_weight(), lora.get_delta_weight("default"))
 
 
+class _Proj(torch.nn.Module):
+    """A model whose one layer, ``proj``, PEFT targets."""
+
+    def __init__(self, proj):
+        super().__init__()
+        self.proj = proj
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def assert_tt_lora_route_equals_lora(base, r, alpha, **model_attrs):
+    """The PEFT route (``tt_lora_config``) and PEFT's LoRA, each over its own copy of ``base``, with the TT's two
+    cores set to LoRA's A and B: the same output, dx and factor gradients. ``model_attrs`` are set on both models
+    (as transformers marks a quantized model). Returns the TT layer."""
+    import copy
+
+    import peft
+
+    from ttkernels import peft as tkpeft
+
+    d_out, d_in = base.out_features, base.in_features
+    nets = [_Proj(base), _Proj(copy.deepcopy(base))]
+    for net in nets:
+        for name, value in model_attrs.items():
+            setattr(net, name, value)
+    lora_model = peft.get_peft_model(nets[0], peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["proj"]))
+    tt_model = peft.get_peft_model(nets[1], tkpeft.tt_lora_config(r=r, lora_alpha=alpha, target_modules=["proj"]))
+    lora, tt = lora_model.base_model.model.proj, tt_model.base_model.model.proj
+    assert isinstance(tt, tkpeft.TTLoraLinear)
+    with torch.no_grad():
+        lora.lora_A["default"].weight.normal_(0, 0.3)
+        lora.lora_B["default"].weight.normal_(0, 0.3)
+        A, B = lora.lora_A["default"].weight, lora.lora_B["default"].weight
+        tt.lora_tt_cores["default"][0].copy_(A.t().reshape(1, d_in, r))
+        tt.lora_tt_cores["default"][1].copy_(B.t().reshape(r, d_out, 1))
+    x = torch.randn(2, 3, d_in)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = lora_model(x1), tt_model(x2)
+    torch.testing.assert_close(y2, y1)
+    dy = torch.randn_like(y1)
+    y1.backward(dy)
+    y2.backward(dy)
+    torch.testing.assert_close(x2.grad, x1.grad)
+    cores = tt.lora_tt_cores["default"]
+    torch.testing.assert_close(cores[0].grad.reshape(d_in, r), A.grad.t())
+    torch.testing.assert_close(cores[1].grad.reshape(r, d_out), B.grad.t())
+    return tt
+
+
 def check_ttm_over_quantized_base(base):
     """A TTMLinear over a quantized ``base``: float32 cores, output = base(x) + the TT term (float64-checked),
     core gradients, and a merge that swaps the packed weight and an unmerge that puts it back. Returns the layer."""

@@ -7,7 +7,6 @@ with float64 autograd. A two-core TT over a ``Linear4bit`` is compared with PEFT
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest
@@ -142,41 +141,8 @@ def test_two_core_tt_equals_peft_lora_over_the_same_linear4bit(quant_type, lead)
 
 def test_tt_lora_route_equals_peft_qlora_over_the_same_linear4bit():
     torch.manual_seed(7)
-    d_in, d_out, r, alpha = 64, 48, 4, 8
-
-    class Net(nn.Module):
-        def __init__(self, proj):
-            super().__init__()
-            self.proj = proj
-
-        def forward(self, x):
-            return self.proj(x)
-
-    base = linear4bit(d_in, d_out)
-    nets = [Net(base), Net(copy.deepcopy(base))]
-    for net in nets:
-        net.is_loaded_in_4bit = True
-    lora_model = peft.get_peft_model(nets[0], peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["proj"]))
-    tt_model = peft.get_peft_model(nets[1], tkpeft.tt_lora_config(r=r, lora_alpha=alpha, target_modules=["proj"]))
-    lora, tt = lora_model.base_model.model.proj, tt_model.base_model.model.proj
-    assert isinstance(tt, tkpeft.TTLoraLinear) and quantized.is_quantized_linear(tt.base_layer)
-    with torch.no_grad():
-        lora.lora_A["default"].weight.normal_(0, 0.3)
-        lora.lora_B["default"].weight.normal_(0, 0.3)
-        A, B = lora.lora_A["default"].weight, lora.lora_B["default"].weight
-        tt.lora_tt_cores["default"][0].copy_(A.t().reshape(1, d_in, r))
-        tt.lora_tt_cores["default"][1].copy_(B.t().reshape(r, d_out, 1))
-    x = torch.randn(2, 3, d_in)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y1, y2 = lora_model(x1), tt_model(x2)
-    torch.testing.assert_close(y2, y1)
-    dy = torch.randn_like(y1)
-    y1.backward(dy)
-    y2.backward(dy)
-    torch.testing.assert_close(x2.grad, x1.grad)
-    cores = tt.lora_tt_cores["default"]
-    torch.testing.assert_close(cores[0].grad.reshape(d_in, r), A.grad.t())
-    torch.testing.assert_close(cores[1].grad.reshape(r, d_out), B.grad.t())
+    tt = helpers.assert_tt_lora_route_equals_lora(linear4bit(64, 48), r=4, alpha=8, is_loaded_in_4bit=True)
+    assert quantized.is_quantized_linear(tt.base_layer)
 
 
 @pytest.mark.parametrize("kind", ["nf4", "int8"])

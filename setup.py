@@ -1,4 +1,5 @@
-"""Build script of ttkernels: the Python packages and, when it can be built, the CUDA extension ``ttkernels._C``.
+"""Build script of ttkernels: the Python packages and, when they can be built, the CUDA extension
+``ttkernels._C`` and the host extension ``ttkernels._lean``.
 
 Project metadata (name, version, dependencies) lives in pyproject.toml; this file only adds what pyproject.toml
 cannot say: the package layout, the extension module and its build command.
@@ -10,12 +11,16 @@ library already uses.
 The extension (csrc/*.cu, csrc/*.cpp -> ttkernels/_C*.so, loaded with torch.ops.load_library by
 ttkernels/_ext.py) is built when torch is importable, torch is a CUDA build, and nvcc is found (CUDA_HOME,
 else nvcc on PATH, else /usr/local/cuda). Otherwise the pure-Python package is installed and a message says
-why. Torch is not a build requirement (an isolated build env has none), so build the extension with
+why. ``ttkernels._lean`` (csrc/host/lean_chain.cpp, a pybind11 module) needs torch and a C++ compiler only;
+without it the lean path runs its Python fallback. Torch is not a build requirement (an isolated build env has
+none), so build the extensions with
 
     CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .
 
 Environment variables:
-    TTKERNELS_SKIP_CUDA_BUILD=1   install the pure-Python package only
+    TTKERNELS_SKIP_CUDA_BUILD=1   do not build ttkernels._C
+    TTKERNELS_SKIP_HOST_BUILD=1   do not build ttkernels._lean (the lean path's C++ autograd node; no nvcc needed)
+    TTKERNELS_FORCE_HOST_BUILD=1  a failed build of ttkernels._lean fails the install (else it is reported, skipped)
     TTKERNELS_FORCE_CUDA_BUILD=1  a missing prerequisite is an error, not a fallback to pure Python
     TTKERNELS_CUDA_ARCHS          e.g. "80;90a" (default) or "8.0,9.0a"; SASS for each, PTX for the newest
     MAX_JOBS                      parallel compile jobs (default: min(cores, free GiB / 3), at least 1)
@@ -268,8 +273,51 @@ def _cuda_extension() -> tuple[list, dict]:
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
+def _host_extension() -> list:
+    """[CppExtension] of ``ttkernels._lean`` (csrc/host/lean_chain.cpp: the lean path's C++ autograd node, any
+    device, no nvcc needed), or [] with a message saying why not (the lean path then runs its Python
+    autograd.Function: same results, more per-call cost)."""
+    if _env_flag("TTKERNELS_SKIP_HOST_BUILD"):
+        _say("TTKERNELS_SKIP_HOST_BUILD is set: not building ttkernels._lean (the lean path runs in Python).")
+        return []
+    try:
+        import torch  # noqa: F401
+        from torch.utils.cpp_extension import CppExtension
+    except ImportError as e:
+        _say(f"not building ttkernels._lean: torch is not importable in the build environment ({e}).")
+        return []
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        _say("not building ttkernels._lean: no C++ compiler (c++ or $CXX) on PATH; the lean path runs in Python.")
+        return []
+    source = os.path.relpath(os.path.join(ROOT, "csrc", "host", "lean_chain.cpp"), ROOT)
+    return [CppExtension(name="ttkernels._lean", sources=[source], extra_compile_args=["-O3"])]
+
+
+def _build_ext_command() -> type:
+    """torch's BuildExtension (ninja), except that a failed build of ``ttkernels._lean`` is reported and skipped
+    (the lean path then runs its Python node) unless TTKERNELS_FORCE_HOST_BUILD=1; ``ttkernels._C`` fails the
+    install as before."""
+    from torch.utils.cpp_extension import BuildExtension
+
+    base = BuildExtension.with_options(use_ninja=True)
+
+    class BuildExt(base):
+        def build_extension(self, ext) -> None:
+            if ext.name != "ttkernels._lean" or _env_flag("TTKERNELS_FORCE_HOST_BUILD"):
+                return super().build_extension(ext)
+            try:
+                super().build_extension(ext)
+            except Exception as e:  # a compiler or torch-header problem: the Python node serves
+                _say(f"could not build ttkernels._lean ({type(e).__name__}: {e}); the lean path runs in Python.")
+
+    return BuildExt
+
+
 packages, package_dir = _packages()
 ext_modules, cmdclass = _cuda_extension()
+ext_modules = _host_extension() + ext_modules
+if ext_modules:
+    cmdclass = {"build_ext": _build_ext_command()}
 
 setup(
     packages=packages,

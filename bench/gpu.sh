@@ -4,14 +4,16 @@
 #     bash bench/gpu.sh          (from the repository root; about 9 minutes at most)
 #
 # 1. prints nvidia-smi and the versions of everything that can change a result;
-# 2. prints the toolkit's and torch's CUDA versions, then builds the CUDA extension in place (ttkernels/_C*.so)
-#    with setup.py, timed; a failure is recorded and the script goes on;
+# 2. prints the toolkit's and torch's CUDA versions, then builds the CUDA extension in place (ttkernels/_C*.so,
+#    and the lean path's C++ node ttkernels/_lean*.so) with setup.py, timed; a failure is recorded and the
+#    script goes on;
 # 3. makes ttkernels importable as installed (an editable pip install without index, dependencies or a
 #    second extension build) when it is not yet, so ttkernels._triton_kernels resolves;
 # 4. runs the whole test suite with TTKERNELS_REQUIRE_CUDA_EXT=1, then the CUDA backend's small tests under
 #    compute-sanitizer's memcheck (when the toolkit has it);
 # 5. runs `python -m bench --preset layer` and `--preset model` on the GPU, then `python -m bench.ttm` (the
-#    TT-matrix paths side by side);
+#    TT-matrix paths side by side) and `python -m bench.overhead` (per-call cost at one token, beside PEFT's
+#    LoRA layer);
 # 6. draws the figures and the README table with `python -m bench.plots` (the table only without
 #    matplotlib).
 #
@@ -132,6 +134,7 @@ echo "torch:   $("$PY" -c 'import torch; print(torch.__version__, "built with CU
 step build "$RESULTS/gpu-build-$STAMP.log" "$(limit 200 300)" \
 	env TTKERNELS_FORCE_CUDA_BUILD=1 MAX_JOBS="${MAX_JOBS:-16}" "$PY" setup.py build_ext --inplace
 "$PY" -c "import ttkernels._ext as e; print('extension:', e.cuda_extension_path() or 'not built')"
+"$PY" -c "import ttkernels.lean as l; print('lean C++ node (ttkernels._lean):', 'built' if l.NATIVE else 'not built')"
 
 section "make ttkernels importable as installed"
 if "$PY" -c "import ttkernels._triton_kernels" >/dev/null 2>&1; then
@@ -139,11 +142,11 @@ if "$PY" -c "import ttkernels._triton_kernels" >/dev/null 2>&1; then
 else
 	# No index: nothing is downloaded. The extension was built above; the install must not build it again.
 	log="$RESULTS/gpu-install-$STAMP.log"
-	step install "$log" "$(limit 60 270)" env TTKERNELS_SKIP_CUDA_BUILD=1 \
+	step install "$log" "$(limit 60 270)" env TTKERNELS_SKIP_CUDA_BUILD=1 TTKERNELS_SKIP_HOST_BUILD=1 \
 		"$PY" -m pip install --no-index --no-deps --no-build-isolation -e .
 	if ((RC != 0)) && grep -q externally-managed "$log"; then
 		# A system Python refuses pip installs (PEP 668); this machine is disposable.
-		step install "$log" "$(limit 60 270)" env TTKERNELS_SKIP_CUDA_BUILD=1 PIP_BREAK_SYSTEM_PACKAGES=1 \
+		step install "$log" "$(limit 60 270)" env TTKERNELS_SKIP_CUDA_BUILD=1 TTKERNELS_SKIP_HOST_BUILD=1 PIP_BREAK_SYSTEM_PACKAGES=1 \
 			"$PY" -m pip install --no-index --no-deps --no-build-isolation -e .
 	fi
 fi
@@ -176,7 +179,11 @@ step bench-model "$RESULTS/gpu-bench-model-$STAMP.log" "$(limit 150 100)" \
 	"$PY" -m bench --preset model --device cuda "${BENCH_EXTRA[@]}"
 
 section "benchmark: TT-matrix adapters (python -m bench.ttm)"
-step bench-ttm "$RESULTS/gpu-bench-ttm-$STAMP.log" "$(limit 90 20)" "$PY" -m bench.ttm --device cuda
+step bench-ttm "$RESULTS/gpu-bench-ttm-$STAMP.log" "$(limit 90 50)" "$PY" -m bench.ttm --device cuda
+
+section "per-call overhead at one token (python -m bench.overhead)"
+step bench-overhead "$RESULTS/gpu-bench-overhead-$STAMP.log" "$(limit 45 15)" \
+	"$PY" -m bench.overhead --device cuda --reps 100 --rounds 11 --out "$RESULTS"
 
 section "figures and the README table (python -m bench.plots)"
 rm -f "$RESULTS/plots/"*-cuda.png "$RESULTS/plots/"*-cuda.md

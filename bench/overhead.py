@@ -2,7 +2,8 @@
 
 Times tiny problems (one token, d = 64, r = 4, one CPU thread by default), where the arithmetic is negligible and
 what is left is per-call overhead: the op layers alone, then forward (no grad) and forward + backward of
-nn.Linear, PEFT's LoRA layer and TTLinear (LoRA-shaped, and with 2 + 2 modes), with each path's ratio to PEFT's
+nn.Linear, PEFT's LoRA layer and TTLinear (LoRA-shaped, and with 2 + 2 modes; where the C++ lean node
+ttkernels._lean is built, also on its Python twin, rows marked "(Python node)"), with each path's ratio to PEFT's
 LoRA. Forward + backward is timed twice: as a loop of calls (gradients accumulate, the parameters do not change),
 and as a training step pays it ("step": before each call the gradients are set to None and the trainable
 parameters' in-place versions bumped, as zero_grad and an optimizer step leave them, so whatever a layer keeps
@@ -23,6 +24,7 @@ import time
 import torch
 
 import ttkernels as tk
+from ttkernels import lean
 from ttkernels import reference as ref
 
 from .harness import interleaved_us, results_dir, versions
@@ -54,12 +56,32 @@ def layers(d: int, r: int, device: torch.device) -> dict[str, torch.nn.Module]:
     lora = peft_lora_layer(d, r, device)
     if lora is not None:
         out["PEFT LoRA"] = lora
-    for label, modes in (("TTLinear 1+1 (LoRA-shaped)", None), ("TTLinear 2+2", 2)):
+    specs = [("TTLinear 1+1 (LoRA-shaped)", None), ("TTLinear 2+2", 2)]
+    if lean.NATIVE is not None:  # the Python twin of the C++ lean node, side by side
+        specs += [(f"{label} {PYTHON_NODE}", modes) for label, modes in specs]
+    for label, modes in specs:
         layer = tk.TTLinear(d, d, ranks=r, in_modes=modes, out_modes=modes, device=device)
         with torch.no_grad():
             layer.cores[-1].normal_()
         out[label] = layer
     return out
+
+
+PYTHON_NODE = "(Python node)"
+
+
+def _python_node(run):
+    """``run`` with the lean path's Python autograd.Function in place of the C++ node."""
+
+    def wrapped():
+        native = lean.NATIVE
+        lean.NATIVE = None
+        try:
+            run()
+        finally:
+            lean.NATIVE = native
+
+    return wrapped
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,9 +144,11 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "tt_adapter (checks + op)": lambda: tk.tt_adapter(x, W, b, A, C, B),
     }
-    timed = {f"{k} forward": fwd(m) for k, m in mods.items()}
-    timed.update({f"{k} forward+backward": fwd_bwd(m) for k, m in mods.items()})
-    timed.update({f"{k} step": step(m) for k, m in mods.items()})
+    timed = {}
+    for what, make in (("forward", fwd), ("forward+backward", fwd_bwd), ("step", step)):
+        for k, m in mods.items():
+            run = make(m)
+            timed[f"{k} {what}"] = _python_node(run) if k.endswith(PYTHON_NODE) else run
     with torch.no_grad():
         rows = interleaved_us(ops_rows, args.reps, device, args.rounds)
     rows.update(interleaved_us(timed, args.reps, device, args.rounds))
@@ -164,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         "method": f"median of {args.rounds} interleaved samples of {args.reps} calls",
         "us_per_call": rows,
         "ratio_to_peft_lora": ratios,
+        "lean_node": "C++ (ttkernels._lean)" if lean.NATIVE is not None else "Python (lean.LeanAdapter)",
     }
     path = out / f"overhead-{device.type}.jsonl"
     with path.open("a") as f:

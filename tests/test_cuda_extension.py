@@ -348,3 +348,33 @@ def test_setup_defers_to_torchs_cuda_version_check(monkeypatch, tmp_path):
             assert part in why, (part, why)
     else:
         assert why is None
+
+
+def test_setup_reports_and_skips_a_failed_host_extension_build(monkeypatch, capsys):
+    """A failed build of ttkernels._lean (the lean path's C++ node) is reported and skipped, the install goes on
+    and the Python node serves; with TTKERNELS_FORCE_HOST_BUILD=1 it fails, as a failed ttkernels._C always does."""
+    from types import SimpleNamespace
+
+    from torch.utils import cpp_extension as ce
+
+    setup = _setup_module(monkeypatch)
+    exts = setup["_host_extension"]()
+    assert [e.name for e in exts] == ["ttkernels._lean"] and exts[0].sources == ["csrc/host/lean_chain.cpp"]
+
+    def broken(self, ext):
+        raise RuntimeError(f"compiler error in {ext.name}")
+
+    monkeypatch.setattr(ce.BuildExtension, "build_extension", broken)
+    command = setup["_build_ext_command"]()
+    builder = object.__new__(command)
+    builder.build_extension(SimpleNamespace(name="ttkernels._lean"))
+    assert (
+        "could not build ttkernels._lean (RuntimeError: compiler error in ttkernels._lean)" in capsys.readouterr().err
+    )
+    with pytest.raises(RuntimeError, match=r"compiler error in ttkernels\._C"):
+        builder.build_extension(SimpleNamespace(name="ttkernels._C"))
+    monkeypatch.setenv("TTKERNELS_FORCE_HOST_BUILD", "1")
+    with pytest.raises(RuntimeError, match=r"compiler error in ttkernels\._lean"):
+        builder.build_extension(SimpleNamespace(name="ttkernels._lean"))
+    monkeypatch.setenv("TTKERNELS_SKIP_HOST_BUILD", "1")
+    assert setup["_host_extension"]() == []

@@ -68,7 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import quantized
+from . import quantized, versions
 from .checks import check_alpha
 
 __all__ = [
@@ -194,7 +194,7 @@ class MergeGuard:
 
     @staticmethod
     def fingerprint_of(params: Sequence[Tensor]) -> tuple:
-        return tuple((id(p), p._version) for p in params)
+        return versions.fingerprint(params)
 
     @torch.no_grad()
     def merge(

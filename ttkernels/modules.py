@@ -14,6 +14,7 @@ means ``scaling = 1``.
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Optional
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd import forward_ad
 
-from . import checks, lean, ops, quantized, reference
+from . import checks, lean, ops, quantized, reference, versions
 from .init import init_cores_, scaling_gain
 from .layer import AdapterLayer, MergeGuard, add_delta_, base_compute_dtype, base_features, check_alpha, is_conv1d
 from .spec import TTSpec
@@ -283,13 +284,13 @@ class TTLinear(AdapterLayer):
     # (the arithmetic is noise), so this path checks the cores once per (spec, cores) and keeps what it builds from
     # them while they are unchanged (keyed on each core's in-place version and storage: an optimizer step or a
     # .to() rebuilds it once; writes through core.data are not seen, as README says).
-    # * A chain of in cores then out cores with more than one core on a side (no index modes): a lean.Plan holds
-    #   the factors built without a graph; no-grad calls compute with them, grad-mode calls are one
-    #   autograd.Function (lean.LeanAdapter) whose backward gives each core's gradient directly, so the factors'
-    #   products are not recorded per call.
-    # * The LoRA-shaped chain: its factors are views of the cores (a view's graph holds no saved tensor, so it
-    #   serves any number of backward passes), kept in grad mode too; plain torch ops under torch autograd (as
-    #   nn.Linear and PEFT's LoRA do: here that costs less than a Python autograd.Function).
+    # * A chain of in cores then out cores (no index modes): a lean plan (lean.make_plan) holds the factors built
+    #   without a graph; a call is one forward with them and, in grad mode, one autograd node whose backward gives
+    #   each core's gradient directly (the C++ node of ttkernels._lean, else the autograd.Function
+    #   lean.LeanAdapter), so the factors' products are not recorded per call.
+    # * Without the C++ node, the LoRA-shaped chain: its factors are views of the cores (a view's graph holds no
+    #   saved tensor, so it serves any number of backward passes), kept in grad mode too; plain torch ops under
+    #   torch autograd (as nn.Linear and PEFT's LoRA do: that costs less than a Python autograd.Function).
     # * Index modes (MetaTT views): the factors are built per call in grad mode (shared between the views of one
     #   call, see shared_factors), kept in no-grad calls.
     # Dropout, task ids, autocast and mixed dtypes go through the fused op (ops.tt_adapter) with these factors.
@@ -317,12 +318,11 @@ class TTLinear(AdapterLayer):
             cache.sides = all(r == "in" for r in roles[: spec.last_in + 1]) and all(
                 r == "out" for r in roles[spec.first_out :]
             )
-            # no middle cores and more than one core on a side: the one-node path (lean.LeanAdapter); the
-            # LoRA-shaped chain's factors are views of its cores, cheaper under plain torch autograd
-            cache.chain = spec.first_out == spec.last_in + 1 and not cache.views
+            # no middle cores: the one-node path (a lean plan); without the C++ node the LoRA-shaped chain's
+            # factors, views of its cores, are cheaper under plain torch autograd than a Python autograd.Function
+            cache.chain = spec.first_out == spec.last_in + 1 and (lean.NATIVE is not None or not cache.views)
             cache.factors = None
             cache.plan = None
-            cache.layout = None
             cache.checked = (self.spec, *map(id, cores))
         return cores
 
@@ -346,7 +346,7 @@ class TTLinear(AdapterLayer):
                     sides = shared[key] = reference.build_sides(cores, self.spec.last_in, self.spec.first_out)
                 return sides[0], reference.factor_c(cores, self.spec, self.index), sides[1]
             return reference.build_factors(cores, self.spec, self.index)
-        key = (grad, *((id(c), c._version, c.data_ptr(), c.device) for c in cores))
+        key = (grad, versions.STEPS, *((id(c), c._version, c.data_ptr(), c.device) for c in cores))
         cached = cache.factors
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -354,22 +354,19 @@ class TTLinear(AdapterLayer):
         cache.factors = (key, factors)  # one assignment: a reader sees an old or a new pair
         return factors
 
-    def _plan(self, cache: _LeanCache, cores: list[Tensor]) -> Optional[lean.Plan]:
-        """The kept :class:`lean.Plan` of this version of the cores (an in-then-out chain), rebuilt when a core
-        or ``scaling`` changed; None when the cores' dtypes differ or one is not contiguous (see lean.Layout). The layout holds
-        the cores, so a core replaced by a new Parameter (``_checked_cores`` drops the layout on a new id) cannot
-        share an id with one it was built from; the key is the versions and storages."""
-        versions = [c._version for c in cores]
-        ptrs = [c.data_ptr() for c in cores]
-        key = (self.scaling, *versions, *ptrs)
-        plan = cache.plan
-        if plan is not None and plan.key == key:
-            return plan
-        layout = cache.layout
-        if layout is None or layout.ptrs != ptrs:
-            layout = cache.layout = lean.Layout(cores, self.spec.last_in, ptrs)
-        plan = None if layout.dtype is None else lean.Plan(layout, self.scaling, versions, key)
-        cache.plan = plan  # one assignment: a reader sees an old or a new plan
+    def _plan(self, cache: _LeanCache, cores: list[Tensor]):
+        """The kept plan (lean.make_plan) of this version of the cores (an in-then-out chain), rebuilt when a core
+        (its in-place version or storage), ``scaling`` or the optimizer step count (versions.STEPS) changed; None
+        when the cores' dtypes differ or one is not contiguous. ``_checked_cores`` drops the plan when a core is
+        replaced by a new Parameter."""
+        steps = versions.STEPS
+        kept = cache.plan
+        if kept is not None and kept[0] == steps and kept[1].fresh(self.scaling):
+            return kept[1]
+        plan = lean.make_plan(cores, self.spec.last_in, self.scaling, None if kept is None else kept[1])
+        # a plan of non-leaf cores (torch.func.functional_call with a hypernetwork's output) serves this call only:
+        # kept, it would hold their graph until the next call. One assignment: a reader sees an old or a new pair.
+        cache.plan = (steps, plan) if plan is not None and all(c.grad_fn is None for c in cores) else None
         return plan
 
     def _lean_forward(self, x: Tensor, task_ids: Optional[Tensor]) -> Tensor:
@@ -381,23 +378,27 @@ class TTLinear(AdapterLayer):
         if self.weight_transposed:
             weight = weight.t()
         dt = x.dtype
-        if cache.chain and p == 0.0 and task_ids is None and not _functorch_or_forward_ad():
+        if (
+            cache.chain
+            and p == 0.0
+            and task_ids is None
+            and not _functorch_or_forward_ad()
+            and not _compiled_autograd()
+        ):
             plan = self._plan(cache, cores)
-            layout = cache.layout
-            if (
-                plan is not None
-                and dt == layout.dtype == weight.dtype
-                and (bias is None or bias.dtype == dt)
-                and x.device == layout.device == weight.device
-                and not x.is_meta
-                and not torch.is_autocast_enabled(layout.device.type)
-            ):
-                if not torch.is_grad_enabled():
-                    x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-                    y = torch.nn.functional.linear(x, weight, bias)
-                    (y if y.dim() == 2 else y.view(-1, self.out_features)).addmm_(x2 @ plan.As, plan.B)
-                    return y
-                return lean.LeanAdapter.apply(x, weight, bias, plan, *cores)
+            if plan is not None:
+                core = cores[0]
+                device = core.device
+                if (
+                    dt == core.dtype == weight.dtype
+                    and (bias is None or bias.dtype == dt)
+                    and x.device == device == weight.device
+                    and not x.is_meta
+                    and not torch.is_autocast_enabled(device.type)
+                    # a tensor subclass or a TorchFunctionMode sees torch ops: the C++ node would hide them
+                    and not torch._C._has_torch_function((x, weight, bias, core))
+                ):
+                    return plan.forward(x, weight, bias)
         dev = x.device
         plain = (
             p == 0.0
@@ -539,7 +540,7 @@ class _LeanCache:
     """What the lean path keeps between calls: the checked (spec, cores) and the factors of one core version.
     Not state: a copy or a pickle of the layer starts empty (the factors may carry autograd graph views)."""
 
-    __slots__ = ("chain", "checked", "factors", "layout", "plan", "sides", "views")
+    __slots__ = ("chain", "checked", "factors", "plan", "sides", "views")
 
     def __init__(self) -> None:
         self.checked: Optional[tuple] = None
@@ -547,14 +548,22 @@ class _LeanCache:
         self.sides = False
         self.chain = False
         self.factors: Optional[tuple] = None
-        self.plan: Optional[lean.Plan] = None
-        self.layout: Optional[lean.Layout] = None
+        self.plan: Optional[tuple] = None  # (versions.STEPS, a lean plan: C++ or lean.Plan)
 
     def __deepcopy__(self, memo: dict) -> _LeanCache:
         return _LeanCache()
 
     def __reduce__(self) -> tuple:
         return (_LeanCache, ())
+
+
+def _compiled_autograd() -> bool:
+    """Compiled autograd is on (``torch._dynamo.config.compiled_autograd`` or an enabling block): it traces
+    backward nodes, which the C++ lean node does not describe to it, so the layer records torch ops instead."""
+    if lean.NATIVE is None:
+        return False
+    ca = sys.modules.get("torch._dynamo.compiled_autograd")
+    return ca is not None and (ca.compiled_autograd_enabled or sys.modules["torch._dynamo"].config.compiled_autograd)
 
 
 def _functorch_or_forward_ad() -> bool:

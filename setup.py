@@ -201,14 +201,14 @@ def _find_nvcc() -> tuple[str | None, str]:
     return None, "nvcc not found (looked in $CUDA_HOME/bin, PATH and /usr/local/cuda/bin)"
 
 
-def _cuda_extension() -> tuple[list, dict]:
-    """([CUDAExtension], {"build_ext": BuildExtension}) or ([], {}) with a message saying why not."""
+def _cuda_extension() -> list:
+    """[CUDAExtension] of ``ttkernels._C``, or [] with a message saying why not."""
     if _env_flag("TTKERNELS_SKIP_CUDA_BUILD"):
         _say("TTKERNELS_SKIP_CUDA_BUILD is set: installing the pure-Python package without ttkernels._C.")
-        return [], {}
+        return []
     force = _env_flag("TTKERNELS_FORCE_CUDA_BUILD")
 
-    def give_up(reason: str) -> tuple[list, dict]:
+    def give_up(reason: str) -> list:
         how = (
             "To build the extension, install a CUDA build of torch and the CUDA toolkit (nvcc), then run: "
             + BUILD_COMMAND
@@ -219,7 +219,7 @@ def _cuda_extension() -> tuple[list, dict]:
             f"not building the CUDA extension ttkernels._C: {reason}. Installing the pure-Python package "
             f"(the torch and Triton backends still work). {how}"
         )
-        return [], {}
+        return []
 
     try:
         import torch
@@ -242,7 +242,7 @@ def _cuda_extension() -> tuple[list, dict]:
     if problem is not None:
         return give_up(problem)
 
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    from torch.utils.cpp_extension import CUDAExtension
 
     archs = parse_cuda_archs(os.environ.get("TTKERNELS_CUDA_ARCHS", DEFAULT_CUDA_ARCHS))
     if "MAX_JOBS" not in os.environ:
@@ -270,7 +270,7 @@ def _cuda_extension() -> tuple[list, dict]:
         # The .so is loaded with torch.ops.load_library, not imported: no Python module init needed.
         py_limited_api=False,
     )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [ext]
 
 
 def _host_extension() -> list:
@@ -314,10 +314,9 @@ def _build_ext_command() -> type:
 
 
 packages, package_dir = _packages()
-ext_modules, cmdclass = _cuda_extension()
-ext_modules = _host_extension() + ext_modules
-if ext_modules:
-    cmdclass = {"build_ext": _build_ext_command()}
+cuda_modules = _cuda_extension()  # first: it sets CUDA_HOME before torch.utils.cpp_extension is imported
+ext_modules = _host_extension() + cuda_modules
+cmdclass = {"build_ext": _build_ext_command()} if ext_modules else {}
 
 setup(
     packages=packages,

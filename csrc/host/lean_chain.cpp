@@ -22,10 +22,13 @@
 #include <torch/csrc/autograd/saved_variable.h>
 #include <c10/core/InferenceMode.h>
 
+#include <algorithm>
 #include <memory>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -53,6 +56,39 @@ struct Step {
   std::vector<int64_t> shape;  // the core's shape
 };
 
+// Core k of K seen as a matrix: (s_0, r_1) for the first, (r_{k-1}, s_k r_k) for the other in cores, (r_{k-1} s_k,
+// r_k) for the out cores but the last, (r, s) for the last. A view: detached for a plan, differentiable for a
+// recomputation.
+Tensor as_matrix(const Tensor& c, int64_t k, int64_t K, int64_t last_in) {
+  const int64_t r0 = c.size(0), s = c.size(1), r1 = c.size(2);
+  if (k == 0) return c.view({s, r1});
+  if (k <= last_in) return c.view({r0, s * r1});
+  if (k < K - 1) return c.view({r0 * s, r1});
+  return c.view({r0, s});
+}
+
+// A (d_in, r), the product of the in cores' matrices, and B (r, d_out), of the out cores'. With a_steps and
+// b_steps, also what backward needs per core beyond the first of each side, in the order backward walks them.
+std::pair<Tensor, Tensor> sides(const std::vector<Tensor>& mats, const std::vector<Tensor>& cores, int64_t last_in,
+                                std::vector<Step>* a_steps = nullptr, std::vector<Step>* b_steps = nullptr) {
+  const auto K = static_cast<int64_t>(cores.size());
+  Tensor P = mats[0];
+  for (int64_t k = 1; k <= last_in; ++k) {
+    const auto& c = cores[k];
+    if (a_steps) a_steps->push_back({k, P.t(), mats[k], P.size(0), mats[k].size(1), c.sizes().vec()});
+    P = at::mm(P, mats[k]).view({-1, c.size(2)});
+  }
+  Tensor Q = mats[K - 1];
+  for (int64_t k = K - 2; k > last_in; --k) {
+    const auto& c = cores[k];
+    if (b_steps) b_steps->push_back({k, Q, mats[k].t(), mats[k].size(0), Q.size(1), c.sizes().vec()});
+    Q = at::mm(mats[k], Q).view({c.size(0), -1});
+  }
+  if (a_steps) std::reverse(a_steps->begin(), a_steps->end());  // backward walks from the last in core down
+  if (b_steps) std::reverse(b_steps->begin(), b_steps->end());  // and from the first out core up
+  return {P, Q};
+}
+
 class Plan : public std::enable_shared_from_this<Plan> {
  public:
   Plan(const std::vector<Tensor>& cores, int64_t last_in, double scaling)
@@ -66,39 +102,14 @@ class Plan : public std::enable_shared_from_this<Plan> {
       const auto& c = cores[k];
       TORCH_CHECK(c.dim() == 3 && c.is_contiguous() && c.scalar_type() == cores[0].scalar_type(),
                   "lean Plan: cores must be contiguous 3-d tensors of one dtype");
-      const int64_t r0 = c.size(0), s = c.size(1), r1 = c.size(2);
-      Tensor d = c.detach();  // shares the storage and the version counter
-      if (k == 0) {
-        mats.push_back(d.view({s, r1}));
-      } else if (k <= last_in) {
-        mats.push_back(d.view({r0, s * r1}));
-      } else if (k < K - 1) {
-        mats.push_back(d.view({r0 * s, r1}));
-      } else {
-        mats.push_back(d.view({r0, s}));
-      }
+      mats.push_back(as_matrix(c.detach(), k, K, last_in));  // shares the storage and the version counter
       versions_.push_back(c._version());
       ptrs_.push_back(c.data_ptr());
       weak_.emplace_back(c.getIntrusivePtr());
     }
-    Tensor P = mats[0];
-    for (int64_t k = 1; k <= last_in; ++k) {
-      const auto& c = cores[k];
-      a_steps_.push_back({k, P.t(), mats[k], P.size(0), mats[k].size(1), c.sizes().vec()});
-      P = at::mm(P, mats[k]).view({-1, c.size(2)});
-    }
-    Tensor Q = mats[K - 1];
-    for (int64_t k = K - 2; k > last_in; --k) {
-      const auto& c = cores[k];
-      b_steps_.push_back({k, Q, mats[k].t(), mats[k].size(0), Q.size(1), c.sizes().vec()});
-      Q = at::mm(mats[k], Q).view({c.size(0), -1});
-    }
-    std::reverse(a_steps_.begin(), a_steps_.end());  // backward walks from the last in core down
-    std::reverse(b_steps_.begin(), b_steps_.end());  // and from the first out core up
-    A_ = P;
-    B_ = Q;
-    As_ = scaling == 1.0 ? P : P * scaling;
-    Bs_ = scaling == 1.0 ? Q : Q * scaling;
+    std::tie(A_, B_) = sides(mats, cores, last_in, &a_steps_, &b_steps_);
+    As_ = scaling == 1.0 ? A_ : A_ * scaling;
+    Bs_ = scaling == 1.0 ? B_ : B_ * scaling;
   }
 
   // The cores, or an empty vector when one of them no longer exists.
@@ -238,16 +249,9 @@ struct LeanBackward : public ta::Node {
     const Tensor& b = all[2];
     const std::vector<Tensor> cores(all.begin() + 3, all.end());
     const int64_t K = static_cast<int64_t>(cores.size()), last_in = plan->last_in_;
-    Tensor P = cores[0].view({cores[0].size(1), cores[0].size(2)});
-    for (int64_t k = 1; k <= last_in; ++k) {
-      const auto& c = cores[k];
-      P = at::mm(P, c.view({c.size(0), c.size(1) * c.size(2)})).view({-1, c.size(2)});
-    }
-    Tensor Q = cores[K - 1].view({cores[K - 1].size(0), cores[K - 1].size(1)});
-    for (int64_t k = K - 2; k > last_in; --k) {
-      const auto& c = cores[k];
-      Q = at::mm(c.view({c.size(0) * c.size(1), c.size(2)}), Q).view({c.size(0), -1});
-    }
+    std::vector<Tensor> mats;
+    for (int64_t k = 0; k < K; ++k) mats.push_back(as_matrix(cores[k], k, K, last_in));
+    const auto [P, Q] = sides(mats, cores, last_in);
     Tensor x2 = x.reshape({-1, x.size(-1)});
     Tensor y = at::linear(x2, w, b.defined() ? c10::optional<Tensor>(b) : c10::nullopt) +
                at::mm(at::mm(x2, P), Q) * plan->scaling_;

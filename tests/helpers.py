@@ -319,23 +319,29 @@ def case_id(value):
 def assert_two_core_tt_equals_lora(lora_model, lora, tt, x):
     """``tt`` (a two-core ``TTLinear`` on the same base as PEFT's LoRA layer ``lora``) given LoRA's ``A`` and ``B``
     as its cores: the same scaling, output, dx, factor gradients and delta-W as ``lora_model`` on ``x``."""
+    assert tt.scaling == lora.scaling["default"]
+    _assert_cores_set_to_lora_agree(lora, tt.cores, lora_model, tt, x)
+    torch.testing.assert_close(tt.delta_weight(), lora.get_delta_weight("default"))
+
+
+def _assert_cores_set_to_lora_agree(lora, cores, lora_model, tt_model, x):
+    """Two TT cores set to PEFT LoRA layer ``lora``'s ``A`` and ``B``: ``tt_model`` and ``lora_model`` give the same
+    output on ``x``, the same dx, and the cores' gradients are the factors' (reshaped)."""
     A, B = lora.lora_A["default"].weight, lora.lora_B["default"].weight
     r, d_in = A.shape
     d_out = B.shape[0]
     with torch.no_grad():
-        tt.cores[0].copy_(A.t().reshape(1, d_in, r))
-        tt.cores[1].copy_(B.t().reshape(r, d_out, 1))
-    assert tt.scaling == lora.scaling["default"]
+        cores[0].copy_(A.t().reshape(1, d_in, r))
+        cores[1].copy_(B.t().reshape(r, d_out, 1))
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y_peft, y_tt = lora_model(x1), tt(x2)
-    torch.testing.assert_close(y_tt, y_peft)
-    dy = torch.randn_like(y_peft)
-    y_peft.backward(dy)
+    y_lora, y_tt = lora_model(x1), tt_model(x2)
+    torch.testing.assert_close(y_tt, y_lora)
+    dy = torch.randn_like(y_lora)
+    y_lora.backward(dy)
     y_tt.backward(dy)
     torch.testing.assert_close(x2.grad, x1.grad)
-    torch.testing.assert_close(tt.cores[0].grad.reshape(d_in, r), A.grad.t())
-    torch.testing.assert_close(tt.cores[1].grad.reshape(r, d_out), B.grad.t())
-    torch.testing.assert_close(tt.delta_weight(), lora.get_delta_weight("default"))
+    torch.testing.assert_close(cores[0].grad.reshape(d_in, r), A.grad.t())
+    torch.testing.assert_close(cores[1].grad.reshape(r, d_out), B.grad.t())
 
 
 class _Proj(torch.nn.Module):
@@ -359,7 +365,7 @@ def assert_tt_lora_route_equals_lora(base, r, alpha, **model_attrs):
 
     from ttkernels import peft as tkpeft
 
-    d_out, d_in = base.out_features, base.in_features
+    d_in = base.in_features
     nets = [_Proj(base), _Proj(copy.deepcopy(base))]
     for net in nets:
         for name, value in model_attrs.items():
@@ -371,20 +377,7 @@ def assert_tt_lora_route_equals_lora(base, r, alpha, **model_attrs):
     with torch.no_grad():
         lora.lora_A["default"].weight.normal_(0, 0.3)
         lora.lora_B["default"].weight.normal_(0, 0.3)
-        A, B = lora.lora_A["default"].weight, lora.lora_B["default"].weight
-        tt.lora_tt_cores["default"][0].copy_(A.t().reshape(1, d_in, r))
-        tt.lora_tt_cores["default"][1].copy_(B.t().reshape(r, d_out, 1))
-    x = torch.randn(2, 3, d_in)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y1, y2 = lora_model(x1), tt_model(x2)
-    torch.testing.assert_close(y2, y1)
-    dy = torch.randn_like(y1)
-    y1.backward(dy)
-    y2.backward(dy)
-    torch.testing.assert_close(x2.grad, x1.grad)
-    cores = tt.lora_tt_cores["default"]
-    torch.testing.assert_close(cores[0].grad.reshape(d_in, r), A.grad.t())
-    torch.testing.assert_close(cores[1].grad.reshape(r, d_out), B.grad.t())
+    _assert_cores_set_to_lora_agree(lora, tt.lora_tt_cores["default"], lora_model, tt_model, torch.randn(2, 3, d_in))
     return tt
 
 

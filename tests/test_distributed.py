@@ -14,6 +14,8 @@ one process.
 
 from __future__ import annotations
 
+import faulthandler
+import gc
 import os
 import socket
 import sys
@@ -61,44 +63,59 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _train(rank: int, kind: str, out: str) -> None:
+    w = make()
+    ids, target = batch()
+    half = ids.shape[0] // WORLD
+    ids, target = ids[rank * half : (rank + 1) * half], target[rank * half : (rank + 1) * half]
+    cores = w.shared_parameters()
+    if kind == "ddp":
+        model = torch.nn.parallel.DistributedDataParallel(w)
+    else:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (WORLD,))
+        for layer in w.model.model.layers:
+            fully_shard(layer, mesh=mesh, ignored_params=set(cores))
+        model = fully_shard(w, mesh=mesh)
+        cores = w.shared_parameters()  # now DTensor Parameters, shared by the views
+    loss_fn(model, ids, target).backward()
+    grads = [(c.grad.full_tensor() if hasattr(c.grad, "full_tensor") else c.grad).clone() for c in cores]
+    opt = torch.optim.AdamW(cores, lr=1e-2)
+    losses = []
+    for _ in range(4):
+        opt.zero_grad()
+        loss = loss_fn(model, ids, target)
+        loss.backward()
+        opt.step()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        losses.append(total.item() / WORLD)
+    if rank == 0:
+        torch.save({"grads": grads, "losses": losses}, out)
+
+
 def _worker(rank: int, kind: str, port: int, out: str) -> None:
+    # a fatal signal (a C++ abort in any thread) prints every thread's Python stack to the test's captured stderr
+    faulthandler.enable(all_threads=True)
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120)
     )
     try:
-        w = make()
-        ids, target = batch()
-        half = ids.shape[0] // WORLD
-        ids, target = ids[rank * half : (rank + 1) * half], target[rank * half : (rank + 1) * half]
-        cores = w.shared_parameters()
-        if kind == "ddp":
-            model = torch.nn.parallel.DistributedDataParallel(w)
-        else:
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
-
-            mesh = init_device_mesh("cpu", (WORLD,))
-            for layer in w.model.model.layers:
-                fully_shard(layer, mesh=mesh, ignored_params=set(cores))
-            model = fully_shard(w, mesh=mesh)
-            cores = w.shared_parameters()  # now DTensor Parameters, shared by the views
-        loss_fn(model, ids, target).backward()
-        grads = [(c.grad.full_tensor() if hasattr(c.grad, "full_tensor") else c.grad).clone() for c in cores]
-        opt = torch.optim.AdamW(cores, lr=1e-2)
-        losses = []
-        for _ in range(4):
-            opt.zero_grad()
-            loss = loss_fn(model, ids, target)
-            loss.backward()
-            opt.step()
-            total = loss.detach().clone()
-            dist.all_reduce(total)
-            losses.append(total.item() / WORLD)
-        if rank == 0:
-            torch.save({"grads": grads, "losses": losses}, out)
+        _train(rank, kind, out)  # the model, its FSDP state and the optimizer go with this frame
+        gc.collect()
+        dist.barrier()  # no rank tears down while the other one still communicates
     finally:
         dist.destroy_process_group()
+    # Everything this process had to do is done (and rank 0's result is on disk). torch keeps the gloo group's
+    # worker threads past destroy_process_group, and interpreter finalization can then abort the process
+    # ("terminate called without an active exception": a gloo thread freeing a tensor that needs the GIL while the
+    # interpreter shuts down, a torch teardown race that no ttkernels code takes part in). Leave without it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @pytest.mark.parametrize("kind", ["ddp", "fsdp2"])

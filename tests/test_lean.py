@@ -879,6 +879,33 @@ def test_a_seed_tensor_gives_the_mask_of_its_value(seed):
     assert not torch.equal(a, tk.tt_adapter(x, W, None, A, None, B, dropout=0.4, seed=seed + 1))
 
 
+@pytest.mark.parametrize("seed", [0, 5, 2**62 + 7, 2**63 - 1])
+def test_an_int_seed_is_written_on_the_device_by_a_fill(seed):
+    """An int seed reaches the kernels' device by a fill kernel with the value as its argument: no host tensor is
+    made and copied (on a GPU that copy, from pageable memory, makes the host wait for the stream)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    for make in (tk.ops.dropout_seed, tk.checks.device_seed):
+        with Ops() as ops:
+            t = make(seed, torch.device("cpu"))
+        assert ops.seen == ["aten.full.default"], (make.__name__, ops.seen)
+        assert t.dtype == torch.int64 and t.shape == () and int(t) == seed
+    for bad in (-1, 2**63):
+        with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*63\)"):
+            tk.ops.dropout_seed(bad, torch.device("cpu"))
+        with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*63\)"):
+            tk.checks.device_seed(bad, "cpu")
+
+
 # ------------------------------------------------------------------------------------------------- GPU
 def _gpu_task_layer(dropout, backend="auto"):
     spec = metatt_spec(64, 48, layers=2, matrices=2, r=4, tasks=3)
@@ -990,6 +1017,49 @@ def test_cuda_graph_replay_follows_in_place_core_updates(modes):
         torch.testing.assert_close(y_static, y_eager)
         for a, b in zip(g_static, g_eager):
             torch.testing.assert_close(a, b)
+
+
+@needs_gpu
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_forward_and_backward_never_wait_for_the_gpu(backend):
+    """torch's sync debug mode set to raise around warmed-up forward and backward calls (the first call of a
+    layout may compile and copy its tables): dropout with the seed drawn on the device, given as a tensor there or
+    as an int (a fill, not a host copy), task ids checked on the device."""
+    try:
+        tk.ops.resolve_backend(backend, torch.device("cuda"))
+    except tk.BackendUnavailableError as err:
+        pytest.skip(str(err))
+    torch.manual_seed(0)
+    layer = _gpu_task_layer(0.2, backend)
+    chain = tk.TTLinear(64, 48, ranks=4, in_modes=2, out_modes=2, dropout=0.1, backend=backend, device="cuda")
+    x, ids = torch.randn(5, 64, device="cuda"), torch.tensor([2, 0, 1, 1, 0], device="cuda")
+    W = torch.randn(48, 64, device="cuda")
+    A = torch.randn(64, 4, device="cuda", requires_grad=True)
+    C = torch.randn(3, 4, 4, device="cuda", requires_grad=True)
+    B = torch.randn(4, 48, device="cuda", requires_grad=True)
+    seed = torch.tensor(9, device="cuda")
+    calls = {
+        "TTLinear tasks + dropout": lambda: layer(x, task_ids=ids),
+        "TTLinear 2+2 dropout": lambda: chain.train()(x),
+        "TTLinear 2+2 eval": lambda: chain.eval()(x),
+        "tt_adapter int seed": lambda: tk.tt_adapter(
+            x, W, None, A, C, B, task_ids=ids, dropout=0.25, seed=123, backend=backend
+        ),
+        "tt_adapter tensor seed": lambda: tk.tt_adapter(
+            x, W, None, A, C, B, task_ids=ids, dropout=0.25, seed=seed, backend=backend
+        ),
+    }
+    for name, call in calls.items():
+        call().square().sum().backward()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            call().square().sum().backward()
+        except RuntimeError as err:
+            raise AssertionError(f"{name} ({backend}) synchronized with the host: {err}") from err
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
 
 
 @needs_gpu

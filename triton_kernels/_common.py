@@ -110,7 +110,7 @@ def _as_i32(u: int) -> int:
 def seed_tensor(seed: int | torch.Tensor, device: torch.device) -> torch.Tensor:
     """The seed as the kernels take it: one int64 on ``device`` (``ttkernels.checks.device_seed``: a tensor is
     used where it lies, never read on the host; its bits are hashed as uint64; an int is range-checked and
-    copied to ``device``)."""
+    written on ``device`` by a fill)."""
     return device_seed(seed, device)
 
 

@@ -138,7 +138,7 @@ def _cuda_ops():
 def _seed(p: float, seed: int | Tensor, device: torch.device) -> Optional[Tensor]:
     """The seed as the binding takes it: None without dropout, else a one-element int64 tensor on ``device``
     (``checks.device_seed``: a tensor is used where it lies, never read on the host; an int is range-checked
-    here and copied to the device)."""
+    here and written on the device by a fill, not copied from the host)."""
     return device_seed(seed, device) if p > 0.0 else None
 
 

@@ -28,6 +28,8 @@ from typing import Any, Optional
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ttkernels import checks
+
 
 @dataclass(frozen=True)
 class GPU:
@@ -238,11 +240,13 @@ def record(
     saved_steps = [m.deterministic for m in steps]
     for m in steps:
         m.deterministic = lambda: deterministic
+    # the seed as ttkernels.ops hands it to a backend: a tensor already on the data's device (drawn there)
+    seed = checks.int_on(7, o["x"].device)
     try:
         with _recording(gpu) as rec:
-            args = (o["x"], o["W"], o["b"], o["A"], o["C"], o["B"], o["ids"], 2.0, dropout, 7)
+            args = (o["x"], o["W"], o["b"], o["A"], o["C"], o["B"], o["ids"], 2.0, dropout, seed)
             _, S = backend.forward(*args)
-            backend.backward(o["dy"], o["x"], o["W"], o["A"], o["C"], o["B"], S, o["ids"], 2.0, dropout, 7, True)
+            backend.backward(o["dy"], o["x"], o["W"], o["A"], o["C"], o["B"], S, o["ids"], 2.0, dropout, seed, True)
     finally:
         backend.BASE_GEMM, _common.deterministic = saved, saved_det
         for m, d in zip(steps, saved_steps):

@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import helpers
 from helpers import check_error_ratio as check
+from ttkernels import checks as tk_checks
 from ttkernels import reference as ref
 
 tb = pytest.importorskip("ttkernels._triton_kernels.backend")
@@ -207,12 +208,13 @@ def _plan_launches(plan, kind, p, monkeypatch):
     M, d_in, d_out, r = 37, 40, 33, 4
     x, W, b, A, B, dy = rnd(M, d_in), rnd(d_out, d_in), rnd(d_out), rnd(d_in, r), rnd(r, d_out), rnd(M, d_out)
     C, ids = helpers.random_middle(kind, r, r, 3, torch.float32, M, device=DEVICE)
+    seed = tk_checks.int_on(11, DEVICE)  # as ttkernels.ops hands it over: already on the data's device
     mode = _Launches()
     monkeypatch.setattr(_common, "run", mode.run)
     with mode:
-        _, S = tb.forward(x, W, b, A, C, B, ids, 0.5, p, 11)
+        _, S = tb.forward(x, W, b, A, C, B, ids, 0.5, p, seed)
         forward = list(mode.names)
-        tb.backward(dy, x, W, A, C, B, S, ids, 0.5, p, 11, True)
+        tb.backward(dy, x, W, A, C, B, S, ids, 0.5, p, seed, True)
     return forward, mode.names[len(forward) :]
 
 

@@ -241,7 +241,7 @@ def record(
     for m in steps:
         m.deterministic = lambda: deterministic
     # the seed as ttkernels.ops hands it to a backend: a tensor already on the data's device (drawn there)
-    seed = checks.int_on(7, o["x"].device)
+    seed = checks.device_seed(7, o["x"].device)
     try:
         with _recording(gpu) as rec:
             args = (o["x"], o["W"], o["b"], o["A"], o["C"], o["B"], o["ids"], 2.0, dropout, seed)

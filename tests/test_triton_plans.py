@@ -208,7 +208,7 @@ def _plan_launches(plan, kind, p, monkeypatch):
     M, d_in, d_out, r = 37, 40, 33, 4
     x, W, b, A, B, dy = rnd(M, d_in), rnd(d_out, d_in), rnd(d_out), rnd(d_in, r), rnd(r, d_out), rnd(M, d_out)
     C, ids = helpers.random_middle(kind, r, r, 3, torch.float32, M, device=DEVICE)
-    seed = tk_checks.int_on(11, DEVICE)  # as ttkernels.ops hands it over: already on the data's device
+    seed = tk_checks.device_seed(11, DEVICE)  # as ttkernels.ops hands it over: already on the data's device
     mode = _Launches()
     monkeypatch.setattr(_common, "run", mode.run)
     with mode:

@@ -57,7 +57,6 @@ __all__ = [
     "check_seed",
     "check_task_ids_range",
     "device_seed",
-    "int_on",
     "read_json",
     "read_safetensors_header",
 ]
@@ -309,7 +308,9 @@ def device_seed(seed: int | Tensor, device: torch.device | str, name: str = "see
     is cast on the device). Its 64 bits are hashed as uint64: a negative value gives the mask of
     ``value + 2**64``, as ``reference.dropout_keep`` does for a seed tensor; the kernels cannot raise, and
     ``ttkernels.tt_adapter`` checks a caller's seed tensor with ``torch._assert_async``. An int is checked on the
-    host (``[0, 2**63)``, ValueError) and written on ``device`` by a fill (:func:`int_on`: no host-to-device copy).
+    host (``[0, 2**63)``, ValueError) and written on ``device`` by a fill kernel that takes the value as its
+    argument: ``torch.tensor(value, device=...)`` would copy it from pageable host memory, which makes the host
+    wait for the stream on a GPU (and cannot be captured in a CUDA graph).
     """
     device = torch.device(device)
     if isinstance(seed, Tensor):
@@ -322,13 +323,6 @@ def device_seed(seed: int | Tensor, device: torch.device | str, name: str = "see
     value = operator.index(seed)
     if not 0 <= value < 2**63:
         raise ValueError(f"{name} must be in [0, 2**63), got {value}")
-    return int_on(value, device)
-
-
-def int_on(value: int, device: torch.device | str) -> Tensor:
-    """A 0-d int64 tensor of ``value`` on ``device``, written there by a fill kernel that takes the value as its
-    argument. ``torch.tensor(value, device=...)`` would copy it from pageable host memory instead, which makes
-    the host wait for the stream on a GPU (and cannot be captured in a CUDA graph)."""
     return torch.full((), value, dtype=torch.int64, device=device)
 
 

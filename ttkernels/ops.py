@@ -577,8 +577,8 @@ def dropout_seed(seed: int | Tensor | None, device: torch.device) -> Tensor:
 
     None: drawn there from the device's generator (on a GPU a Philox draw, which a captured CUDA graph redraws
     at every replay, advancing the generator's offset as eager calls do). A tensor: moved there and
-    range-checked there (``torch._assert_async``). An int: checked on the host and written there by a fill
-    (``checks.int_on``: no host-to-device copy, so the host never waits for the stream). The torch
+    range-checked there (``torch._assert_async``). An int: ``checks.device_seed`` (checked on the host, written
+    there by a fill: no host-to-device copy, so the host never waits for the stream). The torch
     backend hashes it where it lies; the Triton and CUDA kernels load it on the device.
     """
     if seed is None:
@@ -588,7 +588,7 @@ def dropout_seed(seed: int | Tensor | None, device: torch.device) -> Tensor:
         if not torch.compiler.is_compiling():
             _check_seed_tensor(seed_t)
         return seed_t
-    return checks.int_on(reference.check_seed(seed), device)
+    return checks.device_seed(seed, device)
 
 
 def _check_seed_tensor(seed: Tensor) -> None:
